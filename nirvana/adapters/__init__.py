@@ -1,0 +1,27 @@
+"""Architecture adapters. Adding an architecture means adding one adapter to ``ADAPTERS``."""
+
+from __future__ import annotations
+
+from .base import Adapter, LayerModules
+from .llama import LlamaLikeAdapter
+
+ADAPTERS: tuple[Adapter, ...] = (LlamaLikeAdapter(),)
+
+
+def _names(config) -> list[str]:
+    return list(getattr(config, "architectures", None) or [])
+
+
+def get_adapter(model_or_config) -> Adapter:
+    """The adapter for a model or its config; a ValueError names an architecture nobody serves."""
+    config = getattr(model_or_config, "config", model_or_config)
+    names = _names(config) or [type(model_or_config).__name__]
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if any(n in adapter.architectures for n in names) or model_type in adapter.model_types:
+            return adapter
+    known = ", ".join(a for ad in ADAPTERS for a in ad.architectures)
+    raise ValueError(f"architecture: {'/'.join(names) or model_type!r} is not supported (known: {known})")
+
+
+__all__ = ["ADAPTERS", "Adapter", "LayerModules", "get_adapter"]
