@@ -1,0 +1,41 @@
+"""The one comparison helper: on a mismatch it says where, by how much, and what it expected."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPE_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _where(mask: torch.Tensor, actual, expected, limit: int = 5) -> str:
+    idx = mask.nonzero()[:limit]
+    rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}" for i in idx]
+    return "\n".join(rows)
+
+
+def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, name: str = "result") -> None:
+    """Elementwise |actual - expected| <= atol + rtol * |expected|, NaN counting as a mismatch."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())
+    if bad.any():
+        err = ((a - e).abs() / e.abs().clamp_min(1e-300)).nan_to_num(float("inf"))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol:g}, atol={atol:g}); "
+            f"max relative error {err.max().item():.3g}; NaN in result: {int(a.isnan().sum())}\n"
+            + _where(bad, a, e)
+        )
+
+
+def assert_bitwise_equal(actual, expected, *, name: str = "result") -> None:
+    """Same shape, dtype and bits (NaN payloads included)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.dtype.is_floating_point:
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, e = a.contiguous().view(bits), e.contiguous().view(bits)
+    bad = a != e
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ bitwise\n" + _where(bad, actual.cpu(), expected.cpu()))
