@@ -79,6 +79,14 @@ def _check_compact(weight, index, dim, group_size, index_name):
     return weight, index
 
 
+def _check_metadata(weight, index, index_name, weight_name="weight") -> None:
+    # Type checks up front, so a wrong type gets a ValueError rather than the op schema's cast error;
+    # the value checks (order, range) run inside the op, where the data is at hand.
+    _checks.tensor(weight_name, weight, ndim=(1, 2), floating=False)
+    if not isinstance(index, torch.Tensor):
+        raise ValueError(f"{index_name}: expected a torch.Tensor, got {type(index).__name__}")
+
+
 def _check_many(weights, index, dim, group_size):
     if not isinstance(weights, (tuple, list)) or not weights:
         raise ValueError(f"weights: expected a non-empty list of tensors, got {weights!r:.80}")
@@ -208,6 +216,7 @@ def compact(weight: torch.Tensor, index: torch.Tensor, *, dim: int) -> torch.Ten
     Raises:
         ValueError: for a non-increasing or out-of-range index, or a bad ``dim``.
     """
+    _check_metadata(weight, index, "index")
     return torch.ops.nirvana.compact(weight, index, dim, 1)
 
 
@@ -224,6 +233,7 @@ def compact_groups(weight: torch.Tensor, keep: torch.Tensor, *, group_size: int,
         A new contiguous tensor of ``weight``'s dtype with ``len(keep) * group_size`` rows or
         columns, bit-identical to the matching ``index_select``.
     """
+    _check_metadata(weight, keep, "keep")
     return torch.ops.nirvana.compact(weight, keep, dim, group_size)
 
 
@@ -239,4 +249,8 @@ def compact_many(
     Returns:
         A list of new contiguous tensors, each bit-identical to its ``index_select``.
     """
+    if not isinstance(weights, (tuple, list)) or not weights:
+        raise ValueError(f"weights: expected a non-empty list of tensors, got {weights!r:.80}")
+    for i, w in enumerate(weights):
+        _check_metadata(w, index, "index", f"weights[{i}]")
     return torch.ops.nirvana.compact_many(list(weights), index, dim, group_size)

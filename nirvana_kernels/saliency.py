@@ -446,6 +446,7 @@ def saliency(
         float32 ``[n // group_size]`` on the input's device, ``n`` being rows (dim=1) or columns.
         NaN or Inf in an input propagates into its group's score (checking would cost a second read).
     """
+    _check_saliency(weight, grad, dim, group_size, exp_avg_sq, eps)  # clear errors before the op's schema casts
     return torch.ops.nirvana.saliency(weight, grad, dim, group_size, exp_avg_sq, eps)
 
 
@@ -481,6 +482,7 @@ def attention_group_saliency(
     """
     biases = [q_b, q_bg, k_b, k_bg, v_b, v_bg]
     vs = [None] * 7 if exp_avg_sq is None else _padded(exp_avg_sq, 7, "exp_avg_sq")
+    _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, _trim(vs) or None, eps, biases)
     return torch.ops.nirvana.attention_group_saliency(
         q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, biases, vs, eps
     )
@@ -507,6 +509,7 @@ def mlp_channel_saliency(
     vs = [None] * 3 if exp_avg_sq is None else _padded(exp_avg_sq, 3, "exp_avg_sq")
     if exp_avg_sq is not None and gate_w is None and len(exp_avg_sq) != 2:
         raise ValueError(f"exp_avg_sq: expected a 2-tuple (up, down) without a gate, got {len(exp_avg_sq)}")
+    _mlp_parts(up_w, up_g, down_w, down_g, gate_w, gate_g, _trim(vs) or None, eps)
     return torch.ops.nirvana.mlp_channel_saliency(up_w, up_g, down_w, down_g, gate_w, gate_g, vs, eps)
 
 
