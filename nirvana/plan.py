@@ -37,7 +37,9 @@ class Geometry:
 
     @property
     def prunable_params(self) -> int:
-        per_layer = self.num_kv_heads * self.attn_params_per_group + self.intermediate_size * self.mlp_params_per_channel
+        per_layer = (
+            self.num_kv_heads * self.attn_params_per_group + self.intermediate_size * self.mlp_params_per_channel
+        )
         return self.num_layers * per_layer
 
     def to_dict(self) -> dict:

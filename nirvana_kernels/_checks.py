@@ -77,7 +77,6 @@ def index(name: str, value, *, extent: int, extent_name: str, device: torch.devi
     if value.numel() > 1 and not bool((value[1:] > value[:-1]).all()):
         pos = int((value[1:] <= value[:-1]).nonzero()[0, 0]) + 1
         raise ValueError(
-            f"{name}: must be strictly increasing, but {name}[{pos}] = {int(value[pos])} "
-            f"follows {int(value[pos - 1])}"
+            f"{name}: must be strictly increasing, but {name}[{pos}] = {int(value[pos])} follows {int(value[pos - 1])}"
         )
     return value

@@ -109,8 +109,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_tile(
-        index_ptr, group, n_gather, n_keep, d_sg, d_so, src, dst, s_g, s_o,
-        RUNS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_O: tl.constexpr,
+        index_ptr,
+        group,
+        n_gather,
+        n_keep,
+        d_sg,
+        d_so,
+        src,
+        dst,
+        s_g,
+        s_o,
+        RUNS: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_O: tl.constexpr,
     ):
         pid_g = tl.program_id(0).to(tl.int64)
         pid_o = tl.program_id(1).to(tl.int64)
@@ -129,28 +140,51 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_kernel(
-        index_ptr, group, n_gather, n_keep, d_sg, d_so,
-        src0, dst0, s0_g, s0_o, src1, dst1, s1_g, s1_o,
-        src2, dst2, s2_g, s2_o, src3, dst3, s3_g, s3_o,
-        NUM_TENSORS: tl.constexpr, RUNS: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_O: tl.constexpr,
+        index_ptr,
+        group,
+        n_gather,
+        n_keep,
+        d_sg,
+        d_so,
+        src0,
+        dst0,
+        s0_g,
+        s0_o,
+        src1,
+        dst1,
+        s1_g,
+        s1_o,
+        src2,
+        dst2,
+        s2_g,
+        s2_o,
+        src3,
+        dst3,
+        s3_g,
+        s3_o,
+        NUM_TENSORS: tl.constexpr,
+        RUNS: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_O: tl.constexpr,
     ):
         t = tl.program_id(2)
         if t == 0:
-            _gather_tile(index_ptr, group, n_gather, n_keep, d_sg, d_so, src0, dst0, s0_g, s0_o,
-                         RUNS, BLOCK_G, BLOCK_O)
+            _gather_tile(index_ptr, group, n_gather, n_keep, d_sg, d_so, src0, dst0, s0_g, s0_o, RUNS, BLOCK_G, BLOCK_O)
         if NUM_TENSORS > 1:
             if t == 1:
-                _gather_tile(index_ptr, group, n_gather, n_keep, d_sg, d_so, src1, dst1, s1_g, s1_o,
-                             RUNS, BLOCK_G, BLOCK_O)
+                _gather_tile(
+                    index_ptr, group, n_gather, n_keep, d_sg, d_so, src1, dst1, s1_g, s1_o, RUNS, BLOCK_G, BLOCK_O
+                )
         if NUM_TENSORS > 2:
             if t == 2:
-                _gather_tile(index_ptr, group, n_gather, n_keep, d_sg, d_so, src2, dst2, s2_g, s2_o,
-                             RUNS, BLOCK_G, BLOCK_O)
+                _gather_tile(
+                    index_ptr, group, n_gather, n_keep, d_sg, d_so, src2, dst2, s2_g, s2_o, RUNS, BLOCK_G, BLOCK_O
+                )
         if NUM_TENSORS > 3:
             if t == 3:
-                _gather_tile(index_ptr, group, n_gather, n_keep, d_sg, d_so, src3, dst3, s3_g, s3_o,
-                             RUNS, BLOCK_G, BLOCK_O)
+                _gather_tile(
+                    index_ptr, group, n_gather, n_keep, d_sg, d_so, src3, dst3, s3_g, s3_o, RUNS, BLOCK_G, BLOCK_O
+                )
 
 
 def _launch(weights: Sequence[torch.Tensor], index: torch.Tensor, dim: int, group: int) -> list[torch.Tensor]:
@@ -175,8 +209,17 @@ def _launch(weights: Sequence[torch.Tensor], index: torch.Tensor, dim: int, grou
     runs = group % block_g == 0
     with torch.cuda.device(first.device) if on_gpu else contextlib.nullcontext():
         _gather_kernel[grid](
-            index, group, n_gather, n_keep, out_views[0].stride(dim), out_views[0].stride(keep_axis), *args,
-            NUM_TENSORS=len(weights), RUNS=runs, BLOCK_G=block_g, BLOCK_O=block_o,
+            index,
+            group,
+            n_gather,
+            n_keep,
+            out_views[0].stride(dim),
+            out_views[0].stride(keep_axis),
+            *args,
+            NUM_TENSORS=len(weights),
+            RUNS=runs,
+            BLOCK_G=block_g,
+            BLOCK_O=block_o,
         )
     return outs
 

@@ -17,8 +17,12 @@ from ._checks import dim as _check_dim
 
 @torch.library.custom_op("nirvana::saliency", mutates_args=())
 def saliency_op(
-    weight: torch.Tensor, grad: torch.Tensor, dim: int, group_size: int,
-    exp_avg_sq: torch.Tensor | None, eps: float,
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    dim: int,
+    group_size: int,
+    exp_avg_sq: torch.Tensor | None,
+    eps: float,
 ) -> torch.Tensor:
     return _saliency._saliency_impl(weight, grad, dim, group_size, exp_avg_sq, eps)
 
@@ -32,10 +36,19 @@ def _(weight, grad, dim, group_size, exp_avg_sq, eps):
 
 @torch.library.custom_op("nirvana::attention_group_saliency", mutates_args=())
 def attention_group_saliency_op(
-    q_w: torch.Tensor, q_g: torch.Tensor, k_w: torch.Tensor, k_g: torch.Tensor,
-    v_w: torch.Tensor, v_g: torch.Tensor, o_w: torch.Tensor, o_g: torch.Tensor,
-    num_kv_heads: int, head_dim: int, biases: Sequence[torch.Tensor | None],
-    exp_avg_sq: Sequence[torch.Tensor | None], eps: float,
+    q_w: torch.Tensor,
+    q_g: torch.Tensor,
+    k_w: torch.Tensor,
+    k_g: torch.Tensor,
+    v_w: torch.Tensor,
+    v_g: torch.Tensor,
+    o_w: torch.Tensor,
+    o_g: torch.Tensor,
+    num_kv_heads: int,
+    head_dim: int,
+    biases: Sequence[torch.Tensor | None],
+    exp_avg_sq: Sequence[torch.Tensor | None],
+    eps: float,
 ) -> torch.Tensor:
     return _saliency._attention_impl(
         q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, biases, exp_avg_sq, eps
@@ -49,9 +62,14 @@ def _(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, biases, ex
 
 @torch.library.custom_op("nirvana::mlp_channel_saliency", mutates_args=())
 def mlp_channel_saliency_op(
-    up_w: torch.Tensor, up_g: torch.Tensor, down_w: torch.Tensor, down_g: torch.Tensor,
-    gate_w: torch.Tensor | None, gate_g: torch.Tensor | None,
-    exp_avg_sq: Sequence[torch.Tensor | None], eps: float,
+    up_w: torch.Tensor,
+    up_g: torch.Tensor,
+    down_w: torch.Tensor,
+    down_g: torch.Tensor,
+    gate_w: torch.Tensor | None,
+    gate_g: torch.Tensor | None,
+    exp_avg_sq: Sequence[torch.Tensor | None],
+    eps: float,
 ) -> torch.Tensor:
     return _saliency._mlp_impl(up_w, up_g, down_w, down_g, gate_w, gate_g, exp_avg_sq, eps)
 

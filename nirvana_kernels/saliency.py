@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from ._dispatch import HAS_TRITON, INTERPRET, backend, empty, num_sms
+from ._dispatch import HAS_TRITON, backend, empty, num_sms
 
 if HAS_TRITON:
     import triton
@@ -72,12 +72,40 @@ def saliency_torch(weight, grad, *, dim, group_size=1, exp_avg_sq=None, eps=1e-8
 
 
 def attention_group_saliency_torch(
-    q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, *, num_kv_heads, head_dim, exp_avg_sq=None, eps=1e-8,
-    q_b=None, q_bg=None, k_b=None, k_bg=None, v_b=None, v_bg=None,
+    q_w,
+    q_g,
+    k_w,
+    k_g,
+    v_w,
+    v_g,
+    o_w,
+    o_g,
+    *,
+    num_kv_heads,
+    head_dim,
+    exp_avg_sq=None,
+    eps=1e-8,
+    q_b=None,
+    q_bg=None,
+    k_b=None,
+    k_bg=None,
+    v_b=None,
+    v_bg=None,
 ) -> torch.Tensor:
     """PyTorch reference for :func:`attention_group_saliency`."""
     parts = _attention_parts(
-        q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, exp_avg_sq, eps,
+        q_w,
+        q_g,
+        k_w,
+        k_g,
+        v_w,
+        v_g,
+        o_w,
+        o_g,
+        num_kv_heads,
+        head_dim,
+        exp_avg_sq,
+        eps,
         (q_b, q_bg, k_b, k_bg, v_b, v_bg),
     )
     return _parts_torch(parts, num_kv_heads, eps)
@@ -161,7 +189,9 @@ def _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_
     else:
         if not isinstance(exp_avg_sq, (tuple, list)) or len(exp_avg_sq) not in (4, 7):
             got = len(exp_avg_sq) if isinstance(exp_avg_sq, (tuple, list)) else type(exp_avg_sq).__name__
-            raise ValueError(f"exp_avg_sq: expected a 4-tuple (q, k, v, o) or a 7-tuple adding (q_b, k_b, v_b), got {got}")
+            raise ValueError(
+                f"exp_avg_sq: expected a 4-tuple (q, k, v, o) or a 7-tuple adding (q_b, k_b, v_b), got {got}"
+            )
         if len(exp_avg_sq) == 4 and n_bias:
             raise ValueError(
                 "exp_avg_sq: biases were given, so a 7-tuple (q, k, v, o, q_b, k_b, v_b) is needed; "
@@ -186,7 +216,9 @@ def _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_
         if w.shape != (kv * d, hidden):
             raise ValueError(f"{name}: shape {tuple(w.shape)}, expected {(kv * d, hidden)}")
     if o_w.shape != (hidden, q_rows):
-        raise ValueError(f"o_w: shape {tuple(o_w.shape)}, expected {(hidden, q_rows)} (o_proj maps q heads back to hidden)")
+        raise ValueError(
+            f"o_w: shape {tuple(o_w.shape)}, expected {(hidden, q_rows)} (o_proj maps q heads back to hidden)"
+        )
     rows = {"q_b": q_rows, "k_b": kv * d, "v_b": kv * d}
     parts = [
         _Part(q_w, q_g, vs[0], q_rows // kv),
@@ -253,10 +285,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _part_tile(
-        pid, w_ptr, g_ptr, v_ptr, out_ptr, slots, eps,
-        N, K, k_chunk, tiles_n, group, slot_base,
-        s_wn, s_wk, s_gn, s_gk, s_vn, s_vk,
-        HAS_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        pid,
+        w_ptr,
+        g_ptr,
+        v_ptr,
+        out_ptr,
+        slots,
+        eps,
+        N,
+        K,
+        k_chunk,
+        tiles_n,
+        group,
+        slot_base,
+        s_wn,
+        s_wk,
+        s_gn,
+        s_gk,
+        s_vn,
+        s_vk,
+        HAS_V: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pid_n = pid % tiles_n
         pid_s = pid // tiles_n
@@ -285,33 +335,189 @@ if HAS_TRITON:
 
     @triton.jit
     def _saliency_kernel(
-        out_ptr, slots, eps,
-        w0, g0, v0, N0, K0, kc0, tn0, grp0, sb0, s0_wn, s0_wk, s0_gn, s0_gk, s0_vn, s0_vk, end0,
-        w1, g1, v1, N1, K1, kc1, tn1, grp1, sb1, s1_wn, s1_wk, s1_gn, s1_gk, s1_vn, s1_vk, end1,
-        w2, g2, v2, N2, K2, kc2, tn2, grp2, sb2, s2_wn, s2_wk, s2_gn, s2_gk, s2_vn, s2_vk, end2,
-        w3, g3, v3, N3, K3, kc3, tn3, grp3, sb3, s3_wn, s3_wk, s3_gn, s3_gk, s3_vn, s3_vk,
-        NUM_PARTS: tl.constexpr, HAS_V: tl.constexpr,
-        BN0: tl.constexpr, BK0: tl.constexpr, BN1: tl.constexpr, BK1: tl.constexpr,
-        BN2: tl.constexpr, BK2: tl.constexpr, BN3: tl.constexpr, BK3: tl.constexpr,
+        out_ptr,
+        slots,
+        eps,
+        w0,
+        g0,
+        v0,
+        N0,
+        K0,
+        kc0,
+        tn0,
+        grp0,
+        sb0,
+        s0_wn,
+        s0_wk,
+        s0_gn,
+        s0_gk,
+        s0_vn,
+        s0_vk,
+        end0,
+        w1,
+        g1,
+        v1,
+        N1,
+        K1,
+        kc1,
+        tn1,
+        grp1,
+        sb1,
+        s1_wn,
+        s1_wk,
+        s1_gn,
+        s1_gk,
+        s1_vn,
+        s1_vk,
+        end1,
+        w2,
+        g2,
+        v2,
+        N2,
+        K2,
+        kc2,
+        tn2,
+        grp2,
+        sb2,
+        s2_wn,
+        s2_wk,
+        s2_gn,
+        s2_gk,
+        s2_vn,
+        s2_vk,
+        end2,
+        w3,
+        g3,
+        v3,
+        N3,
+        K3,
+        kc3,
+        tn3,
+        grp3,
+        sb3,
+        s3_wn,
+        s3_wk,
+        s3_gn,
+        s3_gk,
+        s3_vn,
+        s3_vk,
+        NUM_PARTS: tl.constexpr,
+        HAS_V: tl.constexpr,
+        BN0: tl.constexpr,
+        BK0: tl.constexpr,
+        BN1: tl.constexpr,
+        BK1: tl.constexpr,
+        BN2: tl.constexpr,
+        BK2: tl.constexpr,
+        BN3: tl.constexpr,
+        BK3: tl.constexpr,
     ):
         # Parts are laid end to end along one grid axis, so one launch covers q, k, v and o (or
         # gate, up and down) and the short k/v parts overlap with the long ones.
         pid = tl.program_id(0)
         if pid < end0:
-            _part_tile(pid, w0, g0, v0, out_ptr, slots, eps, N0, K0, kc0, tn0, grp0, sb0,
-                       s0_wn, s0_wk, s0_gn, s0_gk, s0_vn, s0_vk, HAS_V, BN0, BK0)
+            _part_tile(
+                pid,
+                w0,
+                g0,
+                v0,
+                out_ptr,
+                slots,
+                eps,
+                N0,
+                K0,
+                kc0,
+                tn0,
+                grp0,
+                sb0,
+                s0_wn,
+                s0_wk,
+                s0_gn,
+                s0_gk,
+                s0_vn,
+                s0_vk,
+                HAS_V,
+                BN0,
+                BK0,
+            )
         if NUM_PARTS > 1:
             if (pid >= end0) & (pid < end1):
-                _part_tile(pid - end0, w1, g1, v1, out_ptr, slots, eps, N1, K1, kc1, tn1, grp1, sb1,
-                           s1_wn, s1_wk, s1_gn, s1_gk, s1_vn, s1_vk, HAS_V, BN1, BK1)
+                _part_tile(
+                    pid - end0,
+                    w1,
+                    g1,
+                    v1,
+                    out_ptr,
+                    slots,
+                    eps,
+                    N1,
+                    K1,
+                    kc1,
+                    tn1,
+                    grp1,
+                    sb1,
+                    s1_wn,
+                    s1_wk,
+                    s1_gn,
+                    s1_gk,
+                    s1_vn,
+                    s1_vk,
+                    HAS_V,
+                    BN1,
+                    BK1,
+                )
         if NUM_PARTS > 2:
             if (pid >= end1) & (pid < end2):
-                _part_tile(pid - end1, w2, g2, v2, out_ptr, slots, eps, N2, K2, kc2, tn2, grp2, sb2,
-                           s2_wn, s2_wk, s2_gn, s2_gk, s2_vn, s2_vk, HAS_V, BN2, BK2)
+                _part_tile(
+                    pid - end1,
+                    w2,
+                    g2,
+                    v2,
+                    out_ptr,
+                    slots,
+                    eps,
+                    N2,
+                    K2,
+                    kc2,
+                    tn2,
+                    grp2,
+                    sb2,
+                    s2_wn,
+                    s2_wk,
+                    s2_gn,
+                    s2_gk,
+                    s2_vn,
+                    s2_vk,
+                    HAS_V,
+                    BN2,
+                    BK2,
+                )
         if NUM_PARTS > 3:
             if pid >= end2:
-                _part_tile(pid - end2, w3, g3, v3, out_ptr, slots, eps, N3, K3, kc3, tn3, grp3, sb3,
-                           s3_wn, s3_wk, s3_gn, s3_gk, s3_vn, s3_vk, HAS_V, BN3, BK3)
+                _part_tile(
+                    pid - end2,
+                    w3,
+                    g3,
+                    v3,
+                    out_ptr,
+                    slots,
+                    eps,
+                    N3,
+                    K3,
+                    kc3,
+                    tn3,
+                    grp3,
+                    sb3,
+                    s3_wn,
+                    s3_wk,
+                    s3_gn,
+                    s3_gk,
+                    s3_vn,
+                    s3_vk,
+                    HAS_V,
+                    BN3,
+                    BK3,
+                )
 
 
 @dataclass
@@ -371,8 +577,23 @@ def _launch_group(parts, tilings, partial, slots, eps, has_v) -> None:
             p, t = parts[i], tilings[i]
             v = p.v if has_v else p.w  # an unused pointer, never read when HAS_V is false
             end += t.programs
-            args += [p.w, p.g, v, p.w.shape[0], p.w.shape[1], t.k_chunk, t.tiles_n, p.group, t.slot_base,
-                     p.w.stride(0), p.w.stride(1), p.g.stride(0), p.g.stride(1), v.stride(0), v.stride(1)]
+            args += [
+                p.w,
+                p.g,
+                v,
+                p.w.shape[0],
+                p.w.shape[1],
+                t.k_chunk,
+                t.tiles_n,
+                p.group,
+                t.slot_base,
+                p.w.stride(0),
+                p.w.stride(1),
+                p.g.stride(0),
+                p.g.stride(1),
+                v.stride(0),
+                v.stride(1),
+            ]
             consts[f"BN{i}"], consts[f"BK{i}"] = t.block_n, t.block_k
         else:
             p = parts[0]
@@ -451,16 +672,25 @@ def saliency(
 
 
 def attention_group_saliency(
-    q_w: torch.Tensor, q_g: torch.Tensor, k_w: torch.Tensor, k_g: torch.Tensor,
-    v_w: torch.Tensor, v_g: torch.Tensor, o_w: torch.Tensor, o_g: torch.Tensor,
+    q_w: torch.Tensor,
+    q_g: torch.Tensor,
+    k_w: torch.Tensor,
+    k_g: torch.Tensor,
+    v_w: torch.Tensor,
+    v_g: torch.Tensor,
+    o_w: torch.Tensor,
+    o_g: torch.Tensor,
     *,
     num_kv_heads: int,
     head_dim: int,
     exp_avg_sq: Sequence[torch.Tensor] | None = None,
     eps: float = 1e-8,
-    q_b: torch.Tensor | None = None, q_bg: torch.Tensor | None = None,
-    k_b: torch.Tensor | None = None, k_bg: torch.Tensor | None = None,
-    v_b: torch.Tensor | None = None, v_bg: torch.Tensor | None = None,
+    q_b: torch.Tensor | None = None,
+    q_bg: torch.Tensor | None = None,
+    k_b: torch.Tensor | None = None,
+    k_bg: torch.Tensor | None = None,
+    v_b: torch.Tensor | None = None,
+    v_bg: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Saliency of each KV group of one attention layer, in one pass over its four matrices.
 
@@ -489,7 +719,10 @@ def attention_group_saliency(
 
 
 def mlp_channel_saliency(
-    up_w: torch.Tensor, up_g: torch.Tensor, down_w: torch.Tensor, down_g: torch.Tensor,
+    up_w: torch.Tensor,
+    up_g: torch.Tensor,
+    down_w: torch.Tensor,
+    down_g: torch.Tensor,
     *,
     gate_w: torch.Tensor | None = None,
     gate_g: torch.Tensor | None = None,

@@ -9,7 +9,10 @@ DTYPE_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2
 
 def _where(mask: torch.Tensor, actual, expected, limit: int = 5) -> str:
     idx = mask.nonzero()[:limit]
-    rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}" for i in idx]
+    rows = [
+        f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}"
+        for i in idx
+    ]
     return "\n".join(rows)
 
 
@@ -23,8 +26,7 @@ def assert_close(actual, expected, *, rtol: float, atol: float = 0.0, name: str 
         err = ((a - e).abs() / e.abs().clamp_min(1e-300)).nan_to_num(float("inf"))
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol:g}, atol={atol:g}); "
-            f"max relative error {err.max().item():.3g}; NaN in result: {int(a.isnan().sum())}\n"
-            + _where(bad, a, e)
+            f"max relative error {err.max().item():.3g}; NaN in result: {int(a.isnan().sum())}\n" + _where(bad, a, e)
         )
 
 
@@ -38,4 +40,7 @@ def assert_bitwise_equal(actual, expected, *, name: str = "result") -> None:
         a, e = a.contiguous().view(bits), e.contiguous().view(bits)
     bad = a != e
     if bad.any():
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ bitwise\n" + _where(bad, actual.cpu(), expected.cpu()))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ bitwise\n"
+            + _where(bad, actual.cpu(), expected.cpu())
+        )

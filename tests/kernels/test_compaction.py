@@ -106,7 +106,8 @@ def test_compact_bias(group_size, gen):
 
 
 @pytest.mark.parametrize(
-    "shape,dim,k", [((0, 5), 0, 0), ((5, 0), 0, 2), ((5, 0), 1, 0), ((4, 6), 0, 0), ((4, 6), 1, 0)],
+    "shape,dim,k",
+    [((0, 5), 0, 0), ((5, 0), 0, 2), ((5, 0), 1, 0), ((4, 6), 0, 0), ((4, 6), 1, 0)],
     ids=["no-rows", "no-cols-gather-rows", "no-cols", "empty-index-rows", "empty-index-cols"],
 )
 def test_compact_empty(shape, dim, k):
@@ -118,8 +119,12 @@ def test_compact_empty(shape, dim, k):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(1, 60), cols=st.integers(1, 60), dim=st.sampled_from([0, 1]),
-    layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1), data=st.data(),
+    rows=st.integers(1, 60),
+    cols=st.integers(1, 60),
+    dim=st.sampled_from([0, 1]),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
 )
 def test_compact_property(rows, cols, dim, layout, seed, data):
     gen = torch.Generator().manual_seed(seed)

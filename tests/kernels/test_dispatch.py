@@ -57,16 +57,22 @@ def _opcheck_cases():
     w, gr = torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g)
     v = torch.rand(12, 20, generator=g)
     kv, d, hidden = 2, 4, 10
-    q, k, o = (torch.randn(kv * 2 * d, hidden, generator=g), torch.randn(kv * d, hidden, generator=g),
-               torch.randn(hidden, kv * 2 * d, generator=g))
+    q, k, o = (
+        torch.randn(kv * 2 * d, hidden, generator=g),
+        torch.randn(kv * d, hidden, generator=g),
+        torch.randn(hidden, kv * 2 * d, generator=g),
+    )
     b = torch.randn(kv * 2 * d, generator=g)
     up, down = torch.randn(9, hidden, generator=g), torch.randn(hidden, 9, generator=g)
     ops = torch.ops.nirvana
     return [
         ("saliency", ops.saliency.default, (w, gr, 1, 3, None, 1e-8)),
         ("saliency-adam-T", ops.saliency.default, (w.t(), gr.t(), 0, 2, v.t(), 1e-8)),
-        ("attention", ops.attention_group_saliency.default,
-         (q, q, k, k, k, k, o, o, kv, d, [b, b, None, None, None, None], [None] * 7, 1e-8)),
+        (
+            "attention",
+            ops.attention_group_saliency.default,
+            (q, q, k, k, k, k, o, o, kv, d, [b, b, None, None, None, None], [None] * 7, 1e-8),
+        ),
         ("mlp", ops.mlp_channel_saliency.default, (up, up, down, down, up, up, [None] * 3, 1e-8)),
         ("compact", ops.compact.default, (w, torch.tensor([0, 5, 7]), 0, 1)),
         ("compact-groups", ops.compact.default, (w.t(), torch.tensor([1, 2]), 1, 4)),

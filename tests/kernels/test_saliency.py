@@ -25,8 +25,16 @@ CHUNK = sal._INTERP_CHUNK_BLOCKS * BK
 
 # Odd shapes, and shapes one below, at and one above the tile and K-chunk edges of both orientations.
 SHAPES = [
-    (1, 1), (3, 5), (BN - 1, CHUNK - 1), (BN, CHUNK), (BN + 1, CHUNK + 1),
-    (CK + 1, CN - 1), (CK, CN), (CK - 1, CN + 1), (37, 53), (2 * BN + 1, 2 * CHUNK + 1),
+    (1, 1),
+    (3, 5),
+    (BN - 1, CHUNK - 1),
+    (BN, CHUNK),
+    (BN + 1, CHUNK + 1),
+    (CK + 1, CN - 1),
+    (CK, CN),
+    (CK - 1, CN + 1),
+    (37, 53),
+    (2 * BN + 1, 2 * CHUNK + 1),
 ]
 
 
@@ -75,7 +83,11 @@ def test_saliency_group_sums(group_size, dim, gen):
     assert_close(got, expect, rtol=fp32_rtol(72 * group_size), name=f"group_size={group_size}")
 
 
-@pytest.mark.parametrize("shape,dim", [((0, 5), 1), ((0, 5), 0), ((5, 0), 1), ((5, 0), 0)], ids=["0x5-dim1", "0x5-dim0", "5x0-dim1", "5x0-dim0"])
+@pytest.mark.parametrize(
+    "shape,dim",
+    [((0, 5), 1), ((0, 5), 0), ((5, 0), 1), ((5, 0), 0)],
+    ids=["0x5-dim1", "0x5-dim0", "5x0-dim1", "5x0-dim0"],
+)
 def test_saliency_empty_dimension(shape, dim):
     w = torch.randn(shape, dtype=torch.float16)
     got = nk.saliency(w, w, dim=dim)
@@ -125,7 +137,9 @@ def test_reference_chunks_do_not_change_the_result(monkeypatch, gen):
     monkeypatch.setattr(sal, "_CHUNK_ELEMS", 100)  # two rows per chunk: many chunk boundaries
     for dim in (0, 1):
         got = nk.saliency_torch(w, g, dim=dim)
-        assert_close(got, f64_scores(w, g, None, dim=dim, group_size=1, eps=1e-8), rtol=fp32_rtol(53), name=f"dim={dim}")
+        assert_close(
+            got, f64_scores(w, g, None, dim=dim, group_size=1, eps=1e-8), rtol=fp32_rtol(53), name=f"dim={dim}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,8 +234,10 @@ def test_mlp_channel_saliency(dtype, gated, adam, layout, gen):
         m.pop("gate_w"), m.pop("gate_g")
     vs = None
     if adam:
-        vs = [make_matrix(inter, hidden, dtype, layout, gen=gen, positive=True),
-              make_matrix(hidden, inter, dtype, layout, gen=gen, positive=True)]
+        vs = [
+            make_matrix(inter, hidden, dtype, layout, gen=gen, positive=True),
+            make_matrix(hidden, inter, dtype, layout, gen=gen, positive=True),
+        ]
         if gated:
             vs.append(make_matrix(inter, hidden, dtype, layout, gen=gen, positive=True))
     got = nk.mlp_channel_saliency(**m, exp_avg_sq=vs)
@@ -238,8 +254,12 @@ def test_mlp_channel_saliency(dtype, gated, adam, layout, gen):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(0, 70), cols=st.integers(0, 70), dim=st.sampled_from([0, 1]),
-    layout=st.sampled_from(LAYOUTS), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(0, 70),
+    cols=st.integers(0, 70),
+    dim=st.sampled_from([0, 1]),
+    layout=st.sampled_from(LAYOUTS),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
     data=st.data(),
 )
 def test_saliency_property(rows, cols, dim, layout, dtype, seed, data):
