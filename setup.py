@@ -18,9 +18,18 @@ setup(
         "torch>=2.6",
         # Triton ships Linux wheels only; elsewhere the PyTorch references are used.
         "triton>=3.2; platform_system == 'Linux'",
+        "numpy",  # the Triton interpreter and gguf need it
+        "transformers>=4.56",
+        "safetensors",
+        "accelerate",  # GGUF loading
+        "gguf",
+        "rdata",  # reads the Austen novels out of Debian's R package
+        "tqdm",
+        "matplotlib",
     ],
+    entry_points={"console_scripts": ["nirvana = nirvana.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
     },
 )
