@@ -1,0 +1,134 @@
+"""Plain tests of the benchmarks' own logic: byte counts, comparisons and gpu_check's verdicts.
+
+They take no ``benchmark`` fixture, so ``--benchmark-only`` skips them; run them with
+``python -m pytest -q benchmarks/test_bench_logic.py``.
+"""
+
+import gpu_check
+import measure
+import pytest
+import shapes
+import torch
+
+BF16 = 2
+
+
+def hand_count(op: str, m: shapes.Model) -> int:
+    """The bytes each op must move at bf16, counted from the layer geometry alone."""
+    h, i, d, kv = m.hidden, m.intermediate, m.head_dim, m.num_kv_heads
+    attn = 2 * m.q_rows * h + 2 * m.kv_rows * h + (m.q_rows + 2 * m.kv_rows if m.qkv_bias else 0)
+    return {
+        "attention_group_saliency": 2 * BF16 * attn + 4 * kv,
+        "attention_group_saliency_adam": 3 * BF16 * attn + 4 * kv,
+        "mlp_channel_saliency": 3 * 2 * BF16 * i * h + 4 * i,
+        "saliency_dim0": 2 * BF16 * i * h + 4 * i,
+        "saliency_dim1": 2 * BF16 * i * h + 4 * i,
+        "compact_rows": 2 * BF16 * (i // 2) * h,
+        "compact_cols": 2 * BF16 * (i // 2) * h,
+        "compact_groups_k_rows": 2 * BF16 * (kv // 2) * d * h,
+        "compact_groups_o_cols": 2 * BF16 * (kv // 2) * m.group_columns * h,
+        "compact_many": 2 * 2 * BF16 * (i // 2) * h,
+    }[op]
+
+
+@pytest.mark.parametrize("model", [m.name for m in shapes.CPU_MODELS], ids=[m.name for m in shapes.CPU_MODELS])
+@pytest.mark.parametrize("op", shapes.ops(), ids=shapes.ops())
+def test_bytes_moved_matches_hand_count(op, model):
+    w = shapes.workload(op, model, "cpu")
+    assert w.bytes_moved == hand_count(op, shapes.MODELS[model])
+    ok, detail = measure.check_output(w.run_reference(), w.out_shapes, w.out_dtype)
+    assert ok, detail
+
+
+def test_real_shapes_byte_count():
+    # Llama-3.1-70B attention: q and o are 8192x8192, k and v 1024x8192; weight and grad in bf16.
+    assert hand_count("attention_group_saliency", shapes.LLAMA_70B) == 2 * 2 * (2 * 8192 * 8192 + 2 * 1024 * 8192) + 32
+    assert shapes.compaction_bytes([(14336, 8192)], torch.bfloat16) == 2 * 2 * 14336 * 8192
+
+
+def test_workload_rejects_unknown_names():
+    with pytest.raises(ValueError, match="op: unknown op 'nope'"):
+        shapes.workload("nope", "cpu-llama", "cpu")
+    with pytest.raises(ValueError, match="model: unknown model 'gpt'"):
+        shapes.workload("compact_rows", "gpt", "cpu")
+    with pytest.raises(ValueError, match="family"):
+        shapes.ops("other")
+
+
+def test_workloads_are_seeded():
+    a, b = shapes.workload("compact_rows", "cpu-llama", "cpu"), shapes.workload("compact_rows", "cpu-llama", "cpu")
+    assert torch.equal(a.args[0], b.args[0]) and torch.equal(a.args[1], b.args[1])
+    index = a.args[1]
+    assert index.numel() == 704 and bool((index[1:] > index[:-1]).all())
+
+
+@pytest.mark.parametrize(
+    ("change", "exact", "ok", "detail"),
+    [
+        (lambda t: t.clone(), True, True, "bit-exact"),
+        (lambda t: torch.where(t == 0, -t, t), True, False, "1 of 6 elements differ"),  # -0.0 vs 0.0
+        (lambda t: t * (1 + 3e-5), False, True, "max rel err 3"),
+        (lambda t: t * (1 + 3e-3), False, False, "max rel err 3.0e-03 > 1e-04"),
+        (lambda t: t * float("nan"), False, False, "nan"),
+    ],
+    ids=["same", "negative-zero", "within-rtol", "beyond-rtol", "nan"],
+)
+def test_compare(change, exact, ok, detail):
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0]) + (0 if exact else 1)
+    got_ok, got_detail = measure.compare(change(t), t, exact=exact)
+    assert got_ok == ok
+    assert detail in got_detail
+
+
+def test_copy_bandwidth_is_positive_and_sized():
+    bw, nbytes = measure.copy_bandwidth(torch.device("cpu"), 1 << 20, warmup_ms=0, rep_ms=1)
+    assert nbytes == 1 << 20 and bw > 0
+    with pytest.raises(ValueError, match="nbytes"):
+        measure.copy_bandwidth(torch.device("cpu"), 0)
+
+
+def _row(family=shapes.SALIENCY, triton_ms=1.0, eager_ms=4.0, compile_ms=1.5, ok=True, model="llama-3.1-70b"):
+    # 900 MB in 1 ms is 900 GB/s: 90% of a 1000 GB/s copy.
+    return gpu_check.Row(
+        model=model, op="x", family=family, bytes_moved=900_000_000, triton_ms=triton_ms, eager_ms=eager_ms,
+        compile_ms=compile_ms, ok=ok, detail="",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("row", "verdict"),
+    [
+        (_row(), "PASS"),
+        (_row(compile_ms=None), "PASS (vs compile n/a)"),
+        (_row(family=shapes.SALIENCY, triton_ms=1.2), "FAIL (75% < 85% BW)"),
+        (_row(family=shapes.COMPACTION, triton_ms=1.2), "FAIL (75% < 80% BW)"),
+        (_row(eager_ms=2.0, compile_ms=0.5), "FAIL (2x < 3x eager; 0.5x < 1x compile)"),
+        (_row(ok=False), "FAIL (no correct kernel result)"),
+        (_row(model="llama-3.1-8b"), ""),
+    ],
+    ids=["pass", "no-compile", "slow-saliency", "slow-compaction", "slow-vs-references", "wrong", "not-a-target"],
+)
+def test_target_verdict(row, verdict):
+    assert gpu_check.target_verdict(row, 1e12, ("llama-3.1-70b",)) == verdict
+
+
+def test_render_is_one_table():
+    rows = [_row(), _row(model="llama-3.1-8b"), gpu_check.Row(model="qwen2.5-72b", op="y", family=shapes.COMPACTION)]
+    rows[-1].skipped, rows[-1].detail = True, "time budget"
+    text = gpu_check.render(rows, "header", 1e12, gpu_check.Budget(1, 1), ("llama-3.1-70b",))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert len({line.count("|") for line in table}) == 1  # every row has every column
+    assert "| 900 | 90% | 4 | 1.5 | 4x | 1.5x | ok () | PASS |" in table[2]
+    assert "skipped (time budget)" in table[4]
+    assert "Correct: 2/2 checked (1 not reached in the time budget). Targets: 1/1 PASS." in text
+
+
+def test_parse_args_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    smoke = gpu_check.parse_args(["--smoke"])
+    assert (smoke.compile_backend, smoke.warmup_ms, smoke.out) == ("eager", 0.0, tmp_path / "gpu_check.md")
+    gpu = gpu_check.parse_args([])
+    assert (gpu.compile_backend, gpu.rep_ms) == ("inductor", measure.REP_MS)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--budget-s", "-1"])
