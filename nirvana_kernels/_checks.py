@@ -70,11 +70,14 @@ def index(name: str, value, *, extent: int, extent_name: str, device: torch.devi
     value = value.to(device)
     if value.numel() == 0:
         return value
-    lo, hi = int(value.min()), int(value.max())
+    # One host synchronisation for all three facts; the details are looked up only on failure.
+    lo, hi, unsorted = torch.stack(
+        [value.min().long(), value.max().long(), (value[1:] <= value[:-1]).any().long()]
+    ).tolist()
     if lo < 0 or hi >= extent:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: value {bad} is out of range for {extent_name} = {extent}")
-    if value.numel() > 1 and not bool((value[1:] > value[:-1]).all()):
+    if unsorted:
         pos = int((value[1:] <= value[:-1]).nonzero()[0, 0]) + 1
         raise ValueError(
             f"{name}: must be strictly increasing, but {name}[{pos}] = {int(value[pos])} follows {int(value[pos - 1])}"
