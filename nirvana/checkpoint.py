@@ -1,0 +1,278 @@
+"""Save a compacted model as a Hugging Face checkpoint, and load it back.
+
+A checkpoint folder holds the safetensors weights, ``config.json``, ``generation_config.json``, the
+tokenizer's files, ``plan.json`` (the :class:`~nirvana.plan.PruningPlan`), ``report.json`` when one is
+given, and any extra files. When every layer has the same widths, ``config.json`` is a stock config
+with the smaller sizes and stock ``from_pretrained`` loads it. Otherwise it also carries a ``nirvana``
+block (base architecture and each layer's ``num_heads``, ``num_kv_heads``, ``intermediate_size``) and
+an ``auto_map`` naming the class in ``modeling_nirvana.py``, a self-contained copy of
+:mod:`nirvana._remote_modeling` saved beside the weights, so that
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without nirvana;
+:func:`load_pruned` reaches the same classes without remote code.
+
+Saving is atomic: everything is written into a temporary folder beside the destination, which is
+renamed into place only when complete, so an interrupted save leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _remote_modeling as remote
+from .compaction import base_architecture, layer_widths, model_config_updates, plan_widths
+from .plan import PruningPlan
+
+CONFIG_FILE = "config.json"
+PLAN_FILE = "plan.json"
+REPORT_FILE = "report.json"
+AUTO_CLASS = "AutoModelForCausalLM"
+
+
+def _check_out_dir(out_dir, overwrite: bool, model: nn.Module) -> Path:
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise ValueError(f"out_dir: expected a folder path, got {out_dir!r}")
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {str(out)!r} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out_dir: {str(out)!r} exists; pass overwrite=True to replace it")
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if source and os.path.isdir(source):
+        src = Path(os.path.abspath(source))
+        if out == src or out in src.parents:
+            raise ValueError(f"out_dir: {str(out)!r} would replace the model's source folder {str(src)!r}")
+    return out
+
+
+def _check_model_matches_plan(model: nn.Module, plan: PruningPlan) -> None:
+    if not isinstance(plan, PruningPlan):
+        # The house rule makes every bad argument a ValueError, wrong types included.
+        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")  # noqa: TRY004
+    plan.validate()
+    widths = layer_widths(model)
+    expected = plan_widths(plan)
+    if len(widths) != len(expected):
+        raise ValueError(f"plan: {len(expected)} layers for a model of {len(widths)}")
+    for i, (have, want) in enumerate(zip(widths, expected)):
+        if have != want:
+            raise ValueError(
+                f"model: layer {i} has widths {have} but the plan keeps {want}; "
+                "compact the model with nirvana.compaction.compact_model(model, plan) before saving"
+            )
+
+
+def _check_extra_files(extra_files) -> dict[str, object]:
+    if extra_files is None:
+        return {}
+    if not isinstance(extra_files, Mapping):
+        kind = type(extra_files).__name__
+        raise ValueError(f"extra_files: expected a mapping of file name to contents, got {kind}")  # noqa: TRY004
+    reserved = {CONFIG_FILE, PLAN_FILE, REPORT_FILE, remote.MODELING_FILE}
+    for name, content in extra_files.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in reserved
+            or name != os.path.basename(name)
+            or name in (".", "..")
+            or name.endswith((".safetensors", ".safetensors.index.json"))
+        ):
+            raise ValueError(f"extra_files: {name!r} is not a free plain file name in a checkpoint folder")
+        if not isinstance(content, (str, bytes, os.PathLike)):
+            kind = type(content).__name__
+            raise ValueError(f"extra_files[{name!r}]: expected str, bytes or a path to copy, got {kind}")  # noqa: TRY004
+        if isinstance(content, os.PathLike) and not os.path.isfile(content):
+            raise ValueError(f"extra_files[{name!r}]: {os.fspath(content)!r} is not a file")
+    return dict(extra_files)
+
+
+def _rewrite_config(folder: Path, sizes: dict, block: dict | None, base: str) -> None:
+    """Make the saved config.json describe the per-layer widths, with remote code only when needed."""
+    path = folder / CONFIG_FILE
+    config = json.loads(path.read_text())
+    target = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    target.update(sizes)
+    # save_pretrained names the class it was called on, which for a reloaded pruned model is the
+    # Nirvana subclass; the config names the transformers class so stock tools recognise it.
+    config["architectures"] = [base]
+    if block is None:
+        config.pop(remote.BLOCK_KEY, None)
+        config.pop("auto_map", None)
+        (folder / remote.MODELING_FILE).unlink(missing_ok=True)
+    else:
+        config[remote.BLOCK_KEY] = block
+        config["auto_map"] = {AUTO_CLASS: f"{Path(remote.MODELING_FILE).stem}.{remote.CLASS_PREFIX}{base}"}
+        shutil.copyfile(remote.__file__, folder / remote.MODELING_FILE)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_extra(folder: Path, name: str, content) -> None:
+    if isinstance(content, str):
+        (folder / name).write_text(content)
+    elif isinstance(content, bytes):
+        (folder / name).write_bytes(content)
+    else:
+        shutil.copyfile(content, folder / name)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file (and the folder) to disk, so the rename below never publishes a torn file."""
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems cannot fsync a directory; the files are what matter
+            if not path.is_dir():
+                raise
+        finally:
+            os.close(fd)
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is set aside first and removed after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    # rename() cannot replace a non-empty folder: swap it with an empty placeholder first, so that
+    # out never holds a mix of old and new files.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer,
+    plan: PruningPlan,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    report: dict | None = None,
+    extra_files: Mapping[str, str | bytes | os.PathLike] | None = None,
+) -> Path:
+    """Save a compacted model, its tokenizer and plan as a checkpoint folder; returns its path.
+
+    Args:
+        model: the model after :func:`nirvana.compaction.compact_model` with ``plan`` (its layer
+            widths must be those ``plan`` keeps). Tied weights (lm_head = embed_tokens) stay tied.
+        tokenizer: anything with ``save_pretrained(folder)``, or None to save no tokenizer.
+        plan: written as ``plan.json``.
+        out_dir: the checkpoint folder; must not exist unless ``overwrite``, and must not be (or
+            contain) the folder the model was loaded from.
+        overwrite: replace an existing ``out_dir``; the old one is removed only after the new one is
+            complete.
+        report: JSON-serialisable, written as ``report.json``.
+        extra_files: file name -> contents (str is written as text, bytes as is, a path is copied).
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ValueError: for a model that does not match ``plan``, a bad ``out_dir``, ``report`` or
+            ``extra_files``.
+    """
+    out = _check_out_dir(out_dir, overwrite, model)
+    _check_model_matches_plan(model, plan)
+    report_text = None
+    if report is not None:
+        try:
+            report_text = json.dumps(report, indent=1, sort_keys=True) + "\n"
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"report: not JSON-serialisable ({err})") from err
+    extras = _check_extra_files(extra_files)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ValueError(f"tokenizer: expected an object with save_pretrained(), got {type(tokenizer).__name__}")
+    base = base_architecture(model)
+    # Computed from the modules rather than trusted from model.config, which compact_model set but
+    # another tool might not have.
+    sizes, block = model_config_updates(model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        # save_pretrained writes safetensors and de-duplicates tied tensors, which a plain
+        # safetensors save_file refuses.
+        model.save_pretrained(tmp)
+        _rewrite_config(tmp, sizes, block, base)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / PLAN_FILE)
+        if report_text is not None:
+            (tmp / REPORT_FILE).write_text(report_text)
+        for name, content in extras.items():
+            _write_extra(tmp, name, content)
+        _sync_tree(tmp)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"path: {str(path)!r} is not a checkpoint folder (no {CONFIG_FILE})")
+    return json.loads(config_path.read_text())
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **from_pretrained_kwargs,
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_pruned` (or any causal LM folder), without remote code.
+
+    A checkpoint with per-layer widths is built from :mod:`nirvana._remote_modeling`, the same classes
+    its ``modeling_nirvana.py`` holds; a uniform one is a stock transformers model.
+
+    Args:
+        path: the checkpoint folder.
+        device: where to place the weights (``"cpu"``, ``"cuda:0"``, ...); None leaves them on the CPU.
+        dtype: the parameter dtype; None keeps the saved one.
+        **from_pretrained_kwargs: passed on to ``from_pretrained`` (``attn_implementation="eager"``, ...).
+
+    Returns:
+        The model, in eval mode.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"path: expected a checkpoint folder, got {path!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: expected a torch.dtype, got {dtype!r}")
+    folder = Path(path)
+    config = _read_config(folder)
+    kwargs = {"dtype": dtype if dtype is not None else "auto", **from_pretrained_kwargs}
+    if device is not None:
+        kwargs["device_map"] = torch.device(device)
+    block = config.get(remote.BLOCK_KEY)
+    if block is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    else:
+        base = block.get("base_architecture") if isinstance(block, dict) else None
+        if not isinstance(base, str):
+            raise ValueError(f"path: {str(folder)!r} has a {remote.BLOCK_KEY} block without a base_architecture")
+        model = remote.pruned_class(base).from_pretrained(folder, **kwargs)
+    return model.eval()
+
+
+def load_plan(path: str | os.PathLike) -> PruningPlan:
+    """The :class:`~nirvana.plan.PruningPlan` saved in a checkpoint folder."""
+    return PruningPlan.load(Path(path) / PLAN_FILE)
+
+
+__all__ = ["load_plan", "load_pruned", "save_pruned"]

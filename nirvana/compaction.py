@@ -1,0 +1,309 @@
+"""Apply a pruning plan to a model: keep only the planned KV groups and MLP channels of each layer.
+
+:func:`compact_model` slices the linears in place with the fused gather kernels, on whatever device
+each layer lives, and updates the attention modules and the config so that forward, backward and
+``generate()`` work on the smaller model. :func:`mask_model` is its dense twin: it zeroes the pruned
+units instead of removing them, which gives the same outputs (see its docstring) at the dense cost.
+
+KV group ``j`` (``G = num_heads // num_kv_heads`` query heads sharing one K/V head of width ``d``)
+owns q rows and o columns ``[j*G*d, (j+1)*G*d)`` and k/v rows ``[j*d, (j+1)*d)``; MLP channel ``c``
+owns row ``c`` of gate/up and column ``c`` of down.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from nirvana_kernels import compact, compact_groups, compact_many
+
+from . import _remote_modeling as remote
+from .adapters import Adapter, LayerModules, get_adapter
+from .plan import Geometry, PruningPlan
+
+
+def base_architecture(model: nn.Module) -> str:
+    """The transformers class the model is (or derives from), e.g. ``"LlamaForCausalLM"``.
+
+    A model loaded through the per-layer-width subclass (``NirvanaLlamaForCausalLM``) names its base.
+    """
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__.endswith(("ForCausalLM", "Generation")):
+            return cls.__name__
+    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
+    if names:
+        return names[0].removeprefix(remote.CLASS_PREFIX)
+    raise ValueError(f"model: cannot tell which transformers architecture {type(model).__name__} is")
+
+
+def layer_widths(model: nn.Module, adapter: Adapter | None = None) -> list[dict]:
+    """Each decoder layer's ``num_heads``, ``num_kv_heads`` and ``intermediate_size``, read from its linears."""
+    adapter = adapter or get_adapter(model)
+    head_dim = adapter.geometry(model.config).head_dim
+    return [
+        {
+            "num_heads": lm.q.out_features // head_dim,
+            "num_kv_heads": lm.k.out_features // head_dim,
+            "intermediate_size": lm.down.in_features,
+        }
+        for lm in adapter.layers(model)
+    ]
+
+
+def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tuple[dict, dict | None]:
+    """The config values that describe a model of these per-layer widths.
+
+    Returns ``(sizes, block)``, to set on the decoder's config and as ``config.nirvana``:
+
+    - all layers alike, and a stock config of those sizes passes transformers' own validation:
+      ``sizes`` holds the smaller ``num_attention_heads``, ``num_key_value_heads`` and
+      ``intermediate_size``, and ``block`` is None, so stock ``from_pretrained`` loads the model;
+    - otherwise ``sizes`` leaves the global sizes as they are (the dense model's) and ``block`` lists
+      every layer's widths. Dense sizes always pass validation, which a smaller head count may not
+      (Llama's config insists that ``hidden_size % num_attention_heads == 0``, ``head_dim`` or not).
+
+    ``head_dim`` is always set explicitly, since ``hidden_size // num_attention_heads`` stops giving it.
+    """
+    if not widths:
+        raise ValueError("widths: a model needs at least one layer")
+    if len({tuple(sorted(w.items())) for w in widths}) == 1:
+        w = widths[0]
+        sizes = {
+            "num_attention_heads": w["num_heads"],
+            "num_key_value_heads": w["num_kv_heads"],
+            "intermediate_size": w["intermediate_size"],
+            "head_dim": head_dim,
+        }
+        if _valid_with(config, sizes):
+            return sizes, None
+    block = {"version": remote.BLOCK_VERSION, "base_architecture": base, "layers": [dict(w) for w in widths]}
+    return {"head_dim": head_dim}, block
+
+
+def _valid_with(config, sizes: dict) -> bool:
+    """Whether the config's class accepts these sizes (transformers >= 5 validates configs)."""
+    trial = copy.deepcopy(config)
+    target = text_config(trial)
+    for key, value in sizes.items():
+        setattr(target, key, value)
+    validate = getattr(trial, "validate", None)
+    if validate is None:
+        return True
+    try:
+        validate()
+    # huggingface_hub's StrictDataclassClassValidationError derives from Exception only; any
+    # refusal means the same here: these sizes cannot be a stock config.
+    except Exception:
+        return False
+    return True
+
+
+def text_config(config):
+    """The config that holds the decoder's sizes (a multimodal wrapper keeps them in ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:
+    if not isinstance(plan, PruningPlan):
+        # The house rule makes every bad argument a ValueError, wrong types included.
+        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")  # noqa: TRY004
+    plan.validate()
+    config = model.config
+    names = {base_architecture(model), *(getattr(config, "architectures", None) or [])}
+    names |= {getattr(config, "model_type", None), getattr(text_config(config), "model_type", None)}
+    known = sorted(filter(None, names))
+    if plan.architecture and plan.architecture not in known:
+        raise ValueError(f"plan.architecture: {plan.architecture!r} does not match the model (one of {known})")
+    dense = adapter.geometry(config)
+    if plan.geometry != dense:
+        raise ValueError(
+            f"plan.geometry: {plan.geometry} does not match the model's {dense}; "
+            "a plan applies to the dense model it was made for (was this model compacted already?)"
+        )
+    layers = adapter.layers(model)
+    full = {
+        "num_heads": dense.num_heads,
+        "num_kv_heads": dense.num_kv_heads,
+        "intermediate_size": dense.intermediate_size,
+    }
+    for i, w in enumerate(layer_widths(model, adapter)):
+        if w != full:
+            raise ValueError(f"model: layer {i} has widths {w}, not the dense {full}; it was compacted already")
+    return layers
+
+
+def _replace(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Swap in compacted tensors as new Parameters, keeping each one's requires_grad."""
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def _rows(weights: list[torch.Tensor], index: torch.Tensor, group_size: int) -> list[torch.Tensor]:
+    # compact_many wants same-shaped tensors; a lone one takes the single-tensor launch.
+    if len(weights) == 1:
+        return [compact_groups(weights[0], index, group_size=group_size, dim=0)]
+    return compact_many(weights, index, dim=0, group_size=group_size)
+
+
+def _compact_attention(lm: LayerModules, keep: list[int], g: Geometry, adapter: Adapter) -> None:
+    if len(keep) == g.num_kv_heads:
+        return
+    d, qd = g.head_dim, g.group_size * g.head_dim
+    index = torch.tensor(keep, dtype=torch.int64, device=lm.q.weight.device)
+    q_b = compact_groups(lm.q.bias, index, group_size=qd, dim=0) if lm.q.bias is not None else None
+    _replace(lm.q, compact_groups(lm.q.weight, index, group_size=qd, dim=0), q_b)
+    k_w, v_w = compact_many([lm.k.weight, lm.v.weight], index, dim=0, group_size=d)
+    biases = [b for b in (lm.k.bias, lm.v.bias) if b is not None]
+    kv_b = _rows(biases, index, d) if biases else []
+    k_b = kv_b.pop(0) if lm.k.bias is not None else None
+    v_b = kv_b.pop(0) if lm.v.bias is not None else None
+    _replace(lm.k, k_w, k_b)
+    _replace(lm.v, v_w, v_b)
+    _replace(lm.o, compact_groups(lm.o.weight, index, group_size=qd, dim=1))  # o's bias spans hidden: kept
+    adapter.set_layer_heads(lm, len(keep) * g.group_size, len(keep))
+
+
+def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
+    if len(keep) == g.intermediate_size:
+        return
+    index = torch.tensor(keep, dtype=torch.int64, device=lm.up.weight.device)
+    linears = [lm.gate, lm.up] if lm.gate is not None else [lm.up]
+    weights = _rows([m.weight for m in linears], index, 1)
+    has_bias = [m.bias is not None for m in linears]
+    biases = _rows([m.bias for m in linears if m.bias is not None], index, 1) if any(has_bias) else []
+    for m, w, b in zip(linears, weights, [biases.pop(0) if hb else None for hb in has_bias]):
+        _replace(m, w, b)
+    _replace(lm.down, compact(lm.down.weight, index, dim=1))  # down's bias spans hidden: kept
+    if hasattr(lm.mlp, "intermediate_size"):
+        lm.mlp.intermediate_size = len(keep)
+
+
+def model_config_updates(model: nn.Module, adapter: Adapter | None = None) -> tuple[dict, dict | None]:
+    """:func:`config_updates` for the model's current per-layer widths."""
+    adapter = adapter or get_adapter(model)
+    head_dim = adapter.geometry(model.config).head_dim
+    return config_updates(model.config, layer_widths(model, adapter), base_architecture(model), head_dim)
+
+
+def apply_config(model: nn.Module, adapter: Adapter | None = None) -> None:
+    """Make ``model.config`` describe the model's current per-layer widths (see :func:`config_updates`)."""
+    sizes, block = model_config_updates(model, adapter)
+    target = text_config(model.config)
+    for key, value in sizes.items():
+        setattr(target, key, value)
+    if block is not None:
+        setattr(model.config, remote.BLOCK_KEY, block)
+    elif hasattr(model.config, remote.BLOCK_KEY):
+        delattr(model.config, remote.BLOCK_KEY)
+
+
+@torch.no_grad()
+def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Prune ``model`` in place to the KV groups and MLP channels ``plan`` keeps; returns ``model``.
+
+    Every prunable ``nn.Linear`` gets new Parameters (same dtype and device as before, gathered on
+    that device by the nirvana kernels, requires_grad kept) and matching ``in_features`` /
+    ``out_features``: q rows, k/v rows and biases, o columns of the kept KV groups; gate/up rows and
+    down columns of the kept channels. Biases of o and down span the hidden size and stay whole.
+    The attention modules get their new head counts, and the config the new sizes: for a uniform
+    plan a stock config (smaller ``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size``, explicit ``head_dim``); otherwise (or when transformers refuses those
+    sizes) the dense sizes plus a ``config.nirvana`` block with every layer's widths, which
+    :mod:`nirvana.checkpoint` saves. See :func:`config_updates`.
+
+    Args:
+        model: a dense Hugging Face causal LM that :func:`nirvana.adapters.get_adapter` serves; pass a
+            copy (``copy.deepcopy``) to keep the dense one.
+        plan: made for this model's dense geometry; indices refer to the dense model.
+
+    Raises:
+        ValueError: if ``plan`` does not fit the model, or the model was compacted already.
+    """
+    adapter = get_adapter(model)
+    layers = _check_plan(model, plan, adapter)
+    g = plan.geometry
+    for lm, lp in zip(layers, plan.layers):
+        _compact_attention(lm, lp.kv_groups_kept, g, adapter)
+        _compact_mlp(lm, lp.mlp_channels_kept, g)
+    apply_config(model, adapter)
+    return model
+
+
+def _pruned_rows(kept: list[int], total: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """Row (or column) numbers of every unit not in ``kept``, each unit spanning ``group_size`` of them."""
+    dropped = sorted(set(range(total)) - set(kept))
+    units = torch.tensor(dropped, dtype=torch.int64, device=device)
+    return (units[:, None] * group_size + torch.arange(group_size, device=device)).reshape(-1)
+
+
+def _zero(t: torch.Tensor | None, dim: int, rows: torch.Tensor) -> None:
+    if t is not None and rows.numel():
+        t.index_fill_(dim, rows.to(t.device), 0)
+
+
+@torch.no_grad()
+def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Zero, in place, every unit ``plan`` prunes, keeping the dense shapes; returns ``model``.
+
+    A pruned KV group has its q, k, v rows, q/k/v bias entries and o columns zeroed; a pruned MLP
+    channel its gate/up rows (and biases) and down column. The zero o columns and down columns are
+    what make this equal to :func:`compact_model`: whatever a masked head computes (zero q and k rows
+    give uniform attention, not zero output, and a zero-row v still returns its bias), the o_proj
+    multiplies it by zero, so the layer output gets the same terms as the pruned model's, and the
+    two differ only by float rounding from the order of accumulation. The other zeroed rows make
+    the masked model's parameters match a pruned model padded with zeros.
+    """
+    adapter = get_adapter(model)
+    layers = _check_plan(model, plan, adapter)
+    g = plan.geometry
+    qd = g.group_size * g.head_dim
+    for lm, lp in zip(layers, plan.layers):
+        dev = lm.q.weight.device
+        q_rows = _pruned_rows(lp.kv_groups_kept, g.num_kv_heads, qd, dev)
+        kv_rows = _pruned_rows(lp.kv_groups_kept, g.num_kv_heads, g.head_dim, dev)
+        for t, dim, rows in (
+            (lm.q.weight, 0, q_rows),
+            (lm.q.bias, 0, q_rows),
+            (lm.k.weight, 0, kv_rows),
+            (lm.k.bias, 0, kv_rows),
+            (lm.v.weight, 0, kv_rows),
+            (lm.v.bias, 0, kv_rows),
+            (lm.o.weight, 1, q_rows),
+        ):
+            _zero(t, dim, rows)
+        ch = _pruned_rows(lp.mlp_channels_kept, g.intermediate_size, 1, lm.up.weight.device)
+        for m in (lm.gate, lm.up):
+            if m is not None:
+                _zero(m.weight, 0, ch)
+                _zero(m.bias, 0, ch)
+        _zero(lm.down.weight, 1, ch)
+    return model
+
+
+def plan_widths(plan: PruningPlan) -> list[dict]:
+    """The per-layer widths a model compacted with ``plan`` has (what :func:`layer_widths` reads)."""
+    g = plan.geometry
+    return [
+        {
+            "num_heads": len(lp.kv_groups_kept) * g.group_size,
+            "num_kv_heads": len(lp.kv_groups_kept),
+            "intermediate_size": len(lp.mlp_channels_kept),
+        }
+        for lp in plan.layers
+    ]
+
+
+__all__ = [
+    "apply_config",
+    "base_architecture",
+    "compact_model",
+    "config_updates",
+    "layer_widths",
+    "mask_model",
+    "model_config_updates",
+    "plan_widths",
+]
