@@ -382,3 +382,46 @@ def test_load_pruned_bad_arguments(tmp_path):
         load_pruned(tmp_path)
     with pytest.raises(ValueError, match="dtype"):
         load_pruned(tmp_path, dtype="float16")
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"version": 2, "base_architecture": "LlamaForCausalLM", "layers": []}, "version 1 block"),
+        ({"version": 1, "base_architecture": "LlamaForCausalLM", "layers": []}, "expected 2 entries"),
+        (
+            {
+                "version": 1,
+                "base_architecture": "LlamaForCausalLM",
+                "layers": [{"num_heads": 3, "num_kv_heads": 2}] * 2,
+            },
+            "expected integer widths",
+        ),
+        (
+            {
+                "version": 1,
+                "base_architecture": "LlamaForCausalLM",
+                "layers": [{"num_heads": 3, "num_kv_heads": 2, "intermediate_size": 4}] * 2,
+            },
+            "inconsistent widths",
+        ),
+        ({"version": 1, "base_architecture": "NoSuchForCausalLM", "layers": []}, "base_architecture"),
+    ],
+    ids=["version", "layer-count", "missing-width", "heads-not-multiple", "unknown-base"],
+)
+def test_malformed_nirvana_block_is_refused(block, message, tmp_path):
+    model, plan = pruned_model("llama")
+    out = save_pruned(model, None, plan, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    config["nirvana"] = block
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_pruned(out)
+
+
+def test_modeling_module_names_classes_for_auto_map():
+    cls = _remote_modeling.NirvanaQwen3ForCausalLM
+    assert cls is _remote_modeling.pruned_class("Qwen3ForCausalLM")  # made once, then reused
+    assert cls.__bases__ == (transformers.Qwen3ForCausalLM,)
+    with pytest.raises(AttributeError, match="NirvanaNoSuchModel"):
+        _remote_modeling.NirvanaNoSuchModel  # noqa: B018

@@ -16,6 +16,8 @@ import copy
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nirvana.adapters import get_adapter
 from nirvana.compaction import compact_model, config_updates, layer_widths, mask_model
@@ -75,6 +77,24 @@ def test_compacted_logits_match_masked_dense_model(arch, plan_name):
     # The plan really changes the model, so agreeing with the masked model is not vacuous.
     assert (before - want).abs().max() > 1e-3
     assert_close(got, want, rtol=1e-5, atol=1e-5, name=f"{arch} pruned logits")
+
+
+def sorted_subset(n: int, min_size: int):
+    return st.sets(st.integers(0, n - 1), min_size=min_size, max_size=n).map(sorted)
+
+
+layer_plans = st.tuples(sorted_subset(2, 1), sorted_subset(48, 0))
+
+
+# function_scoped_fixture: the autouse one_thread fixture only sets the thread count, which is the
+# same for every example.
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arch=st.sampled_from(["llama", "qwen2", "gemma3"]), layers=st.lists(layer_plans, min_size=2, max_size=2))
+def test_any_plan_matches_the_masked_model(arch, layers):
+    dense, masked, pruned, _ = pruned_and_masked(arch, layers)
+    x = tiny_batch(seq=6)
+    with torch.no_grad():
+        assert_close(pruned(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5, name=f"{arch} pruned logits")
 
 
 @pytest.mark.parametrize(
