@@ -1,0 +1,184 @@
+"""``nirvana`` command line: argument parsing and one-line errors; the work is in the Python API.
+
+nirvana prune MODEL --sparsity 0.2 [--gamma 3.0|auto] [--calib SOURCE] ... --out DIR
+nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
+nirvana report DIR
+nirvana demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A one-line message for the user; the CLI prints it and exits non-zero."""
+
+
+def _gamma(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(EXIT_USAGE, f"nirvana: error: {message} (see nirvana {self.prog.split()[-1]} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pruning import OBJECTIVES, SALIENCIES
+
+    p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pr = sub.add_parser("prune", help="prune a model and save it")
+    pr.add_argument("model", help="local folder, .gguf file, hub name (when reachable), or 'smollm2'")
+    pr.add_argument("--sparsity", type=float, required=True, help="share of attention+MLP parameters to remove")
+    pr.add_argument("--gamma", type=_gamma, default=3.0, help="MLP/attention pruning ratio, or 'auto' (default 3.0)")
+    pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
+    pr.add_argument("--num-samples", type=int, default=32)
+    pr.add_argument("--seq-len", type=int, default=128)
+    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate calibration sets (KL pick)")
+    pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
+    pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
+    pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
+    pr.add_argument("--allocation", choices=("global", "uniform"), default="global")
+    pr.add_argument("--round-to", type=int, default=8)
+    pr.add_argument("--micro-batch-size", type=int, default=8)
+    pr.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    pr.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text")
+    ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
+    ev.add_argument("--text", required=True, help="a plain-text file, or 'persuasion' for the held-out novel")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--device", default=None)
+
+    rp = sub.add_parser("report", help="summarise a pruned folder's report.json")
+    rp.add_argument("dir")
+    rp.add_argument("--json", action="store_true", help="print the raw report.json")
+
+    dm = sub.add_parser("demo", help="the embedded default: SmolLM2-135M pruned by 20% on Jane Austen")
+    dm.add_argument("--out", default=None, help="output folder (default: runs/smollm2-nirvana-20)")
+    dm.add_argument("--max-windows", type=int, default=24, help="512-token windows of persuasion to evaluate")
+    return p
+
+
+def _text_source(text: str) -> tuple[str, str]:
+    from . import corpus
+
+    if text == corpus.HELDOUT_BOOK:
+        return corpus.read_book(text), text
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise CliError(f"--text: {text!r} is not a file (or 'persuasion')")
+    return path.read_text(encoding="utf-8"), str(path)
+
+
+def load_any(model: str, device: str | None):
+    """A pruned checkpoint folder (with plan.json) or anything ``load_model`` takes."""
+    import torch
+
+    from .checkpoint import PLAN_FILE, load_pruned
+    from .models import load_model
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / PLAN_FILE).is_file():
+        from transformers import AutoTokenizer
+
+        return load_pruned(path, device=dev).eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(model, device=dev)
+
+
+def cmd_prune(args) -> int:
+    from .pruning import PruneSettings, prune
+    from .report import summarize
+
+    settings = PruneSettings(
+        model=args.model,
+        sparsity=args.sparsity,
+        gamma=args.gamma,
+        calib=args.calib,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        select_calib=args.select_calib,
+        heldout_samples=args.heldout_samples,
+        saliency=args.saliency,
+        objective=args.objective,
+        allocation=args.allocation,
+        round_to=args.round_to,
+        micro_batch_size=args.micro_batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        out=args.out,
+        overwrite=args.overwrite,
+    )
+    result = prune(settings, progress=not args.quiet)
+    print(summarize(result.report))
+    print(f"saved to {result.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import perplexity
+
+    text, label = _text_source(args.text)
+    model, tokenizer = load_any(args.model, args.device)
+    ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_windows=args.max_windows)
+    print(f"perplexity of {args.model} on {label} ({args.seq_len}-token windows): {ppl:.3f}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import load_report, summarize
+
+    report = load_report(args.dir)
+    print(json.dumps(report, indent=1) if args.json else summarize(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.out, max_windows=args.max_windows)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("nirvana: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        if os.environ.get("NIRVANA_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"nirvana: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

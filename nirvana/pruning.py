@@ -1,0 +1,254 @@
+"""The whole flow in one call: load, calibrate, score, allocate (with KL selection), compact, save.
+
+``prune(PruneSettings(...))`` is what ``nirvana prune`` runs; every stage is also importable on its
+own (see the package docstring). Settings are checked before anything heavy is loaded, so a bad flag
+fails in a second, not after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import calibration, selection
+from .adapters import get_adapter
+from .allocation import ALLOCATIONS, allocate
+from .checkpoint import save_pruned
+from .compaction import compact_model
+from .report import PLOT_FILE, build_report, plot_layers
+from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
+
+
+@dataclass
+class PruneSettings:
+    """Every flag of ``nirvana prune``; written into report.json as is."""
+
+    model: str = "smollm2"
+    sparsity: float = 0.2
+    gamma: float | str = 3.0  # or "auto": chosen from selection.GAMMA_GRID by held-out KL
+    calib: str = "austen"
+    num_samples: int = 32
+    seq_len: int = 128
+    select_calib: int = 1  # K candidate calibration sets, seeds seed..seed+K-1
+    heldout_samples: int = 16  # windows of seq_len tokens for the KL criterion
+    saliency: str = "taylor"
+    objective: str = "maxlogit"
+    allocation: str = "global"
+    round_to: int = 8
+    micro_batch_size: int = 8
+    device: str | None = None  # None: CUDA when present
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """ValueError naming the first bad setting; cheap, so it runs before anything loads."""
+        if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
+        if self.gamma != "auto":
+            if (
+                isinstance(self.gamma, bool)
+                or not isinstance(self.gamma, (int, float))
+                or not math.isfinite(self.gamma)
+            ):
+                raise ValueError(f"gamma: must be a positive number or 'auto', got {self.gamma!r}")
+            if self.gamma <= 0:
+                raise ValueError(f"gamma: must be > 0, got {self.gamma!r}")
+        for name, choices in (("saliency", SALIENCIES), ("objective", OBJECTIVES), ("allocation", ALLOCATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("num_samples", "seq_len", "select_calib", "heldout_samples", "round_to", "micro_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} asked for, but no CUDA GPU is available")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        is_path = os.sep in self.model or self.model.endswith(".gguf") or self.model.startswith(".")
+        if is_path and not Path(self.model).expanduser().exists():
+            raise ValueError(f"model: {self.model!r} does not exist")
+        if self.out is not None and Path(self.out).exists() and not self.overwrite:
+            raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else getattr(torch, self.dtype)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module  # compacted in place
+    tokenizer: object
+    plan: object
+    scores: Scores
+    report: dict
+    out: Path | None
+
+
+class _Timer(dict):
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (a tied lm_head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def prune(
+    settings: PruneSettings,
+    *,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    progress: bool = True,
+    extra_report: dict | None = None,
+) -> PruneResult:
+    """Run the NIRVANA flow. With ``model``/``tokenizer`` given, ``settings.model`` is only a label.
+
+    The model is compacted in place. With ``settings.out``, the checkpoint (weights, config, tokenizer,
+    plan.json, report.json, scores.safetensors and the per-layer plot) is written atomically there.
+    """
+    from .models import load_model
+
+    settings.check()
+    timer = _Timer()
+    device = settings.torch_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with timer.stage("load"):
+        if model is None:
+            model, tokenizer = load_model(settings.model, device=device, dtype=settings.torch_dtype)
+    device = next(model.parameters()).device
+    adapter = get_adapter(model)
+    geometry = adapter.geometry(model.config)
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    params_before = count_params(model)
+
+    seeds = [settings.seed + k for k in range(settings.select_calib)]
+    candidates = []
+    for seed in seeds:
+        with timer.stage("calibration"):
+            windows = calibration.calibration_windows(
+                settings.calib,
+                tokenizer,
+                num_samples=settings.num_samples,
+                seq_len=settings.seq_len,
+                seed=seed,
+                model=model,
+            )
+        with timer.stage("saliency"):
+            scores = compute_scores(
+                model,
+                windows,
+                objective=settings.objective,
+                saliency=settings.saliency,
+                micro_batch_size=settings.micro_batch_size,
+                progress=progress,
+                seed=seed,
+            )
+        candidates.append(selection.Candidate(seed, scores))
+
+    gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
+    chosen = None
+    if len(candidates) > 1 or len(gammas) > 1:
+        with timer.stage("calibration"):
+            heldout = calibration.heldout_windows(
+                settings.calib,
+                tokenizer,
+                num_samples=settings.heldout_samples,
+                seq_len=settings.seq_len,
+                seed=settings.seed,
+                model=model,
+            )
+        with timer.stage("selection"):
+            chosen = selection.select(
+                model,
+                candidates,
+                heldout,
+                sparsity=settings.sparsity,
+                gammas=gammas,
+                allocation=settings.allocation,
+                round_to=settings.round_to,
+                architecture=architecture,
+            )
+        plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
+    else:
+        best = candidates[0]
+        with timer.stage("allocation"):
+            plan = allocate(
+                best.scores.attention,
+                best.scores.mlp,
+                geometry,
+                sparsity=settings.sparsity,
+                gamma=gammas[0],
+                allocation=settings.allocation,
+                round_to=settings.round_to,
+                architecture=architecture,
+            )
+    plan.meta.update({"calibration_seed": best.seed, "calib": settings.calib})
+
+    with timer.stage("compaction"):
+        compact_model(model, plan)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    params_after = count_params(model)
+
+    extra = dict(extra_report or {})
+    extra["selection"] = (
+        {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
+        if chosen
+        else {"seed": best.seed, "gamma": gammas[0], "trials": []}
+    )
+    report = build_report(
+        settings=asdict(settings),
+        plan=plan,
+        params_before=params_before,
+        params_after=params_after,
+        timings=dict(timer),
+        device=device,
+        extra=extra,
+    )
+    out = None
+    if settings.out is not None:
+        with timer.stage("save"):
+            out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
+        report["timings_s"]["save"] = round(timer["save"], 3)
+    return PruneResult(model, tokenizer, plan, best.scores, report, out)
+
+
+def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool) -> Path:
+    """Write the pruned model with its scores, report and plot, all in one atomic rename."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scores_path = save_scores(scores, Path(tmp) / SCORES_FILE)
+        plot_path = plot_layers(plan, Path(tmp) / PLOT_FILE)
+        return save_pruned(
+            model,
+            tokenizer,
+            plan,
+            out,
+            overwrite=overwrite,
+            report=report,
+            extra_files={SCORES_FILE: scores_path, PLOT_FILE: plot_path},
+        )

@@ -1,0 +1,151 @@
+"""report.json and the per-layer plot written beside every pruned checkpoint."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from .plan import PruningPlan
+
+REPORT_FILE = "report.json"
+PLOT_FILE = "layers.png"
+
+
+def versions() -> dict:
+    import transformers
+
+    from nirvana_kernels import __version__ as nirvana_version
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # no Triton wheels off Linux; the references still run
+        triton_version = None
+    return {
+        "nirvana": nirvana_version,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def peak_memory(device: torch.device | None) -> dict:
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    out = {"host": rss}
+    if device is not None and device.type == "cuda":
+        out["device"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def per_layer(plan: PruningPlan) -> list[dict]:
+    g = plan.geometry
+    return [
+        {
+            "layer": i,
+            "kv_groups": len(lp.kv_groups_kept),
+            "query_heads": len(lp.kv_groups_kept) * g.group_size,
+            "mlp_width": len(lp.mlp_channels_kept),
+        }
+        for i, lp in enumerate(plan.layers)
+    ]
+
+
+def build_report(
+    *,
+    settings: dict,
+    plan: PruningPlan,
+    params_before: int,
+    params_after: int,
+    timings: dict,
+    device: torch.device | None,
+    extra: dict | None = None,
+) -> dict:
+    report = {
+        "settings": settings,
+        "sparsity": {"target": settings.get("sparsity"), "achieved": plan.achieved_sparsity()},
+        "params": {
+            "before": params_before,
+            "after": params_after,
+            "prunable_before": plan.geometry.prunable_params,
+            "prunable_after": plan.kept_params(),
+        },
+        "per_layer": per_layer(plan),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_memory_bytes": peak_memory(device),
+        "versions": versions(),
+    }
+    report.update(extra or {})
+    return report
+
+
+def plot_layers(plan: PruningPlan, path: str | Path, title: str = "") -> Path:
+    """A PNG with the kept KV groups and the MLP width of every layer, against the dense sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    g = plan.geometry
+    rows = per_layer(plan)
+    layers = [r["layer"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    ax1.bar(layers, [r["kv_groups"] for r in rows], color="#4c72b0")
+    ax1.axhline(g.num_kv_heads, color="grey", ls="--", lw=1, label=f"dense ({g.num_kv_heads})")
+    ax1.set_ylabel("KV groups kept")
+    ax1.set_ylim(0, g.num_kv_heads + 0.5)
+    ax1.legend(loc="lower right")
+    ax2.bar(layers, [r["mlp_width"] for r in rows], color="#dd8452")
+    ax2.axhline(g.intermediate_size, color="grey", ls="--", lw=1, label=f"dense ({g.intermediate_size})")
+    ax2.set_ylabel("MLP width")
+    ax2.set_xlabel("layer")
+    ax2.legend(loc="lower right")
+    fig.suptitle(title or f"{plan.architecture}: {plan.achieved_sparsity():.1%} of attention+MLP removed")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_report(folder: str | Path) -> dict:
+    path = Path(folder) / REPORT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"DIR: {str(folder)!r} holds no {REPORT_FILE}")
+    return json.loads(path.read_text())
+
+
+def summarize(report: dict) -> str:
+    """A few readable lines from a report.json."""
+    s, p, t = report["sparsity"], report["params"], report["timings_s"]
+    settings = report["settings"]
+    widths = report["per_layer"]
+    gamma = report.get("selection", {}).get("gamma", settings.get("gamma"))
+    mem = report["peak_memory_bytes"]
+    device_mem = f", device {mem['device'] / 2**30:.2f} GiB" if "device" in mem else ""
+    lines = [
+        f"model: {settings.get('model')}  method: {settings.get('saliency')}/{settings.get('objective')}"
+        f"  allocation: {settings.get('allocation')}  gamma: {gamma}",
+        f"sparsity: target {s['target']:.3f}, achieved {s['achieved']:.4f} (of attention+MLP parameters)",
+        f"parameters: {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} fewer overall)",
+        "kv groups per layer: " + " ".join(str(w["kv_groups"]) for w in widths),
+        "mlp width per layer: " + " ".join(str(w["mlp_width"]) for w in widths),
+        "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()),
+        f"peak memory: host {mem['host'] / 2**30:.2f} GiB{device_mem}",
+    ]
+    if "evaluation" in report:
+        e = report["evaluation"]
+        lines.append(f"perplexity on {e['text']}: dense {e['dense']:.2f}, pruned {e['pruned']:.2f}")
+    if "selection" in report and report["selection"].get("trials"):
+        trials = [tr for tr in report["selection"]["trials"] if tr.get("kl") is not None]
+        lines.append(
+            "KL selection: " + ", ".join(f"seed {tr['seed']} gamma {tr['gamma']:g}: {tr['kl']:.4f}" for tr in trials)
+        )
+    return "\n".join(lines)
