@@ -16,11 +16,12 @@ renamed into place only when complete, so an interrupted save leaves no half-wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -153,6 +154,33 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
+@contextlib.contextmanager
+def _gguf_as_plain_weights(model: nn.Module) -> Iterator[None]:
+    """Let save_pretrained write a model loaded from a GGUF file, restoring the model afterwards.
+
+    transformers de-quantizes GGUF tensors while loading, so such a model holds plain float weights,
+    yet it keeps the GGUF quantizer and refuses to save ("not serializable"). Without them the weights
+    save as what they are, and the checkpoint loads without the GGUF file.
+    """
+    if _quant_method(model.config) != "gguf":
+        yield
+        return
+    quantizer, config = getattr(model, "hf_quantizer", None), model.config.quantization_config
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        model.config.quantization_config = config
+
+
 def save_pruned(
     model: nn.Module,
     tokenizer,
@@ -167,7 +195,8 @@ def save_pruned(
 
     Args:
         model: the model after :func:`nirvana.compaction.compact_model` with ``plan`` (its layer
-            widths must be those ``plan`` keeps). Tied weights (lm_head = embed_tokens) stay tied.
+            widths must be those ``plan`` keeps). Tied weights (lm_head = embed_tokens) stay tied. A
+            model loaded from a GGUF file saves as the float weights transformers de-quantized.
         tokenizer: anything with ``save_pretrained(folder)``, or None to save no tokenizer.
         plan: written as ``plan.json``.
         out_dir: the checkpoint folder; must not exist unless ``overwrite``, and must not be (or
@@ -203,7 +232,8 @@ def save_pruned(
     try:
         # save_pretrained writes safetensors and de-duplicates tied tensors, which a plain
         # safetensors save_file refuses.
-        model.save_pretrained(tmp)
+        with _gguf_as_plain_weights(model):
+            model.save_pretrained(tmp)
         _rewrite_config(tmp, sizes, block, base)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -219,6 +219,24 @@ def test_tied_embeddings_stay_tied(layers, tmp_path):
         assert_bitwise_equal(logits(loaded), want, name="tied logits")
 
 
+def test_model_loaded_from_gguf_saves_as_plain_weights(tmp_path):
+    # As from_pretrained(folder, gguf_file=...) leaves it: de-quantized float weights, yet a GGUF
+    # quantizer that makes save_pretrained refuse ("not serializable").
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model, plan = pruned_model("llama", tie_word_embeddings=True)
+    gguf = GgufConfig()
+    model.config.quantization_config = gguf
+    model.hf_quantizer = GgufHfQuantizer(gguf)
+    want = logits(model)
+    out = save_pruned(model, None, plan, tmp_path / "ckpt")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert_bitwise_equal(logits(load_pruned(out, **EAGER)), want, name="logits of the GGUF-loaded model")
+    # The caller's model is left as it was.
+    assert model.config.quantization_config is gguf and isinstance(model.hf_quantizer, GgufHfQuantizer)
+
+
 def test_loaded_model_generates_and_resaves(tmp_path):
     model, plan = pruned_model("gemma2")
     prompt = tiny_batch()[:, :5]
