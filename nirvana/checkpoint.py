@@ -84,7 +84,8 @@ def _check_extra_files(extra_files) -> dict[str, object]:
             or name in reserved
             or name != os.path.basename(name)
             or name in (".", "..")
-            or name.endswith((".safetensors", ".safetensors.index.json"))
+            # the weight shards and their index (model.safetensors, model-00001-of-00002.safetensors, ...)
+            or (name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")))
         ):
             raise ValueError(f"extra_files: {name!r} is not a free plain file name in a checkpoint folder")
         if not isinstance(content, (str, bytes, os.PathLike)):
@@ -116,6 +117,8 @@ def _rewrite_config(folder: Path, sizes: dict, block: dict | None, base: str) ->
 
 
 def _write_extra(folder: Path, name: str, content) -> None:
+    if (folder / name).exists():  # the tokenizer (or save_pretrained) wrote a file of that name
+        raise ValueError(f"extra_files: {name!r} would replace a file of the checkpoint itself")
     if isinstance(content, str):
         (folder / name).write_text(content)
     elif isinstance(content, bytes):

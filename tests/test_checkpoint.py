@@ -354,6 +354,8 @@ BAD_ARGS = {
     "report": (dict(report={"x": object()}), "report"),
     "extra-name": (dict(extra_files={"../escape.txt": "x"}), "extra_files"),
     "extra-reserved": (dict(extra_files={"config.json": "{}"}), "extra_files"),
+    "extra-weights": (dict(extra_files={"model.safetensors": b""}), "extra_files"),
+    "extra-tokenizer-file": (dict(extra_files={"tokenizer.json": "{}"}), "extra_files"),
     "extra-content": (dict(extra_files={"a.txt": 3}), r"extra_files\['a.txt'\]"),
     "extra-missing": (dict(extra_files={"a.txt": Path("/nonexistent/file")}), r"extra_files\['a.txt'\]"),
     "tokenizer": (dict(tokenizer="gpt2"), "tokenizer"),
@@ -362,9 +364,9 @@ BAD_ARGS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_ARGS), ids=list(BAD_ARGS))
-def test_bad_arguments_raise_value_error_and_write_nothing(case, tmp_path):
+def test_bad_arguments_raise_value_error_and_write_nothing(case, tokenizer, tmp_path):
     model, plan = pruned_model()
-    args = dict(tokenizer=None, plan=plan)
+    args = dict(tokenizer=tokenizer, plan=plan)
     kwargs, message = BAD_ARGS[case]
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
@@ -388,10 +390,10 @@ def test_extra_files_are_written(tmp_path):
         None,
         plan,
         tmp_path / "ckpt",
-        extra_files={"README.md": "# pruned\n", "raw.bin": b"\0\1", "p.png": source},
+        extra_files={"README.md": "# pruned\n", "scores.safetensors": b"\0\1", "p.png": source},
     )
     assert (out / "README.md").read_text() == "# pruned\n"
-    assert (out / "raw.bin").read_bytes() == b"\0\1"
+    assert (out / "scores.safetensors").read_bytes() == b"\0\1"  # only the weight shards' names are taken
     assert (out / "p.png").read_bytes() == b"\x89PNG fake"
 
 
