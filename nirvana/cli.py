@@ -110,6 +110,11 @@ def cmd_prune(args) -> int:
     from .pruning import PruneSettings, prune
     from .report import summarize
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (weight loading) go to stderr too
+
     settings = PruneSettings(
         model=args.model,
         sparsity=args.sparsity,

@@ -1,0 +1,166 @@
+"""The command line: real runs on a saved tiny model, and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from nirvana import cli
+from tests.test_pruning import WIDE, write_text
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama", **WIDE).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def calib(tmp_path):
+    return write_text(tmp_path / "calib.txt")
+
+
+def run(argv, capsys):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def prune_args(model, calib, out, *extra):
+    return [
+        "prune",
+        model,
+        "--sparsity",
+        "0.3",
+        "--calib",
+        calib,
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "16",
+        "--round-to",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out,
+        *extra,
+    ]
+
+
+def test_prune_report_and_eval(tiny_dir, calib, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+    out = tmp_path / "pruned"
+    code, text, err = run(prune_args(tiny_dir, calib, out, "--select-calib", "2", "--heldout-samples", "4"), capsys)
+    assert code == 0, err
+    assert f"saved to {out}" in text and "sparsity: target 0.300" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["select_calib"] == 2 and len(report["selection"]["trials"]) == 2
+    # The source checkpoint is never modified.
+    assert {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()} == before
+
+    code, text, _ = run(["report", out], capsys)
+    assert code == 0 and "kv groups per layer:" in text
+    achieved = float(text.split("achieved ", 1)[1].split()[0])
+    assert abs(achieved - report["sparsity"]["achieved"]) < 1e-4 and abs(achieved - 0.3) <= 0.005
+    code, text, _ = run(["report", out, "--json"], capsys)
+    assert json.loads(text)["sparsity"]["target"] == 0.3
+
+    code, text, err = run(
+        ["eval", out, "--text", calib, "--seq-len", "32", "--max-windows", "3", "--device", "cpu"], capsys
+    )
+    assert code == 0, err
+    ppl = float(text.rsplit(":", 1)[1])
+    assert 1.0 < ppl < 1e4
+
+
+def test_existing_output_needs_overwrite(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(prune_args(tiny_dir, calib, out), capsys)
+    assert code == 2 and err.count("\n") == 1 and "already exists; pass --overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run(prune_args(tiny_dir, calib, out, "--overwrite"), capsys)
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "plan.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+BAD = [
+    ("sparsity-high", ["--sparsity", "1.0"], "sparsity: must be in [0, 1), got 1.0"),
+    ("sparsity-negative", ["--sparsity", "-0.2"], "sparsity: must be in [0, 1), got -0.2"),
+    ("gamma-zero", ["--gamma", "0"], "gamma: must be > 0, got 0.0"),
+    ("gamma-text", ["--gamma", "lots"], "argument --gamma: must be a number or 'auto'"),
+    ("missing-model", ["MODEL=/no/such/folder"], "model: '/no/such/folder' does not exist"),
+    ("short-text", ["CALIB=short"], "has 11 tokens"),
+    ("unknown-arch", ["MODEL=gpt2"], "architecture: 'GPT2LMHeadModel' is not supported"),
+]
+
+
+@pytest.mark.parametrize("case,change,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(case, change, message, tiny_dir, gpt2_dir, calib, tmp_path, capsys):
+    model, text, extra = tiny_dir, calib, []
+    for item in change:
+        if item == "MODEL=gpt2":
+            model = gpt2_dir
+        elif item.startswith("MODEL="):
+            model = item.split("=", 1)[1]
+        elif item == "CALIB=short":
+            text = tmp_path / "short.txt"
+            text.write_text("hello world")
+        else:
+            extra.append(item)
+    argv = prune_args(model, text, tmp_path / "out")
+    if extra:
+        i = argv.index(extra[0]) if extra[0] in argv else None
+        if i is not None:
+            argv[i + 1] = extra[1]
+        else:
+            argv += extra
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("nirvana: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_missing_text_is_one_line(tiny_dir, capsys):
+    code, _, err = run(["eval", tiny_dir, "--text", "/no/such.txt"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--text: '/no/such.txt' is not a file" in err
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nirvana.cli", "prune", "/no/such/model", "--sparsity", "0.2", "--out", tmp_path / "o"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["nirvana: error: model: '/no/such/model' does not exist"]
+    assert "Traceback" not in proc.stderr

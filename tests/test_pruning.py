@@ -1,0 +1,179 @@
+"""The whole flow (nirvana.pruning), KL selection and the report, on tiny models and on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from nirvana import selection
+from nirvana.checkpoint import load_pruned
+from nirvana.compaction import compact_model
+from nirvana.evaluation import kl_to_model, window_logits
+from nirvana.pruning import PruneSettings, count_params, prune
+from nirvana.report import load_report, summarize
+from nirvana.saliency import Scores, compute_scores, load_scores
+from tests.helpers import assert_close
+from tests.tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+
+# Granular enough that 0.5-point sparsity targets are reachable: 8 KV groups and 64 channels per layer.
+WIDE = dict(num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=8, intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread, and the two CI cores stay free for the rest of the suite.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_text(path, n_words=3000, seed=0):
+    rng = random.Random(seed)
+    words = ["the", "lady", "of", "bath", "walked", "and", "said", "that", "it", "was", "a", "fine", "day"]
+    path.write_text(" ".join(rng.choice(words) for _ in range(n_words)))
+    return path
+
+
+def settings(tmp_path, **kw):
+    base = dict(
+        model="tiny",
+        sparsity=0.3,
+        calib=str(write_text(tmp_path / "calib.txt")),
+        num_samples=4,
+        seq_len=16,
+        heldout_samples=4,
+        micro_batch_size=2,
+        device="cpu",
+        round_to=2,
+        out=str(tmp_path / "out"),
+    )
+    base.update(kw)
+    return PruneSettings(**base)
+
+
+def test_prune_writes_a_complete_checkpoint_that_loads_back(tmp_path):
+    model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()
+    dense_params = count_params(model)
+    result = prune(settings(tmp_path, select_calib=2), model=model, tokenizer=tok, progress=False)
+    out = result.out
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "plan.json",
+        "report.json",
+        "scores.safetensors",
+        "layers.png",
+        "tokenizer.json",
+    ):
+        assert (out / name).is_file(), name
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir() if p != out), "a temporary folder was left"
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"settings", "sparsity", "params", "per_layer", "timings_s", "peak_memory_bytes", "versions"}
+    assert report["settings"]["sparsity"] == 0.3 and report["settings"]["select_calib"] == 2
+    assert abs(report["sparsity"]["achieved"] - 0.3) <= 0.005
+    assert report["params"] == {**report["params"], "before": dense_params, "after": count_params(result.model)}
+    assert report["params"]["after"] < report["params"]["before"]
+    assert len(report["per_layer"]) == 3 and all(r["kv_groups"] >= 1 for r in report["per_layer"])
+    assert {"calibration", "saliency", "selection", "compaction"} <= set(report["timings_s"])
+    assert report["peak_memory_bytes"]["host"] > 0
+    trials = report["selection"]["trials"]
+    assert [t["seed"] for t in trials] == [0, 1] and all(math.isfinite(t["kl"]) and t["kl"] > 0 for t in trials)
+    assert report["selection"]["kl"] == min(t["kl"] for t in trials)
+    assert summarize(load_report(out)).count("\n") >= 5
+
+    loaded = load_pruned(out)
+    ids = tiny_batch(seq=10)
+    with torch.no_grad():
+        assert_close(loaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-6, name="reloaded logits")
+    scores = load_scores(out / "scores.safetensors")
+    assert torch.equal(scores.attention, result.scores.attention)
+
+
+def test_prune_refuses_bad_settings_before_loading(tmp_path):
+    (tmp_path / "out").mkdir()
+    cases = [
+        (dict(sparsity=1.0), "sparsity: must be in"),
+        (dict(sparsity=-0.1), "sparsity: must be in"),
+        (dict(gamma=0.0), "gamma: must be > 0"),
+        (dict(gamma=float("nan")), "gamma: must be a positive number"),
+        (dict(saliency="fisher"), "saliency: must be one of"),
+        (dict(num_samples=0), "num_samples: must be a positive integer"),
+        (dict(model="/no/such/model"), "model: '/no/such/model' does not exist"),
+        (dict(), "out: .* already exists; pass --overwrite"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            prune(settings(tmp_path, **kw))  # no model given: would load one if the check did not stop it
+
+
+def test_selection_prefers_the_calibration_set_closer_to_the_dense_model():
+    model = tiny_model("llama", **WIDE)
+    good = compute_scores(model, tiny_batch(batch=4, seq=16, seed=1), micro_batch_size=2, progress=False)
+    # Inverted scores prune the most salient units first: a much worse candidate.
+    bad = Scores(-good.attention, -good.mlp, good.geometry)
+    heldout = tiny_batch(batch=4, seq=16, seed=9)
+    dense_before = window_logits(model, heldout)
+    chosen = selection.select(
+        model, [selection.Candidate(7, bad), selection.Candidate(8, good)], heldout, sparsity=0.3, gammas=[3.0]
+    )
+    assert chosen.seed == 8
+    kls = {t["seed"]: t["kl"] for t in chosen.trials}
+    assert kls[8] < kls[7]
+    # The recorded KL is the KL of the returned plan's pruned model, and the dense model is untouched.
+    direct = kl_to_model(dense_before, selection.pruned_copy(model, chosen.plan), heldout)
+    assert chosen.kl == pytest.approx(direct, rel=1e-6)
+    assert torch.equal(window_logits(model, heldout), dense_before)
+
+
+def test_pruned_copy_shares_what_it_does_not_change():
+    model = tiny_model("qwen2", **WIDE)
+    scores = compute_scores(model, tiny_batch(batch=2, seq=16), progress=False)
+    plan = selection.allocate(scores.attention, scores.mlp, scores.geometry, sparsity=0.3)
+    copy = selection.pruned_copy(model, plan)
+    assert copy.model.embed_tokens.weight is model.model.embed_tokens.weight
+    pruned_layer = next(i for i, lp in enumerate(plan.layers) if len(lp.kv_groups_kept) < 8)
+    q_copy = copy.model.layers[pruned_layer].self_attn.q_proj
+    assert q_copy.weight is not model.model.layers[pruned_layer].self_attn.q_proj.weight
+    assert q_copy.out_features < model.model.layers[pruned_layer].self_attn.q_proj.out_features
+    assert model.config.num_key_value_heads == 8 and count_params(copy) < count_params(model)
+    reference = compact_model(tiny_model("qwen2", **WIDE), plan)
+    ids = tiny_batch(seq=10)
+    with torch.no_grad():
+        assert_close(copy(ids).logits, reference(ids).logits, rtol=1e-6, atol=1e-7)
+
+
+def test_gamma_auto_tries_the_grid_and_reports_each_trial(tmp_path):
+    model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()
+    result = prune(
+        settings(tmp_path, gamma="auto", sparsity=0.25, out=None), model=model, tokenizer=tok, progress=False
+    )
+    sel = result.report["selection"]
+    tried = [t["gamma"] for t in sel["trials"]]
+    assert tried == list(selection.GAMMA_GRID)
+    finite = [t for t in sel["trials"] if t["kl"] is not None]
+    assert sel["gamma"] in [t["gamma"] for t in finite]
+    assert sel["kl"] == min(t["kl"] for t in finite)
+    assert result.plan.meta["gamma"] == sel["gamma"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_keeps_perplexity_below_three_times_dense_at_20_percent(tmp_path):
+    from nirvana import corpus
+    from nirvana.evaluation import perplexity
+    from nirvana.models import load_model
+
+    torch.set_num_threads(2)
+    model, tok = load_model("smollm2", device="cpu")
+    text = corpus.read_book(corpus.HELDOUT_BOOK)
+    dense = perplexity(model, tok, text, seq_len=512, max_windows=4, progress=False)
+    s = PruneSettings(model="smollm2", sparsity=0.2, gamma=3.0, calib="austen", device="cpu", out=None)
+    result = prune(s, model=model, tokenizer=tok, progress=False)
+    pruned = perplexity(result.model, tok, text, seq_len=512, max_windows=4, progress=False)
+    assert abs(result.report["sparsity"]["achieved"] - 0.2) <= 0.005
+    assert math.isfinite(pruned) and dense < pruned < 3 * dense, (dense, pruned)
