@@ -3,7 +3,8 @@
 Sources (``source`` argument):
 
 - ``"austen"``: the embedded default, the five calibration novels (never ``persuasion``, see ``nirvana.corpus``);
-- a ``.txt`` file, or a folder (all its ``*.txt`` files, sorted by name, minus the names in ``exclude``);
+- a ``.txt`` file, or a folder (all its ``*.txt`` files sorted by name, minus the stems in ``exclude``, which
+  defaults to ``("persuasion",)``);
 - a ``.jsonl`` file whose lines are objects with a ``"text"`` field;
 - ``"self"``: text sampled from the model itself from BOS with a seed, for when no data exists;
 - anything else is a Hugging Face dataset id, ``"name"`` or ``"name:config"`` (train split, ``text`` column),
