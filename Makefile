@@ -18,7 +18,7 @@ demo: $(PY)
 	$(PY) -m nirvana.cli demo
 
 test: $(PY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests benchmarks/test_bench_logic.py
 
 bench: $(PY)
 	$(PY) -m pytest -q benchmarks --benchmark-only

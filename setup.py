@@ -19,7 +19,7 @@ setup(
         # Triton ships Linux wheels only; elsewhere the PyTorch references are used.
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",  # the Triton interpreter and gguf need it
-        "transformers>=4.56",
+        "transformers>=5",  # the dtype= and cache= spellings
         "safetensors",
         "accelerate",  # GGUF loading
         "gguf",
@@ -30,6 +30,8 @@ setup(
     entry_points={"console_scripts": ["nirvana = nirvana.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        # Optional calibration and evaluation sources, used when installed.
+        "data": ["datasets", "lm-eval"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
     },
 )
