@@ -125,7 +125,7 @@ def pruned_class(base_architecture: str) -> type:
         return _CLASSES[base_architecture]
     base = getattr(transformers, base_architecture, None)
     if not (isinstance(base, type) and issubclass(base, transformers.PreTrainedModel)):
-        raise ValueError(f"base_architecture: {base_architecture!r} is not a transformers model class")  # noqa: TRY004
+        raise ValueError(f"base_architecture: {base_architecture!r} is not a transformers model class")
 
     def post_init(self):
         # The base __init__ ends here once every module exists: resize before weights are

@@ -56,7 +56,7 @@ def _check_out_dir(out_dir, overwrite: bool, model: nn.Module) -> Path:
 def _check_model_matches_plan(model: nn.Module, plan: PruningPlan) -> None:
     if not isinstance(plan, PruningPlan):
         # The house rule makes every bad argument a ValueError, wrong types included.
-        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")  # noqa: TRY004
+        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")
     plan.validate()
     widths = layer_widths(model)
     expected = plan_widths(plan)
@@ -75,7 +75,7 @@ def _check_extra_files(extra_files) -> dict[str, object]:
         return {}
     if not isinstance(extra_files, Mapping):
         kind = type(extra_files).__name__
-        raise ValueError(f"extra_files: expected a mapping of file name to contents, got {kind}")  # noqa: TRY004
+        raise ValueError(f"extra_files: expected a mapping of file name to contents, got {kind}")
     reserved = {CONFIG_FILE, PLAN_FILE, REPORT_FILE, remote.MODELING_FILE}
     for name, content in extra_files.items():
         if (
@@ -90,7 +90,7 @@ def _check_extra_files(extra_files) -> dict[str, object]:
             raise ValueError(f"extra_files: {name!r} is not a free plain file name in a checkpoint folder")
         if not isinstance(content, (str, bytes, os.PathLike)):
             kind = type(content).__name__
-            raise ValueError(f"extra_files[{name!r}]: expected str, bytes or a path to copy, got {kind}")  # noqa: TRY004
+            raise ValueError(f"extra_files[{name!r}]: expected str, bytes or a path to copy, got {kind}")
         if isinstance(content, os.PathLike) and not os.path.isfile(content):
             raise ValueError(f"extra_files[{name!r}]: {os.fspath(content)!r} is not a file")
     return dict(extra_files)

@@ -108,7 +108,7 @@ def text_config(config):
 def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:
     if not isinstance(plan, PruningPlan):
         # The house rule makes every bad argument a ValueError, wrong types included.
-        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")  # noqa: TRY004
+        raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")
     plan.validate()
     config = model.config
     names = {base_architecture(model), *(getattr(config, "architectures", None) or [])}
