@@ -12,6 +12,10 @@ os.environ["NIRVANA_POISON_OUTPUTS"] = "1"
 import pytest  # noqa: E402  (the environment above must be set first)
 import torch  # noqa: E402
 
+# The tiny test models are dominated by per-op overhead, which a second thread only adds to; tests
+# on the real model raise this for themselves.
+torch.set_num_threads(1)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 
 
