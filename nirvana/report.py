@@ -92,6 +92,7 @@ def plot_layers(plan: PruningPlan, path: str | Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     g = plan.geometry
     rows = per_layer(plan)
@@ -100,6 +101,7 @@ def plot_layers(plan: PruningPlan, path: str | Path, title: str = "") -> Path:
     ax1.bar(layers, [r["kv_groups"] for r in rows], color="#4c72b0")
     ax1.axhline(g.num_kv_heads, color="grey", ls="--", lw=1, label=f"dense ({g.num_kv_heads})")
     ax1.set_ylabel("KV groups kept")
+    ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_ylim(0, g.num_kv_heads + 0.5)
     ax1.legend(loc="lower right")
     ax2.bar(layers, [r["mlp_width"] for r in rows], color="#dd8452")
