@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
-    ev.add_argument("--text", required=True, help="a plain-text file, or 'persuasion' for the held-out novel")
+    ev.add_argument("--text", default=None, help="a plain-text file, or 'persuasion' for the held-out novel")
+    ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the lm-eval package)")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--device", default=None)
@@ -142,12 +143,18 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import perplexity
+    from .evaluation import lm_eval_tasks, perplexity
 
-    text, label = _text_source(args.text)
+    if args.text is None and args.tasks is None:
+        raise CliError("eval: give --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    text, label = _text_source(args.text) if args.text is not None else (None, None)
     model, tokenizer = load_any(args.model, args.device)
-    ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_windows=args.max_windows)
-    print(f"perplexity of {args.model} on {label} ({args.seq_len}-token windows): {ppl:.3f}")
+    if text is not None:
+        ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_windows=args.max_windows)
+        print(f"perplexity of {args.model} on {label} ({args.seq_len}-token windows): {ppl:.3f}")
+    if args.tasks is not None:
+        results = lm_eval_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t])
+        print(json.dumps(results, indent=1, default=str))
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import calibration, selection
 from .adapters import get_adapter
@@ -146,7 +147,7 @@ def prune(
 
     seeds = [settings.seed + k for k in range(settings.select_calib)]
     candidates = []
-    for seed in seeds:
+    for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         with timer.stage("calibration"):
             windows = calibration.calibration_windows(
                 settings.calib,

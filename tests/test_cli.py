@@ -152,6 +152,22 @@ def test_eval_of_a_missing_text_is_one_line(tiny_dir, capsys):
     assert code == 2 and err.count("\n") == 1 and "--text: '/no/such.txt' is not a file" in err
 
 
+def test_eval_needs_something_to_measure(tiny_dir, capsys):
+    code, _, err = run(["eval", tiny_dir], capsys)
+    assert code == 2 and err.count("\n") == 1 and "eval: give --text FILE" in err
+
+
+def test_eval_tasks_without_lm_eval_is_one_line(tiny_dir, capsys):
+    try:
+        import lm_eval  # noqa: F401
+
+        pytest.skip("lm-eval is installed here; this test checks the message when it is missing")
+    except ImportError:
+        pass
+    code, _, err = run(["eval", tiny_dir, "--tasks", "hellaswag", "--device", "cpu"], capsys)
+    assert code == 2 and "pip install lm-eval" in err.splitlines()[-1]
+
+
 def test_console_entry_point_prints_no_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NIRVANA_DEBUG"}
     proc = subprocess.run(
