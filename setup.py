@@ -29,9 +29,10 @@ setup(
     ],
     entry_points={"console_scripts": ["nirvana = nirvana.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft"],
         # Optional calibration and evaluation sources, used when installed.
         "data": ["datasets", "lm-eval"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
+        "finetune": ["peft"],  # LoRA recovery; --full needs nothing extra
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft", "ruff>=0.6"],
     },
 )

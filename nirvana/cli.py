@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--device", default=None)
 
+    ft = sub.add_parser("finetune", help="recovery fine-tuning of a pruned folder (LoRA, or --full)")
+    ft.add_argument("pruned_dir")
+    ft.add_argument("--text", required=True, help="text file/folder, .jsonl, 'austen' or a dataset name")
+    ft.add_argument("--steps", type=int, required=True)
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    ft.add_argument("--lr", type=float, default=None)
+    ft.add_argument("--seq-len", type=int, default=256)
+    ft.add_argument("--batch-size", type=int, default=4)
+    ft.add_argument("--lora-rank", type=int, default=8)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default=None)
+    ft.add_argument("--overwrite", action="store_true")
+    ft.add_argument("--quiet", action="store_true")
+
     rp = sub.add_parser("report", help="summarise a pruned folder's report.json")
     rp.add_argument("dir")
     rp.add_argument("--json", action="store_true", help="print the raw report.json")
@@ -158,6 +173,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    summary = finetune(
+        args.pruned_dir,
+        args.text,
+        steps=args.steps,
+        out=args.out,
+        full=args.full,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import load_report, summarize
 
@@ -173,7 +210,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,39 @@ def test_prune_report_and_eval(tiny_dir, calib, tmp_path, capsys):
     assert ppl > 1.0 and ppl < 1e4  # finite and not degenerate
 
 
+def test_finetune_command(tiny_dir, calib, tmp_path, capsys):
+    src = tmp_path / "pruned"
+    code, _, err = run(prune_args(tiny_dir, calib, src), capsys)
+    assert code == 0, err
+    out = tmp_path / "tuned"
+    code, text, err = run(
+        [
+            "finetune",
+            src,
+            "--text",
+            calib,
+            "--steps",
+            "3",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--full",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(text)["steps"] == 3
+    assert "finetune" in json.loads((out / "report.json").read_text())
+    code, _, err = run(["finetune", src, "--text", calib, "--steps", "0", "--out", tmp_path / "t2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "steps" in err
+
+
 def test_existing_output_needs_overwrite(tiny_dir, calib, tmp_path, capsys):
     out = tmp_path / "pruned"
     out.mkdir()
