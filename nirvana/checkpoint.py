@@ -232,6 +232,9 @@ def save_pruned(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should read like any other
     try:
         # save_pretrained writes safetensors and de-duplicates tied tensors, which a plain
         # safetensors save_file refuses.
