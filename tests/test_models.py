@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
@@ -107,14 +106,25 @@ def test_bad_source(source):
 
 
 def test_unreachable_hub_is_a_one_line_error(monkeypatch):
+    import transformers
+
     monkeypatch.setattr(models, "hub_reachable", lambda: False)
-    start = time.perf_counter()
+    calls = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     with pytest.raises(OSError) as info:
         load_model("nirvana-test-nonexistent/no-such-model")
     message = str(info.value)
     assert "'nirvana-test-nonexistent/no-such-model'" in message and "could not be reached" in message
     assert "\n" not in message
-    assert time.perf_counter() - start < 10, "an unreachable hub must fail fast, not after retries"
+    # Failing fast means never asking the network (transformers would retry it for half a minute):
+    # with the probe negative, the load is local-only. Checked by behaviour, not by a stopwatch.
+    assert calls == [True]
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
@@ -169,7 +179,7 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_default_is_cached_and_faithful_to_the_gguf():
+def test_smollm2_default_is_cached_and_faithful_to_the_gguf(monkeypatch):
     import gguf
     from gguf.quants import dequantize
 
@@ -178,9 +188,10 @@ def test_smollm2_default_is_cached_and_faithful_to_the_gguf():
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
     assert (config.hidden_size, config.intermediate_size, config.head_dim) == (576, 1536, 64)
     assert not hasattr(config, "quantization_config") and model.dtype == torch.float32
-    start = time.perf_counter()
+    # The cache is reused: a second conversion would call the GGUF loader, which now refuses.
+    monkeypatch.setattr(models, "_load_gguf", lambda *a: pytest.fail("the GGUF was converted again"))
     folder = default_model_dir()
-    assert time.perf_counter() - start < 0.5 and (folder / "model.safetensors").is_file()
+    assert (folder / "model.safetensors").is_file()
     assert "quantization_config" not in (folder / "config.json").read_text()
     # Unpermuted tensors must equal the GGUF's own dequantization bit for bit.
     reader = gguf.GGUFReader(models.smollm2_gguf())
