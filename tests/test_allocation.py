@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 
 import pytest
@@ -466,15 +465,10 @@ def test_plan_json_round_trip(allocation, tmp_path):
     assert PruningPlan.load(tmp_path / "plan.json") == plan
 
 
-def test_large_model_allocates_fast():
-    """80 layers, 8 KV groups, 28,672 channels (Llama-70B's shape): well under a second."""
+def test_70b_shape_allocates_within_tolerance():
+    """80 layers, 8 KV groups, 28,672 channels (Llama-70B's shape); its speed is in benchmarks/."""
     g = Geometry(num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8, head_dim=128, intermediate_size=28672)
     attn, mlp = random_scores(g)
-    # CPU seconds (all threads together), best of two: what it costs, whatever else the machine is running.
-    best = math.inf
-    for _ in range(2):
-        start = time.process_time()
-        plan = allocate(attn, mlp, g, sparsity=0.5, gamma=3.36)
-        best = min(best, time.process_time() - start)
+    plan = allocate(attn, mlp, g, sparsity=0.5, gamma=3.36)
     assert abs(plan.achieved_sparsity() - 0.5) <= 0.005
-    assert best < 1.0, f"allocate took {best:.2f} CPU seconds"
+    assert all(len(lp.mlp_channels_kept) % 8 == 0 for lp in plan.layers)
