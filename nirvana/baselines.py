@@ -702,7 +702,8 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
     of it needs a loader that restores those biases.
 
     New bias Parameters are created (no tensor is modified in place), so the function is safe on a
-    copy that shares tensors with the dense model.
+    copy that shares tensors with the dense model (``selection.pruned_copy`` before its compaction).
+    :func:`nirvana.compaction.mask_model` after it gives the compensated pruned model's outputs too.
 
     Returns:
         ``model``, modified in place.
