@@ -36,6 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .baselines import METHODS
     from .pruning import OBJECTIVES, SALIENCIES
 
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model and save it")
     pr.add_argument("model", help="local folder, .gguf file, hub name (when reachable), or 'smollm2'")
+    pr.add_argument("--method", choices=METHODS, default="nirvana", help="nirvana (default) or a baseline's scores")
     pr.add_argument("--sparsity", type=float, required=True, help="share of attention+MLP parameters to remove")
     pr.add_argument("--gamma", type=_gamma, default=3.0, help="MLP/attention pruning ratio, or 'auto' (default 3.0)")
     pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
@@ -133,6 +135,7 @@ def cmd_prune(args) -> int:
 
     settings = PruneSettings(
         model=args.model,
+        method=args.method,
         sparsity=args.sparsity,
         gamma=args.gamma,
         calib=args.calib,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibration, selection
+from . import baselines, calibration, selection
 from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import save_pruned
@@ -32,6 +32,7 @@ class PruneSettings:
     """Every flag of ``nirvana prune``; written into report.json as is."""
 
     model: str = "smollm2"
+    method: str = "nirvana"  # or a baseline: magnitude, random, taylor, wanda-sp, flap (nirvana.baselines)
     sparsity: float = 0.2
     gamma: float | str = 3.0  # or "auto": chosen from selection.GAMMA_GRID by held-out KL
     calib: str = "austen"
@@ -63,7 +64,13 @@ class PruneSettings:
                 raise ValueError(f"gamma: must be a positive number or 'auto', got {self.gamma!r}")
             if self.gamma <= 0:
                 raise ValueError(f"gamma: must be > 0, got {self.gamma!r}")
-        for name, choices in (("saliency", SALIENCIES), ("objective", OBJECTIVES), ("allocation", ALLOCATIONS)):
+        choices_by_name = (
+            ("method", baselines.METHODS),
+            ("saliency", SALIENCIES),
+            ("objective", OBJECTIVES),
+            ("allocation", ALLOCATIONS),
+        )
+        for name, choices in choices_by_name:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("num_samples", "seq_len", "select_calib", "heldout_samples", "round_to", "micro_batch_size"):
@@ -147,6 +154,7 @@ def prune(
 
     seeds = [settings.seed + k for k in range(settings.select_calib)]
     candidates = []
+    flap_stats: dict[int, object] = {}  # calibration seed -> FLAP's activation statistics
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         with timer.stage("calibration"):
             windows = calibration.calibration_windows(
@@ -158,15 +166,7 @@ def prune(
                 model=model,
             )
         with timer.stage("saliency"):
-            scores = compute_scores(
-                model,
-                windows,
-                objective=settings.objective,
-                saliency=settings.saliency,
-                micro_batch_size=settings.micro_batch_size,
-                progress=progress,
-                seed=seed,
-            )
+            scores = _method_scores(settings, model, windows, seed, progress, flap_stats)
         candidates.append(selection.Candidate(seed, scores))
 
     gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
@@ -191,6 +191,7 @@ def prune(
                 allocation=settings.allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
+                prepare=_flap_prepare(flap_stats) if settings.method == "flap" else None,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -206,9 +207,11 @@ def prune(
                 round_to=settings.round_to,
                 architecture=architecture,
             )
-    plan.meta.update({"calibration_seed": best.seed, "calib": settings.calib})
+    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib})
 
     with timer.stage("compaction"):
+        if settings.method == "flap":
+            baselines.apply_flap_compensation(model, plan, flap_stats[best.seed])
         compact_model(model, plan)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -235,6 +238,30 @@ def prune(
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)
+
+
+def _method_scores(settings: PruneSettings, model, windows, seed: int, progress: bool, flap_stats: dict) -> Scores:
+    """One calibration set's scores by ``settings.method``; FLAP keeps its statistics for compensation."""
+    if settings.method == "nirvana":
+        return compute_scores(
+            model, windows, objective=settings.objective, saliency=settings.saliency,
+            micro_batch_size=settings.micro_batch_size, progress=progress, seed=seed,
+        )  # fmt: skip
+    if settings.method == "flap":
+        flap_stats[seed] = baselines.activation_statistics(
+            model, windows, micro_batch_size=settings.micro_batch_size, progress=progress
+        )
+        return baselines.flap_scores(model, flap_stats[seed])
+    return baselines.method_scores(
+        model, windows, settings.method, micro_batch_size=settings.micro_batch_size, seed=seed, progress=progress
+    )
+
+
+def _flap_prepare(flap_stats: dict):
+    def prepare(copy, plan, candidate):
+        baselines.apply_flap_compensation(copy, plan, flap_stats[candidate.seed])
+
+    return prepare
 
 
 def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -45,12 +45,19 @@ class Selection:
     trials: list[dict] = field(default_factory=list)
 
 
-def pruned_copy(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """A compacted copy of ``model`` that shares every tensor the plan does not change."""
+def pruned_copy(model: nn.Module, plan: PruningPlan, prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """A compacted copy of ``model`` that shares every tensor the plan does not change.
+
+    ``prepare`` runs on the dense copy just before compaction (FLAP's bias compensation); it must
+    replace Parameters rather than write into them, since they are shared with ``model``.
+    """
     # deepcopy with the parameters and buffers pre-seeded in the memo copies the module tree and the
     # config but no tensor data; compact_model then swaps in new Parameters on the copy only.
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return compact_model(copy.deepcopy(model, memo), plan)
+    dense_copy = copy.deepcopy(model, memo)
+    if prepare is not None:
+        prepare(dense_copy)
+    return compact_model(dense_copy, plan)
 
 
 def select(
@@ -64,11 +71,13 @@ def select(
     round_to: int = 8,
     architecture: str = "",
     batch_size: int = 8,
+    prepare: Callable[[nn.Module, PruningPlan, Candidate], None] | None = None,
 ) -> Selection:
     """Try every candidate at every gamma; return the lowest token-mean KL(dense || pruned) on ``heldout``.
 
     Gammas that cannot reach ``sparsity`` (the MLP share would exceed 100%) are skipped and reported.
-    Ties go to the earlier candidate and gamma, so the result is deterministic.
+    Ties go to the earlier candidate and gamma, so the result is deterministic. ``prepare(model, plan,
+    candidate)`` runs on each dense copy before compaction (see :func:`pruned_copy`).
     """
     if not candidates:
         raise ValueError("candidates: at least one calibration set is needed")
@@ -95,7 +104,8 @@ def select(
                     raise
                 trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
                 continue
-            kl = kl_to_model(dense_logits, pruned_copy(model, plan), heldout, batch_size=batch_size)
+            hook = None if prepare is None else (lambda m, plan=plan, cand=cand: prepare(m, plan, cand))
+            kl = kl_to_model(dense_logits, pruned_copy(model, plan, hook), heldout, batch_size=batch_size)
             trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
             if best is None or kl < best.kl:
                 best = Selection(cand.seed, gamma, plan, kl)

@@ -147,6 +147,7 @@ BAD = [
     ("sparsity-negative", ["--sparsity", "-0.2"], "sparsity: must be in [0, 1), got -0.2"),
     ("gamma-zero", ["--gamma", "0"], "gamma: must be > 0, got 0.0"),
     ("gamma-text", ["--gamma", "lots"], "argument --gamma: must be a number or 'auto'"),
+    ("method", ["--method", "sparsegpt"], "argument --method: invalid choice: 'sparsegpt'"),
     ("missing-model", ["MODEL=/no/such/folder"], "model: '/no/such/folder' does not exist"),
     ("short-text", ["CALIB=short"], "has 11 tokens"),
     ("unknown-arch", ["MODEL=gpt2"], "architecture: 'GPT2LMHeadModel' is not supported"),

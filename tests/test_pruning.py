@@ -165,6 +165,28 @@ def test_gamma_auto_tries_the_grid_and_reports_each_trial(tmp_path):
     assert result.plan.meta["gamma"] == sel["gamma"]
 
 
+@pytest.mark.parametrize("method", ["magnitude", "random", "taylor", "wanda-sp", "flap"])
+def test_baseline_methods_run_through_the_whole_flow(method, tmp_path):
+    model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()
+    select = 2 if method == "flap" else 1  # FLAP's compensation must also reach the KL candidates
+    result = prune(settings(tmp_path, method=method, select_calib=select), model=model, tokenizer=tok, progress=False)
+    report = json.loads((result.out / "report.json").read_text())
+    assert report["settings"]["method"] == method and result.plan.meta["method"] == method
+    assert abs(report["sparsity"]["achieved"] - 0.3) <= 0.005
+    if method == "flap":
+        assert all(t["kl"] is not None and math.isfinite(t["kl"]) for t in report["selection"]["trials"])
+        assert result.model.model.layers[0].self_attn.o_proj.bias is not None  # the compensation bias
+    loaded = load_pruned(result.out)
+    ids = tiny_batch(seq=10)
+    with torch.no_grad():
+        assert_close(loaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-6, name=f"{method} reloaded")
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="method: must be one of"):
+        prune(settings(tmp_path, method="sparsegpt", out=None))
+
+
 @pytest.mark.slow
 def test_real_smollm2_keeps_perplexity_below_three_times_dense_at_20_percent(tmp_path):
     # Run as a CPU user would: the console commands in a fresh process without TRITON_INTERPRET, so
