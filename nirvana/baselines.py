@@ -48,7 +48,7 @@ from torch import nn
 from .adapters import LayerModules, get_adapter
 from .compaction import layer_widths, text_config
 from .plan import Geometry, PruningPlan
-from .saliency import Scores, compute_scores, objective_value, prunable_parameters
+from .saliency import Scores, _device, _scoring_state, compute_scores, objective_value, prunable_parameters
 
 METHODS = ("nirvana", "magnitude", "random", "taylor", "wanda-sp", "flap")
 # The methods that need no calibration windows.
@@ -222,31 +222,10 @@ def _dense_layers(model: nn.Module) -> tuple[Geometry, list[LayerModules]]:
     return geometry, adapter.layers(model)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def _base_meta(model: nn.Module, method: str) -> dict:
     names = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {"method": method, "architecture": names, "model_dtype": dtype}
-
-
-@contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
-    """No parameter requires grad and every module is in eval mode; both restored on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
 
 
 @contextlib.contextmanager
@@ -350,7 +329,7 @@ def activation_statistics(
     device = _device(model)
     starts = range(0, windows.shape[0], mbs)
     bar = _progress(len(starts), progress, "activation statistics")
-    with _frozen_eval(model), torch.no_grad(), _hooks() as handles:
+    with _scoring_state(model, ()), torch.no_grad(), _hooks() as handles:
         for i, lm in enumerate(layers):
             for name, module in (("attn", lm.q), ("o", lm.o), ("mlp", lm.up), ("down", lm.down)):
                 zeros = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
@@ -549,7 +528,7 @@ def taylor_scores(
     device = _device(model)
     starts = range(0, windows.shape[0], mbs)
     bar = _progress(len(starts), progress, "taylor")
-    with _frozen_eval(model), torch.enable_grad(), _hooks() as handles:
+    with _scoring_state(model, ()), torch.enable_grad(), _hooks() as handles:
         handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
         handles += [m.register_forward_hook(keep_input) for m, _ in scored]
         for s in starts:
