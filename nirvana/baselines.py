@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerModules, get_adapter
-from .compaction import layer_widths, text_config
+from .compaction import check_dense, text_config
 from .plan import Geometry, PruningPlan
 from .saliency import Scores, _device, _scoring_state, compute_scores, objective_value, prunable_parameters
 
@@ -208,17 +208,7 @@ def _check_windows(model: nn.Module, windows, min_length: int = 1) -> torch.Tens
 def _dense_layers(model: nn.Module) -> tuple[Geometry, list[LayerModules]]:
     """The dense geometry and the layers; a ValueError if any layer was compacted."""
     adapter = get_adapter(model)
-    geometry = adapter.geometry(model.config)
-    dense = {
-        "num_heads": geometry.num_heads,
-        "num_kv_heads": geometry.num_kv_heads,
-        "intermediate_size": geometry.intermediate_size,
-    }
-    for i, widths in enumerate(layer_widths(model, adapter)):
-        if widths != dense:
-            raise ValueError(
-                f"model: layer {i} has widths {widths}, not the dense {dense}; scores need the dense model"
-            )
+    geometry = check_dense(model, adapter, "scores need the dense model")
     return geometry, adapter.layers(model)
 
 

@@ -122,7 +122,13 @@ def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[L
             f"plan.geometry: {plan.geometry} does not match the model's {dense}; "
             "a plan applies to the dense model it was made for (was this model compacted already?)"
         )
-    layers = adapter.layers(model)
+    check_dense(model, adapter, "it was compacted already")
+    return adapter.layers(model)
+
+
+def check_dense(model: nn.Module, adapter: Adapter, why: str) -> Geometry:
+    """The model's dense geometry; a ValueError naming the first layer whose widths differ from it."""
+    dense = adapter.geometry(model.config)
     full = {
         "num_heads": dense.num_heads,
         "num_kv_heads": dense.num_kv_heads,
@@ -130,8 +136,8 @@ def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[L
     }
     for i, w in enumerate(layer_widths(model, adapter)):
         if w != full:
-            raise ValueError(f"model: layer {i} has widths {w}, not the dense {full}; it was compacted already")
-    return layers
+            raise ValueError(f"model: layer {i} has widths {w}, not the dense {full}; {why}")
+    return dense
 
 
 def _replace(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -302,6 +308,7 @@ __all__ = [
     "base_architecture",
     "compact_model",
     "config_updates",
+    "check_dense",
     "layer_widths",
     "mask_model",
     "model_config_updates",
