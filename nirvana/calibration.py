@@ -6,6 +6,7 @@ Sources (``source`` argument):
 - a ``.txt`` file, or a folder (all its ``*.txt`` files sorted by name, minus the stems in ``exclude``, which
   defaults to ``("persuasion",)``);
 - a ``.jsonl`` file whose lines are objects with a ``"text"`` field;
+- ``"fortunes"``: Debian's fortune-cookie collections (another domain, for evaluation; ``nirvana.corpus``);
 - ``"self"``: text sampled from the model itself from BOS with a seed, for when no data exists;
 - anything else is a Hugging Face dataset id, ``"name"`` or ``"name:config"`` (train split, ``text`` column),
   used through the optional ``datasets`` package when the hub or its local cache has it.
@@ -34,6 +35,7 @@ import torch
 from . import corpus
 
 AUSTEN = "austen"
+FORTUNES = "fortunes"
 SELF = "self"
 HELDOUT_FRACTION = 0.1
 # torch's CPU generator keeps only the low 32 bits of a seed, so both seed ranges fit in 32 bits.
@@ -121,6 +123,8 @@ def load_text(source: str | os.PathLike, *, model=None, tokenizer=None, exclude=
             raise ValueError(f"exclude: {sorted(names)} leaves no Austen novel to calibrate on")
         folder = corpus.austen_dir()
         return "\n\n".join((folder / f"{b}.txt").read_text(encoding="utf-8") for b in books)
+    if isinstance(source, str) and source == FORTUNES:
+        return corpus.fortunes_path().read_text(encoding="utf-8")
     if isinstance(source, str) and source == SELF:
         ids = sample_from_model(
             model, tokenizer, num_sequences=SELF_TEXT_SEQUENCES, seq_len=SELF_TEXT_TOKENS, seed=seed

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
-    ev.add_argument("--text", default=None, help="a plain-text file, or 'persuasion' for the held-out novel")
+    ev.add_argument(
+        "--text",
+        default=None,
+        help="a plain-text file, 'persuasion' (held-out novel) or 'fortunes' (Debian's fortunes, another domain)",
+    )
     ev.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs the lm-eval package)")
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
@@ -102,9 +106,11 @@ def _text_source(text: str) -> tuple[str, str]:
 
     if text == corpus.HELDOUT_BOOK:
         return corpus.read_book(text), text
+    if text == "fortunes":
+        return corpus.fortunes_path().read_text(encoding="utf-8"), text
     path = Path(text).expanduser()
     if not path.is_file():
-        raise CliError(f"--text: {text!r} is not a file (or 'persuasion')")
+        raise CliError(f"--text: {text!r} is not a file (or 'persuasion' or 'fortunes')")
     return path.read_text(encoding="utf-8"), str(path)
 
 

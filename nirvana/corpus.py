@@ -11,6 +11,7 @@ joined with "\\n" plus a final "\\n" (``emma.txt`` is 883,028 characters).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -45,25 +46,24 @@ def _apt_get(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["apt-get", *args], cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def download_deb(workdir: Path) -> Path:
-    """Fetch the ``r-cran-janeaustenr`` .deb into ``workdir`` with ``apt-get download``.
+def download_deb(workdir: Path, package: str = DEBIAN_PACKAGE, instead: str | None = None) -> Path:
+    """Fetch a Debian package's .deb (by default ``r-cran-janeaustenr``) into ``workdir`` with ``apt-get download``.
 
-    ``apt-get update`` runs only when the first download fails (package lists missing or stale).
+    ``apt-get update`` runs only when the first download fails (package lists missing or stale). ``instead``
+    is the error message's advice on what to do when the download is impossible.
     """
+    if instead is None:
+        instead = f"set ${AUSTEN_ENV} to a folder holding {', '.join(b + '.txt' for b in BOOKS)}"
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise RuntimeError(
-            f"corpus: apt-get and dpkg are needed to fetch {DEBIAN_PACKAGE}; "
-            f"or set ${AUSTEN_ENV} to a folder holding {', '.join(b + '.txt' for b in BOOKS)}"
-        )
-    done = _apt_get(["download", DEBIAN_PACKAGE], workdir)
+        raise RuntimeError(f"corpus: apt-get and dpkg are needed to fetch {package}; or {instead}")
+    done = _apt_get(["download", package], workdir)
     if done.returncode != 0:
         _apt_get(["update"], workdir)
-        done = _apt_get(["download", DEBIAN_PACKAGE], workdir)
-    debs = sorted(workdir.glob(f"{DEBIAN_PACKAGE}_*.deb"))
+        done = _apt_get(["download", package], workdir)
+    debs = sorted(workdir.glob(f"{package}_*.deb"))
     if done.returncode != 0 or not debs:
         raise RuntimeError(
-            f"corpus: 'apt-get download {DEBIAN_PACKAGE}' failed ({done.stderr.strip().splitlines()[-1:]}); "
-            f"set ${AUSTEN_ENV} to a folder holding the six novels as .txt instead"
+            f"corpus: 'apt-get download {package}' failed ({done.stderr.strip().splitlines()[-1:]}); {instead}"
         )
     return debs[-1]
 
@@ -161,6 +161,64 @@ def read_book(name: str, folder: str | os.PathLike | None = None) -> str:
     return (austen_dir(folder) / f"{name}.txt").read_text(encoding="utf-8")
 
 
+# --------------------------------------------------------------------------------------------------
+# A second domain for evaluation: Debian's fortune cookies
+# --------------------------------------------------------------------------------------------------
+
+FORTUNES_PACKAGE = "fortunes"
+# Collections that are pictures or templates rather than prose.
+FORTUNES_SKIPPED = ("art", "ascii-art", "translate-me")
+
+
+def split_fortunes(text: str) -> list[str]:
+    """The fortunes of one strfile-format collection: entries separated by lines holding only ``%``."""
+    entries = re.split(r"^%$", text, flags=re.MULTILINE)
+    return [e.strip("\n") for e in entries if e.strip()]
+
+
+def join_fortunes(collections: dict[str, list[str]]) -> str:
+    """One text of fortunes taken round-robin over the collections (sorted by name), blank-line separated.
+
+    Round-robin, so that any prefix of the text (an evaluation reads its first windows) mixes every topic
+    (computers, law, science, Pratchett, Star Trek, ...) instead of being all one collection.
+    """
+    queues = [collections[name] for name in sorted(collections)]
+    out = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return "\n\n".join(out) + "\n"
+
+
+def fortunes_path() -> Path:
+    """``<cache_dir()>/fortunes.txt``: Debian's ``fortunes`` collections as one text, fetched on first use.
+
+    A text of another domain than Austen's novels (jokes, quotations, computing and science lore from the
+    20th century), for perplexity outside the calibration domain. Extracted like the novels: ``apt-get
+    download fortunes``, ``dpkg -x``, then the ``%``-separated collections under ``usr/share/games/fortunes``
+    (minus :data:`FORTUNES_SKIPPED`) joined by :func:`join_fortunes`. Written atomically.
+    """
+    path = cache_dir() / "fortunes.txt"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fortunes-deb.", dir=path.parent) as work:
+        work = Path(work)
+        deb = download_deb(work, FORTUNES_PACKAGE, "pass a text file of your own instead")
+        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, capture_output=True)
+        folder = work / "root" / "usr" / "share" / "games" / "fortunes"
+        collections = {
+            f.name: split_fortunes(f.read_text(encoding="utf-8", errors="replace"))
+            for f in sorted(folder.iterdir())
+            if f.is_file() and not f.is_symlink() and f.suffix == "" and f.name not in FORTUNES_SKIPPED
+        }
+        if not collections:
+            raise RuntimeError(f"corpus: {FORTUNES_PACKAGE} holds no fortune collections under {folder}")
+        tmp = work / "fortunes.txt"
+        tmp.write_text(join_fortunes(collections), encoding="utf-8", newline="\n")
+        os.replace(tmp, path)
+    return path
+
+
 __all__ = [
     "AUSTEN_ENV",
     "BOOKS",
@@ -170,6 +228,9 @@ __all__ = [
     "austen_dir",
     "download_deb",
     "extract_austen",
+    "fortunes_path",
+    "join_fortunes",
+    "split_fortunes",
     "missing_books",
     "read_book",
     "read_janeaustenr",
