@@ -132,3 +132,61 @@ def test_parse_args_defaults(monkeypatch, tmp_path):
     assert (gpu.compile_backend, gpu.rep_ms) == ("inductor", measure.REP_MS)
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--budget-s", "-1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# quality.py: its evaluation agrees with nirvana.evaluation, and its tables say what the runs hold
+# --------------------------------------------------------------------------------------------------
+
+
+def test_quality_evaluate_matches_the_library(tmp_path):
+    import quality
+
+    from nirvana.evaluation import kl_divergence, window_logits
+    from tests.tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    dense, pruned = tiny_model("llama"), tiny_model("llama")
+    windows = torch.randint(0, dense.config.vocab_size, (3, 17))
+    dense_logits = window_logits(dense, windows)
+    got = quality.evaluate(pruned, windows, dense_logits)
+    with torch.no_grad():
+        logits = pruned(input_ids=windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    torch.testing.assert_close(got["ppl"], nll.exp().item(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["kl"], kl_divergence(dense_logits, logits), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("values", "text"), [([], "-"), ([2.0], "2.00"), ([1.0, 2.0, 6.0], "3.00 ± 2.50")], ids=["none", "one", "three"]
+)
+def test_quality_mean_spread(values, text):
+    import quality
+
+    assert quality._mean_spread(values) == text
+
+
+def test_quality_render_lists_every_run():
+    import quality
+
+    def run(method, seed, s, ppl, gamma=3.0, allocation="global"):
+        return {
+            "method": method, "seed": seed, "sparsity": s, "gamma": gamma, "allocation": allocation,
+            "achieved_sparsity": s, "params": 100e6 * (1 - s), "ppl_a": ppl, "ppl_b": 2 * ppl, "kl_a": ppl / 100,
+        }  # fmt: skip
+
+    runs = {
+        "dense": {"method": "dense", "params": 100e6, "ppl_a": 10.0, "ppl_b": 20.0, "achieved_sparsity": 0.0},
+        "nirvana|seed=0|s=0.2|gamma=3.0": run("nirvana", 0, 0.2, 30.0),
+        "nirvana|seed=1|s=0.2|gamma=3.0": run("nirvana", 1, 0.2, 40.0),
+        "nirvana|seed=0|s=0.2|gamma=1.0": run("nirvana", 0, 0.2, 50.0, gamma=1.0),
+        "magnitude|seed=0|s=0.2|gamma=3.0": run("magnitude", 0, 0.2, 900.0, allocation="uniform"),
+        "select|s=0.2": {"study": "select", "sparsity": 0.2, "seed": 1, "trials": []},
+        "gamma-auto|s=0.2": {"study": "gamma-auto", "sparsity": 0.2, "gamma": 1.0, "trials": []},
+    }
+    results = {"settings": {"model": "m", "heldout_samples": 4, "calib_seq_len": 8}, "runs": runs}
+    text = quality.render(results, ["nirvana", "magnitude"], [0.2], ["a", "b"], "cmd")
+    assert "| nirvana | global | 2 | 20.00% | 80.00M | 35.00 ± 5.00 | 70.00 ± 10.00 | 0.35 ± 0.05 |" in text
+    assert "| magnitude | uniform | 1 | 20.00% | 80.00M | 900.00 | 1800.00 | 9.00 |" in text
+    assert "| 20% | 1 | 40.00 | 35.00 ± 5.00 | 80.00 | 70.00 ± 10.00 |" in text  # the selected seed's run
+    assert "| 20% | 1 * | 20.00% | 50.00 | 100.00 | 0.5000 |" in text  # gamma 1, auto's pick

@@ -295,3 +295,9 @@ def test_sampling_leaves_training_mode_alone(tok):
     model = tiny_model("llama", vocab_size=len(tok)).train()
     calibration_windows("self", tok, model=model, num_samples=1, seq_len=3, seed=0)
     assert model.training
+
+
+def test_fortunes_source_reads_the_cached_collections(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIRVANA_CACHE", str(tmp_path))
+    (tmp_path / "fortunes.txt").write_text("Q: Why?\nA: Because.\n\nAnother one.\n")
+    assert load_text(calibration.FORTUNES) == "Q: Why?\nA: Because.\n\nAnother one.\n"

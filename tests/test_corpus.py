@@ -135,3 +135,41 @@ def test_missing_apt_says_what_to_do(monkeypatch, tmp_path):
 def test_package_without_data_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="Rdata.rdx"):
         corpus.read_janeaustenr(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Debian's fortunes: the second evaluation domain
+# --------------------------------------------------------------------------------------------------
+
+
+def test_split_fortunes_reads_strfile_entries():
+    text = "first line\nsecond line\n%\n  indented\n%\n%\nlast\n"
+    assert corpus.split_fortunes(text) == ["first line\nsecond line", "  indented", "last"]
+
+
+def test_join_fortunes_mixes_collections_round_robin():
+    joined = corpus.join_fortunes({"b": ["b1", "b2", "b3"], "a": ["a1"], "c": ["c1", "c2"]})
+    assert joined == "a1\n\nb1\n\nc1\n\nb2\n\nc2\n\nb3\n"
+
+
+def test_fortunes_cache_is_reused_without_downloading(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIRVANA_CACHE", str(tmp_path))
+    (tmp_path / "fortunes.txt").write_text("cached\n")
+    monkeypatch.setattr(corpus, "download_deb", lambda *a, **k: pytest.fail("must not download again"))
+    assert corpus.fortunes_path().read_text() == "cached\n"
+
+
+def test_missing_apt_for_fortunes_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="fortunes.*text file of your own"):
+        corpus.download_deb(tmp_path, corpus.FORTUNES_PACKAGE, "pass a text file of your own instead")
+
+
+@requires_apt
+def test_fortunes_extraction(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIRVANA_CACHE", str(tmp_path))
+    text = corpus.fortunes_path().read_text(encoding="utf-8")
+    assert list(tmp_path.iterdir()) == [tmp_path / "fortunes.txt"]  # no leftover work folder
+    assert len(text) > 1_000_000 and "\n%\n" not in text
+    # Round-robin: the first 40 kB (what 24 windows of 512 tokens read) already mix the collections.
+    assert "Star Trek" in text[:40_000] or "Spock" in text[:40_000] or "Kirk" in text[:40_000]
