@@ -7,13 +7,19 @@ where nirvana is not installed: it imports only torch and transformers, and noth
 ``config.json`` carries a ``nirvana`` block::
 
     {"version": 1, "base_architecture": "LlamaForCausalLM",
-     "layers": [{"num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1100}, ...]}
+     "layers": [{"num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1100}, ...],
+     "bias": ["self_attn.o_proj", "mlp.down_proj"]}
 
 and ``auto_map`` names the class ``Nirvana<base_architecture>``, which this module creates on first
 access as a subclass of ``transformers.<base_architecture>``. The subclass builds the stock model
 from the config (whose global sizes are the dense model's), then, before any weight is initialised
 or loaded, gives each layer's q/k/v/o and gate/up/down linears the shapes of that layer. Under
 ``from_pretrained`` this happens on the meta device, so the dense shapes cost no memory.
+
+The optional ``bias`` list names linears (paths inside each decoder layer) that carry a bias the
+stock class builds without, such as the o_proj/down_proj biases of FLAP's compensation on Mistral,
+Qwen or Gemma; each layer gets an (uninitialised) bias there before the weights load. A block may
+therefore be present even when every layer has the same widths.
 """
 
 from __future__ import annotations
@@ -84,7 +90,31 @@ def check_block(block, num_layers: int) -> list[dict]:
             raise ValueError(f"config.{BLOCK_KEY}.layers[{i}]: expected integer widths, got {w!r}")
         if kv < 1 or h < kv or h % kv or inter < 0:
             raise ValueError(f"config.{BLOCK_KEY}.layers[{i}]: inconsistent widths {w!r}")
+    bias = block.get("bias", [])
+    if not isinstance(bias, list) or not all(isinstance(p, str) and p for p in bias):
+        raise ValueError(f"config.{BLOCK_KEY}.bias: expected a list of module paths, got {bias!r:.200}")
     return layers
+
+
+def add_bias(linear: nn.Linear) -> None:
+    """Give a bias-less ``linear`` an uninitialised bias (same device, dtype and grad setting as its weight)."""
+    if linear.bias is None:
+        w = linear.weight
+        bias = torch.empty(linear.out_features, dtype=w.dtype, device=w.device)
+        linear.bias = nn.Parameter(bias, requires_grad=w.requires_grad)
+
+
+def add_biases(layers, paths: list[str]) -> None:
+    """Add a bias to the linear at each of ``paths`` (relative to a decoder layer) in every layer."""
+    for i, layer in enumerate(layers):
+        for path in paths:
+            try:
+                linear = layer.get_submodule(path)
+            except AttributeError:
+                linear = None
+            if not isinstance(linear, nn.Linear):
+                raise ValueError(f"config.{BLOCK_KEY}.bias: layer {i} has no linear at {path!r}")
+            add_bias(linear)
 
 
 def apply_layer_widths(model: nn.Module, block: dict) -> None:
@@ -108,6 +138,7 @@ def apply_layer_widths(model: nn.Module, block: dict) -> None:
         resize_linear(mlp.down_proj, inter, mlp.down_proj.out_features)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = inter
+    add_biases(layers, block.get("bias", []))
 
 
 def _head_dim(attn: nn.Module) -> int:

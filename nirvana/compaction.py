@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import transformers
 from torch import nn
 
 from nirvana_kernels import compact, compact_groups, compact_many
@@ -52,8 +53,10 @@ def layer_widths(model: nn.Module, adapter: Adapter | None = None) -> list[dict]
     ]
 
 
-def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tuple[dict, dict | None]:
-    """The config values that describe a model of these per-layer widths.
+def config_updates(
+    config, widths: list[dict], base: str, head_dim: int, biases: list[str] | tuple[str, ...] = ()
+) -> tuple[dict, dict | None]:
+    """The config values that describe a model of these per-layer widths (and extra biases).
 
     Returns ``(sizes, block)``, to set on the decoder's config and as ``config.nirvana``:
 
@@ -64,11 +67,15 @@ def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tupl
       every layer's widths. Dense sizes always pass validation, which a smaller head count may not
       (Llama's config insists that ``hidden_size % num_attention_heads == 0``, ``head_dim`` or not).
 
+    ``biases`` lists linears (paths inside a decoder layer, see :func:`extra_biases`) that carry a bias
+    the stock class builds without; they go into the block as ``"bias"``, and force a block even for
+    uniform widths, since a stock config cannot say them.
+
     ``head_dim`` is always set explicitly, since ``hidden_size // num_attention_heads`` stops giving it.
     """
     if not widths:
         raise ValueError("widths: a model needs at least one layer")
-    if len({tuple(sorted(w.items())) for w in widths}) == 1:
+    if not biases and len({tuple(sorted(w.items())) for w in widths}) == 1:
         w = widths[0]
         sizes = {
             "num_attention_heads": w["num_heads"],
@@ -79,6 +86,8 @@ def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tupl
         if _valid_with(config, sizes):
             return sizes, None
     block = {"version": remote.BLOCK_VERSION, "base_architecture": base, "layers": [dict(w) for w in widths]}
+    if biases:
+        block["bias"] = list(biases)
     return {"head_dim": head_dim}, block
 
 
@@ -188,11 +197,59 @@ def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
         lm.mlp.intermediate_size = len(keep)
 
 
+def _stock_model(model: nn.Module) -> nn.Module:
+    """The stock transformers class built from the model's config on the meta device (no memory)."""
+    cls = getattr(transformers, base_architecture(model))
+    config = copy.deepcopy(model.config)
+    if hasattr(config, remote.BLOCK_KEY):
+        delattr(config, remote.BLOCK_KEY)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _path_in(layer: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in layer.named_modules() if m is module)
+
+
+def extra_biases(model: nn.Module, adapter: Adapter | None = None) -> list[str]:
+    """Paths, inside a decoder layer, of the o/down linears that carry a bias the stock class builds without.
+
+    FLAP's compensation (:func:`nirvana.baselines.apply_flap_compensation`) gives every layer's
+    o_proj and down_proj a bias; Mistral, Qwen and Gemma build those linears bias-free whatever the
+    config says, so the checkpoint must list them for the loader to add. Only models that carry such a
+    bias pay for building the stock model (on the meta device) to compare against.
+
+    Raises:
+        ValueError: some layers carry such a bias and others do not (a loader adds it to every layer).
+    """
+    adapter = adapter or get_adapter(model)
+    layers = adapter.layers(model)
+    roles = ("o", "down")
+    if not any(getattr(lm, r).bias is not None for lm in layers for r in roles):
+        return []
+    stock = adapter.layers(_stock_model(model))
+    blocks = remote.decoder_layers(model)
+    paths = []
+    for role in roles:
+        extra = [getattr(lm, role).bias is not None and getattr(s, role).bias is None for lm, s in zip(layers, stock)]
+        if any(extra) and not all(extra):
+            i, j = extra.index(True), extra.index(False)
+            raise ValueError(
+                f"model: layer {i}'s {role} linear carries a bias the stock class lacks, layer {j}'s has none; "
+                "a checkpoint lists such biases for every layer (give the others a zero bias)"
+            )
+        if all(extra):
+            paths.append(_path_in(blocks[0], getattr(layers[0], role)))
+    return paths
+
+
 def model_config_updates(model: nn.Module, adapter: Adapter | None = None) -> tuple[dict, dict | None]:
-    """:func:`config_updates` for the model's current per-layer widths."""
+    """:func:`config_updates` for the model's current per-layer widths and extra biases."""
     adapter = adapter or get_adapter(model)
     head_dim = adapter.geometry(model.config).head_dim
-    return config_updates(model.config, layer_widths(model, adapter), base_architecture(model), head_dim)
+    widths = layer_widths(model, adapter)
+    biases = extra_biases(model, adapter)
+    return config_updates(model.config, widths, base_architecture(model), head_dim, biases)
 
 
 def apply_config(model: nn.Module, adapter: Adapter | None = None) -> None:
@@ -309,6 +366,7 @@ __all__ = [
     "compact_model",
     "config_updates",
     "check_dense",
+    "extra_biases",
     "layer_widths",
     "mask_model",
     "model_config_updates",
