@@ -152,6 +152,18 @@ def test_allocation_ranks_the_three_attention_kinds(allocation):
         assert len({len(b) for b in blocks}) == 1
 
 
+def test_decoder_only_plans_and_geometries_keep_their_format():
+    from .tiny_models import tiny_model
+
+    g = get_adapter(tiny_model("llama")).geometry(tiny_model("llama").config)
+    assert set(g.to_dict()) == {
+        *("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "gated")
+    }
+    assert g.num_attention_blocks == g.num_layers and set(g.sections()) == {"attention", "mlp"}
+    layer = LayerPlan([0], [1, 2]).to_dict()
+    assert layer == {"kv_groups_kept": [0], "mlp_channels_kept": [1, 2]}
+
+
 def test_plan_refuses_a_cross_attention_where_the_geometry_has_none():
     plan = hand_plan(tiny_t5())
     plan.layers[0].cross_kv_groups_kept = [0]
@@ -227,6 +239,7 @@ def test_nirvana_prune_runs_end_to_end_on_a_t5_folder(kind, t5_dirs, tmp_path, c
     assert report["params"]["after"] < report["params"]["before"]
     plan = load_plan(out)
     assert plan.geometry.cross_attention_layers == 2 and plan.layers[3].cross_kv_groups_kept
+    assert report["per_layer"][3]["cross_heads"] == len(plan.layers[3].cross_kv_groups_kept)
     loaded = load_pruned(out, **EAGER)
     with torch.no_grad():
         logits = loaded(**io()).logits

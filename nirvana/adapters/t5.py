@@ -13,6 +13,16 @@ of the stack shares. A compacted attention is given the dense indices of the hea
 model computes what the dense model computes with the pruned heads masked. The
 ``relative_attention_bias`` tables are never pruned: they are tiny, and later layers need rows of
 heads the first layer dropped.
+
+Usage: ``nirvana prune path/to/t5-folder --sparsity 0.2 --out pruned`` (a local Hugging Face folder of a
+``T5ForConditionalGeneration``; ``load_model`` picks ``AutoModelForSeq2SeqLM`` for it). The calibration
+objective runs over the decoder's positions, each window split into encoder input and decoder target
+(see :mod:`nirvana.saliency`); allocation ranks the heads of all three attention kinds together (see
+:mod:`nirvana.allocation`). The checkpoint always carries the ``nirvana`` block, with each layer's kept
+head indices, and loads with ``nirvana.load_pruned(folder)`` or, without nirvana,
+``AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)``. Not supported for T5 yet: the
+baseline methods (``--method``), KL selection (``--select-calib`` > 1, ``--gamma auto``), ``nirvana eval``
+perplexity and fine-tuning, which read decoder-only logits.
 """
 
 from __future__ import annotations
