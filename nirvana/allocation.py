@@ -8,13 +8,18 @@ and ``I`` channels::
     f_mlp  = s * (H*A + I*M) / (H*A/gamma + I*M)
     f_attn = f_mlp / gamma
 
-so that ``f_attn*H*A + f_mlp*I*M = s*(H*A + I*M)``. A fraction above 1 cannot be pruned: ``prune_fractions``
-raises ``ValueError`` rather than clamping, since clamping would silently change gamma.
+so that ``f_attn*H*A + f_mlp*I*M = s*(H*A + I*M)``. An encoder-decoder has more attention blocks than
+layers (each decoder layer adds a cross-attention, see ``Geometry``); ``H`` then counts the KV groups of
+all attention blocks per layer on average, ``H * num_attention_blocks / num_layers``. A fraction above 1 cannot be
+pruned: ``prune_fractions`` raises ``ValueError`` rather than clamping, since clamping would silently change gamma.
 
-Global allocation ranks every KV group of every layer together (and separately every MLP channel), lowest score
-pruned first, ties broken by (layer, index), and then applies the per-layer rules:
+Global allocation ranks every KV group of every attention block together (and separately every MLP channel), lowest
+score pruned first, ties broken by (row, index), and then applies the per-layer rules. For an encoder-decoder that
+means one ranking over the heads of all three attention kinds (encoder self-attention, decoder self-attention,
+decoder cross-attention): the simplest choice that needs no per-kind budget, at the price of trusting that the
+objective's gradients make the kinds' scores comparable. The rules:
 
-1. Each layer keeps its best KV group (the one that comes last in the ranking). The groups this rule saves are
+1. Each attention block keeps its best KV group (the one that comes last in the ranking). The groups this rule saves are
    made up on the MLP side: the MLP budget is whatever brings the total pruned parameters nearest to ``s * P``.
 2. Each layer's MLP width is a multiple of ``round_to``, or the dense width. The allowed widths cut each layer's
    channels (sorted by rank) into blocks: the first ``I % round_to`` channels (or ``round_to`` of them when that
@@ -23,8 +28,8 @@ pruned first, ties broken by (layer, index), and then applies the per-layer rule
    candidates, then prune the next lowest-ranked blocks elsewhere to make up the count". The number of blocks is
    the one whose channel total is nearest the budget.
 
-Uniform allocation prunes the same counts in every layer (each layer's own bottom-k), so every layer ends up
-with identical widths.
+Uniform allocation prunes the same counts in every attention block and every layer (each one's own bottom-k), so
+every layer ends up with identical widths.
 
 The achieved sparsity is recorded in the plan's ``meta``; if the model's units are too coarse to come within
 0.5 percentage points of the target a ``RuntimeWarning`` says so.
@@ -61,7 +66,9 @@ def prune_fractions(geometry: Geometry, sparsity: float, gamma: float) -> tuple[
     Raises ``ValueError`` when either share would exceed 1, saying which and by how much.
     """
     _check_fraction_args(geometry, sparsity, gamma)
-    attn = geometry.num_kv_heads * geometry.attn_params_per_group
+    # Blocks per layer is exactly 1.0 for decoder-only models, so their fractions are unchanged bit for bit.
+    blocks_per_layer = geometry.num_attention_blocks / geometry.num_layers
+    attn = blocks_per_layer * geometry.num_kv_heads * geometry.attn_params_per_group
     mlp = geometry.intermediate_size * geometry.mlp_params_per_channel
     f_mlp = sparsity * (attn + mlp) / (attn / gamma + mlp)
     f_attn = f_mlp / gamma
@@ -82,11 +89,12 @@ def _nearest_int(x: float) -> int:
 def prune_counts(geometry: Geometry, sparsity: float, gamma: float) -> tuple[int, int]:
     """``(kv_groups, mlp_channels)`` the formula prunes over the whole model, before any per-layer rule.
 
-    Each is the nearest integer to its fraction times the model's total (``L*H`` groups, ``L*I`` channels).
+    Each is the nearest integer to its fraction times the model's total (``R*H`` groups over the ``R``
+    attention blocks, ``L*I`` channels).
     """
     f_attn, f_mlp = prune_fractions(geometry, sparsity, gamma)
     g = geometry
-    return _nearest_int(f_attn * g.num_layers * g.num_kv_heads), _nearest_int(
+    return _nearest_int(f_attn * g.num_attention_blocks * g.num_kv_heads), _nearest_int(
         f_mlp * g.num_layers * g.intermediate_size
     )
 
@@ -246,7 +254,8 @@ def allocate(
 ) -> PruningPlan:
     """The pruning plan that removes ``sparsity`` of the prunable parameters, lowest scores first.
 
-    attn_scores: [num_layers, num_kv_heads] real (float32 from the saliency kernels), one score per KV group.
+    attn_scores: [num_attention_blocks, num_kv_heads] real (float32 from the saliency kernels), one score per KV group
+    (``num_attention_blocks`` is ``num_layers`` but for encoder-decoders, see ``Geometry``).
     mlp_scores: [num_layers, intermediate_size] real, one score per MLP channel. Higher means more important.
     gamma: MLP fraction pruned / attention fraction pruned. allocation: "global" (rank across layers) or
     "uniform" (same widths in every layer). round_to: MLP widths are multiples of it, or the dense width.
@@ -266,22 +275,23 @@ def allocate(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to: must be an int >= 1, got {round_to!r}")
     g = geometry
-    attn = _check_scores("attn_scores", attn_scores, (g.num_layers, g.num_kv_heads), "num_layers, num_kv_heads")
+    rows = g.num_attention_blocks
+    attn = _check_scores("attn_scores", attn_scores, (rows, g.num_kv_heads), "num_attention_blocks, num_kv_heads")
     mlp = _check_scores("mlp_scores", mlp_scores, (g.num_layers, g.intermediate_size), "num_layers, intermediate_size")
     n_attn, n_mlp = prune_counts(g, sparsity, gamma)
     a, m = g.attn_params_per_group, g.mlp_params_per_channel
     target = sparsity * g.prunable_params
 
     if allocation == "global":
-        attn_pruned = _global_kv_groups(attn, min(n_attn, g.num_layers * (g.num_kv_heads - 1)))
+        attn_pruned = _global_kv_groups(attn, min(n_attn, rows * (g.num_kv_heads - 1)))
         spared_kv = n_attn - int(attn_pruned.sum())
         budget = (target - int(attn_pruned.sum()) * a) / m
         mlp_pruned, counts = _global_mlp_channels(mlp, budget, round_to)
     else:
         k_attn_formula = _nearest_int(f_attn * g.num_kv_heads)
         k_attn = min(k_attn_formula, g.num_kv_heads - 1)
-        spared_kv = g.num_layers * (k_attn_formula - k_attn)
-        budget = (target - g.num_layers * k_attn * a) / (g.num_layers * m)  # channels per layer
+        spared_kv = rows * (k_attn_formula - k_attn)
+        budget = (target - rows * k_attn * a) / (g.num_layers * m)  # channels per layer
         allowed = torch.tensor(allowed_pruned_counts(g.intermediate_size, round_to), dtype=torch.float64)
         k_mlp = int(allowed[torch.argmin((allowed - budget).abs())])  # ties: prune fewer
         attn_pruned = _uniform_bottom_k(attn, k_attn)
@@ -294,7 +304,12 @@ def allocate(
             "mlp_channels_added_by_rebalance": g.num_layers * (k_mlp - rounded),
         }
 
-    layers = [LayerPlan(kv, ch) for kv, ch in zip(_kept_lists(attn_pruned), _kept_lists(mlp_pruned), strict=True)]
+    attn_kept = _kept_lists(attn_pruned)
+    cross = [None] * (g.num_layers - g.cross_attention_layers) + attn_kept[g.num_layers :]
+    layers = [
+        LayerPlan(kv, ch, cr)
+        for kv, ch, cr in zip(attn_kept[: g.num_layers], _kept_lists(mlp_pruned), cross, strict=True)
+    ]
     plan = PruningPlan(architecture, g, layers)
     kv_pruned = int(attn_pruned.sum())
     achieved = plan.achieved_sparsity()

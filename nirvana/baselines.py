@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import json
 import numbers
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -667,8 +666,9 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
     and the q/k/v and gate/up linears they also govern get zero biases (an exact no-op), so a saved
     checkpoint is one that stock ``from_pretrained`` (and :func:`nirvana.checkpoint.load_pruned`) build
     with every bias in place. Other architectures' stock classes build o_proj/down_proj without a bias
-    whatever the config says; the model works in memory, and a RuntimeWarning says that a checkpoint
-    of it needs a loader that restores those biases.
+    whatever the config says; the checkpoint's ``nirvana`` block then lists those biases
+    (:func:`nirvana.compaction.extra_biases`), and ``load_pruned`` or ``trust_remote_code`` loading
+    adds them before the weights load.
 
     New bias Parameters are created (no tensor is modified in place), so the function is safe on a
     copy that shares tensors with the dense model (``selection.pruned_copy`` before its compaction).
@@ -710,14 +710,6 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
             for linear in (lm.q, lm.k, lm.v, lm.up, lm.gate):
                 if linear is not None:
                     _zero_bias_if_missing(linear)
-    else:
-        name = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        warnings.warn(
-            f"apply_flap_compensation: stock {name} builds o_proj/down_proj without biases, so a checkpoint "
-            "of this model reloads them only through a loader that adds those biases",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     return model
 
 

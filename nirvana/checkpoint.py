@@ -7,7 +7,8 @@ with the smaller sizes and stock ``from_pretrained`` loads it. Otherwise it also
 block (base architecture and each layer's ``num_heads``, ``num_kv_heads``, ``intermediate_size``) and
 an ``auto_map`` naming the class in ``modeling_nirvana.py``, a self-contained copy of
 :mod:`nirvana._remote_modeling` saved beside the weights, so that
-``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without nirvana;
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (``AutoModelForSeq2SeqLM`` for a
+T5, whose checkpoints always carry the block) works without nirvana;
 :func:`load_pruned` reaches the same classes without remote code.
 
 Saving is atomic: everything is written into a temporary folder beside the destination, which is
@@ -35,6 +36,15 @@ CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
 REPORT_FILE = "report.json"
 AUTO_CLASS = "AutoModelForCausalLM"
+SEQ2SEQ_AUTO_CLASS = "AutoModelForSeq2SeqLM"
+
+
+def auto_class_name(config) -> str:
+    """The transformers Auto class that loads this config's model: seq2seq for encoder-decoders (T5)."""
+    is_enc_dec = (
+        config.get("is_encoder_decoder") if isinstance(config, dict) else getattr(config, "is_encoder_decoder", False)
+    )
+    return SEQ2SEQ_AUTO_CLASS if is_enc_dec else AUTO_CLASS
 
 
 def _check_out_dir(out_dir, overwrite: bool, model: nn.Module) -> Path:
@@ -111,7 +121,7 @@ def _rewrite_config(folder: Path, sizes: dict, block: dict | None, base: str) ->
         (folder / remote.MODELING_FILE).unlink(missing_ok=True)
     else:
         config[remote.BLOCK_KEY] = block
-        config["auto_map"] = {AUTO_CLASS: f"{Path(remote.MODELING_FILE).stem}.{remote.CLASS_PREFIX}{base}"}
+        config["auto_map"] = {auto_class_name(config): f"{Path(remote.MODELING_FILE).stem}.{remote.CLASS_PREFIX}{base}"}
         shutil.copyfile(remote.__file__, folder / remote.MODELING_FILE)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -270,7 +280,7 @@ def load_pruned(
     dtype: torch.dtype | None = None,
     **from_pretrained_kwargs,
 ) -> nn.Module:
-    """Load a checkpoint written by :func:`save_pruned` (or any causal LM folder), without remote code.
+    """Load a checkpoint written by :func:`save_pruned` (or any causal LM or T5 folder), without remote code.
 
     A checkpoint with per-layer widths is built from :mod:`nirvana._remote_modeling`, the same classes
     its ``modeling_nirvana.py`` holds; a uniform one is a stock transformers model.
@@ -295,9 +305,9 @@ def load_pruned(
         kwargs["device_map"] = torch.device(device)
     block = config.get(remote.BLOCK_KEY)
     if block is None:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = getattr(transformers, auto_class_name(config)).from_pretrained(folder, **kwargs)
     else:
         base = block.get("base_architecture") if isinstance(block, dict) else None
         if not isinstance(base, str):

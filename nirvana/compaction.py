@@ -1,5 +1,10 @@
 """Apply a pruning plan to a model: keep only the planned KV groups and MLP channels of each layer.
 
+An encoder-decoder (T5) is compacted the same way, block by block: each layer's self-attention, the
+decoder layers' cross-attentions, and every FFN. T5's layers share a relative position bias computed
+for all dense heads; each compacted attention records the dense heads it keeps and slices that bias
+to them (see :mod:`nirvana.adapters.t5`), so :func:`compact_model` still equals :func:`mask_model`.
+
 :func:`compact_model` slices the linears in place with the fused gather kernels, on whatever device
 each layer lives, and updates the attention modules and the config so that forward, backward and
 ``generate()`` work on the smaller model. :func:`mask_model` is its dense twin: it zeroes the pruned
@@ -13,15 +18,17 @@ owns row ``c`` of gate/up and column ``c`` of down.
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
+import transformers
 from torch import nn
 
 from nirvana_kernels import compact, compact_groups, compact_many
 
 from . import _remote_modeling as remote
 from .adapters import Adapter, LayerModules, get_adapter
-from .plan import Geometry, PruningPlan
+from .plan import Geometry, LayerPlan, PruningPlan
 
 
 def base_architecture(model: nn.Module) -> str:
@@ -39,21 +46,37 @@ def base_architecture(model: nn.Module) -> str:
 
 
 def layer_widths(model: nn.Module, adapter: Adapter | None = None) -> list[dict]:
-    """Each decoder layer's ``num_heads``, ``num_kv_heads`` and ``intermediate_size``, read from its linears."""
+    """Each layer's ``num_heads``, ``num_kv_heads`` and ``intermediate_size``, read from its linears.
+
+    An encoder-decoder's layers also name the dense heads they keep: ``heads`` (self-attention) and,
+    for a layer with a cross-attention, ``cross_heads`` (see :func:`plan_widths`).
+    """
     adapter = adapter or get_adapter(model)
-    head_dim = adapter.geometry(model.config).head_dim
-    return [
-        {
-            "num_heads": lm.q.out_features // head_dim,
-            "num_kv_heads": lm.k.out_features // head_dim,
+    g = adapter.geometry(model.config)
+    out = []
+    for lm in adapter.layers(model):
+        w = {
+            "num_heads": lm.q.out_features // g.head_dim,
+            "num_kv_heads": lm.k.out_features // g.head_dim,
             "intermediate_size": lm.down.in_features,
         }
-        for lm in adapter.layers(model)
-    ]
+        if _names_heads(g):
+            w["heads"] = adapter.kept_heads(lm)
+            if lm.cross is not None:
+                w["cross_heads"] = adapter.kept_heads(lm.cross)
+        out.append(w)
+    return out
 
 
-def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tuple[dict, dict | None]:
-    """The config values that describe a model of these per-layer widths.
+def _names_heads(g: Geometry) -> bool:
+    # T5 shares one position bias across its layers, so its widths must say which heads remain.
+    return bool(g.encoder_layers or g.cross_attention_layers)
+
+
+def config_updates(
+    config, widths: list[dict], base: str, head_dim: int, biases: list[str] | tuple[str, ...] = ()
+) -> tuple[dict, dict | None]:
+    """The config values that describe a model of these per-layer widths (and extra biases).
 
     Returns ``(sizes, block)``, to set on the decoder's config and as ``config.nirvana``:
 
@@ -64,21 +87,21 @@ def config_updates(config, widths: list[dict], base: str, head_dim: int) -> tupl
       every layer's widths. Dense sizes always pass validation, which a smaller head count may not
       (Llama's config insists that ``hidden_size % num_attention_heads == 0``, ``head_dim`` or not).
 
+    ``biases`` lists linears (paths inside a decoder layer, see :func:`extra_biases`) that carry a bias
+    the stock class builds without; they go into the block as ``"bias"``, and force a block even for
+    uniform widths, since a stock config cannot say them.
+
     ``head_dim`` is always set explicitly, since ``hidden_size // num_attention_heads`` stops giving it.
     """
     if not widths:
         raise ValueError("widths: a model needs at least one layer")
-    if len({tuple(sorted(w.items())) for w in widths}) == 1:
-        w = widths[0]
-        sizes = {
-            "num_attention_heads": w["num_heads"],
-            "num_key_value_heads": w["num_kv_heads"],
-            "intermediate_size": w["intermediate_size"],
-            "head_dim": head_dim,
-        }
-        if _valid_with(config, sizes):
+    if not biases and len({json.dumps(w, sort_keys=True) for w in widths}) == 1:
+        sizes = get_adapter(config).uniform_sizes(config, widths[0], head_dim)
+        if sizes is not None and _valid_with(config, sizes):
             return sizes, None
     block = {"version": remote.BLOCK_VERSION, "base_architecture": base, "layers": [dict(w) for w in widths]}
+    if biases:
+        block["bias"] = list(biases)
     return {"head_dim": head_dim}, block
 
 
@@ -126,15 +149,21 @@ def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[L
     return adapter.layers(model)
 
 
+def dense_plan(geometry: Geometry, architecture: str = "") -> PruningPlan:
+    """The plan that keeps every unit of ``geometry``."""
+    first_cross = geometry.num_layers - geometry.cross_attention_layers
+    groups, channels = list(range(geometry.num_kv_heads)), list(range(geometry.intermediate_size))
+    layers = [
+        LayerPlan(list(groups), list(channels), list(groups) if i >= first_cross else None)
+        for i in range(geometry.num_layers)
+    ]
+    return PruningPlan(architecture, geometry, layers)
+
+
 def check_dense(model: nn.Module, adapter: Adapter, why: str) -> Geometry:
     """The model's dense geometry; a ValueError naming the first layer whose widths differ from it."""
     dense = adapter.geometry(model.config)
-    full = {
-        "num_heads": dense.num_heads,
-        "num_kv_heads": dense.num_kv_heads,
-        "intermediate_size": dense.intermediate_size,
-    }
-    for i, w in enumerate(layer_widths(model, adapter)):
+    for i, (w, full) in enumerate(zip(layer_widths(model, adapter), plan_widths(dense_plan(dense)))):
         if w != full:
             raise ValueError(f"model: layer {i} has widths {w}, not the dense {full}; {why}")
     return dense
@@ -170,7 +199,7 @@ def _compact_attention(lm: LayerModules, keep: list[int], g: Geometry, adapter: 
     _replace(lm.k, k_w, k_b)
     _replace(lm.v, v_w, v_b)
     _replace(lm.o, compact_groups(lm.o.weight, index, group_size=qd, dim=1))  # o's bias spans hidden: kept
-    adapter.set_layer_heads(lm, len(keep) * g.group_size, len(keep))
+    adapter.set_kept_groups(lm, keep, g)
 
 
 def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
@@ -188,11 +217,59 @@ def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
         lm.mlp.intermediate_size = len(keep)
 
 
+def _stock_model(model: nn.Module) -> nn.Module:
+    """The stock transformers class built from the model's config on the meta device (no memory)."""
+    cls = getattr(transformers, base_architecture(model))
+    config = copy.deepcopy(model.config)
+    if hasattr(config, remote.BLOCK_KEY):
+        delattr(config, remote.BLOCK_KEY)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _path_in(layer: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in layer.named_modules() if m is module)
+
+
+def extra_biases(model: nn.Module, adapter: Adapter | None = None) -> list[str]:
+    """Paths, inside a decoder layer, of the o/down linears that carry a bias the stock class builds without.
+
+    FLAP's compensation (:func:`nirvana.baselines.apply_flap_compensation`) gives every layer's
+    o_proj and down_proj a bias; Mistral, Qwen and Gemma build those linears bias-free whatever the
+    config says, so the checkpoint must list them for the loader to add. Only models that carry such a
+    bias pay for building the stock model (on the meta device) to compare against.
+
+    Raises:
+        ValueError: some layers carry such a bias and others do not (a loader adds it to every layer).
+    """
+    adapter = adapter or get_adapter(model)
+    layers = adapter.layers(model)
+    roles = ("o", "down")
+    if not any(getattr(lm, r).bias is not None for lm in layers for r in roles):
+        return []
+    stock = adapter.layers(_stock_model(model))
+    blocks = remote.decoder_layers(model)
+    paths = []
+    for role in roles:
+        extra = [getattr(lm, role).bias is not None and getattr(s, role).bias is None for lm, s in zip(layers, stock)]
+        if any(extra) and not all(extra):
+            i, j = extra.index(True), extra.index(False)
+            raise ValueError(
+                f"model: layer {i}'s {role} linear carries a bias the stock class lacks, layer {j}'s has none; "
+                "a checkpoint lists such biases for every layer (give the others a zero bias)"
+            )
+        if all(extra):
+            paths.append(_path_in(blocks[0], getattr(layers[0], role)))
+    return paths
+
+
 def model_config_updates(model: nn.Module, adapter: Adapter | None = None) -> tuple[dict, dict | None]:
-    """:func:`config_updates` for the model's current per-layer widths."""
+    """:func:`config_updates` for the model's current per-layer widths and extra biases."""
     adapter = adapter or get_adapter(model)
     head_dim = adapter.geometry(model.config).head_dim
-    return config_updates(model.config, layer_widths(model, adapter), base_architecture(model), head_dim)
+    widths = layer_widths(model, adapter)
+    biases = extra_biases(model, adapter)
+    return config_updates(model.config, widths, base_architecture(model), head_dim, biases)
 
 
 def apply_config(model: nn.Module, adapter: Adapter | None = None) -> None:
@@ -233,7 +310,8 @@ def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     layers = _check_plan(model, plan, adapter)
     g = plan.geometry
     for lm, lp in zip(layers, plan.layers):
-        _compact_attention(lm, lp.kv_groups_kept, g, adapter)
+        for block, keep in zip((lm, lm.cross), lp.attention_blocks()):
+            _compact_attention(block, keep, g, adapter)
         _compact_mlp(lm, lp.mlp_channels_kept, g)
     apply_config(model, adapter)
     return model
@@ -268,19 +346,20 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     g = plan.geometry
     qd = g.group_size * g.head_dim
     for lm, lp in zip(layers, plan.layers):
-        dev = lm.q.weight.device
-        q_rows = _pruned_rows(lp.kv_groups_kept, g.num_kv_heads, qd, dev)
-        kv_rows = _pruned_rows(lp.kv_groups_kept, g.num_kv_heads, g.head_dim, dev)
-        for t, dim, rows in (
-            (lm.q.weight, 0, q_rows),
-            (lm.q.bias, 0, q_rows),
-            (lm.k.weight, 0, kv_rows),
-            (lm.k.bias, 0, kv_rows),
-            (lm.v.weight, 0, kv_rows),
-            (lm.v.bias, 0, kv_rows),
-            (lm.o.weight, 1, q_rows),
-        ):
-            _zero(t, dim, rows)
+        for block, keep in zip((lm, lm.cross), lp.attention_blocks()):
+            dev = block.q.weight.device
+            q_rows = _pruned_rows(keep, g.num_kv_heads, qd, dev)
+            kv_rows = _pruned_rows(keep, g.num_kv_heads, g.head_dim, dev)
+            for t, dim, rows in (
+                (block.q.weight, 0, q_rows),
+                (block.q.bias, 0, q_rows),
+                (block.k.weight, 0, kv_rows),
+                (block.k.bias, 0, kv_rows),
+                (block.v.weight, 0, kv_rows),
+                (block.v.bias, 0, kv_rows),
+                (block.o.weight, 1, q_rows),
+            ):
+                _zero(t, dim, rows)
         ch = _pruned_rows(lp.mlp_channels_kept, g.intermediate_size, 1, lm.up.weight.device)
         for m in (lm.gate, lm.up):
             if m is not None:
@@ -290,17 +369,26 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
+def _heads(groups: list[int], group_size: int) -> list[int]:
+    return [j * group_size + t for j in groups for t in range(group_size)]
+
+
 def plan_widths(plan: PruningPlan) -> list[dict]:
     """The per-layer widths a model compacted with ``plan`` has (what :func:`layer_widths` reads)."""
     g = plan.geometry
-    return [
-        {
+    out = []
+    for lp in plan.layers:
+        w = {
             "num_heads": len(lp.kv_groups_kept) * g.group_size,
             "num_kv_heads": len(lp.kv_groups_kept),
             "intermediate_size": len(lp.mlp_channels_kept),
         }
-        for lp in plan.layers
-    ]
+        if _names_heads(g):
+            w["heads"] = _heads(lp.kv_groups_kept, g.group_size)
+            if lp.cross_kv_groups_kept is not None:
+                w["cross_heads"] = _heads(lp.cross_kv_groups_kept, g.group_size)
+        out.append(w)
+    return out
 
 
 __all__ = [
@@ -309,6 +397,8 @@ __all__ = [
     "compact_model",
     "config_updates",
     "check_dense",
+    "dense_plan",
+    "extra_biases",
     "layer_widths",
     "mask_model",
     "model_config_updates",

@@ -156,16 +156,27 @@ def _load_from_hub(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def _auto_class(folder: Path):
+    """AutoModelForSeq2SeqLM for an encoder-decoder's folder (T5), else AutoModelForCausalLM."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = json.loads((folder / "config.json").read_text())
+    return AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else AutoModelForCausalLM
+
+
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None):
     """Load ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``source`` is one of: ``"smollm2"`` (the embedded default, see ``default_model_dir``); a local folder in
-    Hugging Face format; a ``.gguf`` file (dequantized to a plain float model); a Hugging Face hub id, used
-    when the hub (or the local Hugging Face cache) has it. ``dtype`` defaults to float32 on CPU and bfloat16
-    on CUDA. A missing path raises FileNotFoundError naming it; an unreachable or unknown hub id raises a
+    Hugging Face format (a causal LM, or an encoder-decoder such as T5); a ``.gguf`` file (dequantized to a
+    plain float model); a Hugging Face hub id, used when the hub (or the local Hugging Face cache) has it.
+    ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. A missing path raises FileNotFoundError naming
+    it; an unreachable or unknown hub id raises a
     one-line OSError naming it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
@@ -178,7 +189,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        model = _auto_class(path).from_pretrained(path, dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif path.is_file():
         if path.suffix != ".gguf":

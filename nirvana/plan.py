@@ -11,7 +11,17 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class Geometry:
-    """The prunable shape of a decoder: every layer is assumed alike before pruning."""
+    """The prunable shape of a model: every layer is assumed alike before pruning.
+
+    A decoder-only model has ``num_layers`` layers, each one attention block and one MLP. An
+    encoder-decoder (T5) lists its encoder layers first, then its decoder layers (``num_layers`` counts
+    both stacks), and each of the last ``cross_attention_layers`` layers has a second attention block,
+    its cross-attention. Attention blocks are numbered ("attention rows", see
+    :attr:`num_attention_blocks`): rows ``[0, num_layers)`` are each layer's self-attention, rows
+    ``[num_layers, num_layers + cross_attention_layers)`` the cross-attention of the decoder layers in
+    order. :meth:`sections` names the row ranges. The two encoder-decoder fields are 0 for
+    decoder-only models and then left out of :meth:`to_dict`, so their plans and scores are unchanged.
+    """
 
     num_layers: int
     hidden_size: int
@@ -20,11 +30,18 @@ class Geometry:
     head_dim: int
     intermediate_size: int
     gated: bool = True  # gate/up/down (SwiGLU, GeGLU) rather than up/down
+    encoder_layers: int = 0  # the first encoder_layers layers are an encoder stack
+    cross_attention_layers: int = 0  # the last cross_attention_layers layers also have a cross-attention
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head (G); 1 is plain multi-head attention."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_attention_blocks(self) -> int:
+        """Attention blocks (rows of the attention scores): every layer's self-attention, then the cross-attentions."""
+        return self.num_layers + self.cross_attention_layers
 
     @property
     def attn_params_per_group(self) -> int:
@@ -37,13 +54,33 @@ class Geometry:
 
     @property
     def prunable_params(self) -> int:
-        per_layer = (
-            self.num_kv_heads * self.attn_params_per_group + self.intermediate_size * self.mlp_params_per_channel
-        )
-        return self.num_layers * per_layer
+        attn = self.num_attention_blocks * self.num_kv_heads * self.attn_params_per_group
+        return attn + self.num_layers * self.intermediate_size * self.mlp_params_per_channel
+
+    def sections(self) -> dict[str, tuple[str, int, int]]:
+        """Named ranges of rows: ``name -> (tensor, start, stop)``, tensor ``"attention"`` or ``"mlp"``.
+
+        Decoder-only: ``attention`` and ``mlp`` over all layers. Encoder-decoder: one pair per stack,
+        ``encoder.attention``/``encoder.mlp`` and ``decoder.attention``/``decoder.mlp`` (self-attention),
+        plus ``decoder.cross_attention``.
+        """
+        n, e, c = self.num_layers, self.encoder_layers, self.cross_attention_layers
+        if not e and not c:
+            return {"attention": ("attention", 0, n), "mlp": ("mlp", 0, n)}
+        out = {}
+        if e:
+            out.update({"encoder.attention": ("attention", 0, e), "encoder.mlp": ("mlp", 0, e)})
+        out.update({"decoder.attention": ("attention", e, n), "decoder.mlp": ("mlp", e, n)})
+        if c:
+            out["decoder.cross_attention"] = ("attention", n, n + c)
+        return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in ("encoder_layers", "cross_attention_layers"):
+            if not d[name]:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Geometry:
@@ -52,8 +89,26 @@ class Geometry:
 
 @dataclass
 class LayerPlan:
+    """One layer's kept units; ``cross_kv_groups_kept`` only for a layer with a cross-attention (else None)."""
+
     kv_groups_kept: list[int]
     mlp_channels_kept: list[int]
+    cross_kv_groups_kept: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        d = {"kv_groups_kept": list(self.kv_groups_kept), "mlp_channels_kept": list(self.mlp_channels_kept)}
+        if self.cross_kv_groups_kept is not None:
+            d["cross_kv_groups_kept"] = list(self.cross_kv_groups_kept)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerPlan:
+        cross = d.get("cross_kv_groups_kept")
+        return cls(list(d["kv_groups_kept"]), list(d["mlp_channels_kept"]), None if cross is None else list(cross))
+
+    def attention_blocks(self) -> list[list[int]]:
+        """The kept KV groups of each attention block of the layer: self-attention, then any cross-attention."""
+        return [self.kv_groups_kept] + ([] if self.cross_kv_groups_kept is None else [self.cross_kv_groups_kept])
 
 
 @dataclass
@@ -69,7 +124,8 @@ class PruningPlan:
     def kept_params(self) -> int:
         g = self.geometry
         return sum(
-            len(lp.kv_groups_kept) * g.attn_params_per_group + len(lp.mlp_channels_kept) * g.mlp_params_per_channel
+            sum(map(len, lp.attention_blocks())) * g.attn_params_per_group
+            + len(lp.mlp_channels_kept) * g.mlp_params_per_channel
             for lp in self.layers
         )
 
@@ -78,7 +134,7 @@ class PruningPlan:
         return 1.0 - self.kept_params() / total if total else 0.0
 
     def is_uniform(self) -> bool:
-        widths = {(len(lp.kv_groups_kept), len(lp.mlp_channels_kept)) for lp in self.layers}
+        widths = {(*map(len, lp.attention_blocks()), len(lp.mlp_channels_kept)) for lp in self.layers}
         return len(widths) <= 1
 
     def to_dict(self) -> dict:
@@ -86,7 +142,7 @@ class PruningPlan:
             "version": self.version,
             "architecture": self.architecture,
             "geometry": self.geometry.to_dict(),
-            "layers": [asdict(lp) for lp in self.layers],
+            "layers": [lp.to_dict() for lp in self.layers],
             "meta": self.meta,
         }
 
@@ -95,7 +151,7 @@ class PruningPlan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version: expected {PLAN_VERSION}, got {d.get('version')!r}")
         geometry = Geometry.from_dict(d["geometry"])
-        layers = [LayerPlan(list(lp["kv_groups_kept"]), list(lp["mlp_channels_kept"])) for lp in d["layers"]]
+        layers = [LayerPlan.from_dict(lp) for lp in d["layers"]]
         plan = cls(d["architecture"], geometry, layers, d["version"], dict(d.get("meta", {})))
         plan.validate()
         return plan
@@ -104,10 +160,15 @@ class PruningPlan:
         g = self.geometry
         if len(self.layers) != g.num_layers:
             raise ValueError(f"plan layers: {len(self.layers)} entries for a model of {g.num_layers} layers")
+        first_cross = g.num_layers - g.cross_attention_layers
         for i, lp in enumerate(self.layers):
+            if (lp.cross_kv_groups_kept is not None) != (i >= first_cross):
+                want = "a" if i >= first_cross else "no"
+                raise ValueError(f"layers[{i}].cross_kv_groups_kept: this layer has {want} cross-attention")
             for name, kept, limit in (
                 ("kv_groups_kept", lp.kv_groups_kept, g.num_kv_heads),
                 ("mlp_channels_kept", lp.mlp_channels_kept, g.intermediate_size),
+                ("cross_kv_groups_kept", lp.cross_kv_groups_kept or [], g.num_kv_heads),
             ):
                 if any(b <= a for a, b in zip(kept, kept[1:])):
                     raise ValueError(f"layers[{i}].{name}: indices must be strictly increasing")
@@ -115,6 +176,8 @@ class PruningPlan:
                     raise ValueError(f"layers[{i}].{name}: index out of range [0, {limit})")
             if not lp.kv_groups_kept:
                 raise ValueError(f"layers[{i}].kv_groups_kept: every layer must keep at least one KV group")
+            if lp.cross_kv_groups_kept == []:
+                raise ValueError(f"layers[{i}].cross_kv_groups_kept: every cross-attention must keep at least one head")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")

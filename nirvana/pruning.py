@@ -149,6 +149,7 @@ def prune(
     device = next(model.parameters()).device
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
+    _check_encoder_decoder(settings, geometry)
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     params_before = count_params(model)
 
@@ -238,6 +239,17 @@ def prune(
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)
+
+
+def _check_encoder_decoder(settings: PruneSettings, geometry) -> None:
+    """Encoder-decoders (T5) take the NIRVANA scores with one calibration set and one gamma; the
+    baselines and the KL selection read decoder-only logits."""
+    if not (geometry.encoder_layers or geometry.cross_attention_layers):
+        return
+    if settings.method != "nirvana":
+        raise ValueError(f"method: {settings.method!r} supports decoder-only models; an encoder-decoder takes nirvana")
+    if settings.select_calib != 1 or settings.gamma == "auto":
+        raise ValueError("select_calib: KL selection (--select-calib > 1, --gamma auto) supports decoder-only models")
 
 
 def _method_scores(settings: PruneSettings, model, windows, seed: int, progress: bool, flap_stats: dict) -> Scores:

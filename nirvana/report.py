@@ -46,16 +46,20 @@ def peak_memory(device: torch.device | None) -> dict:
 
 
 def per_layer(plan: PruningPlan) -> list[dict]:
+    """Each layer's kept widths; an encoder-decoder's decoder layers add their cross-attention's heads."""
     g = plan.geometry
-    return [
-        {
+    rows = []
+    for i, lp in enumerate(plan.layers):
+        row = {
             "layer": i,
             "kv_groups": len(lp.kv_groups_kept),
             "query_heads": len(lp.kv_groups_kept) * g.group_size,
             "mlp_width": len(lp.mlp_channels_kept),
         }
-        for i, lp in enumerate(plan.layers)
-    ]
+        if lp.cross_kv_groups_kept is not None:
+            row["cross_heads"] = len(lp.cross_kv_groups_kept) * g.group_size
+        rows.append(row)
+    return rows
 
 
 def build_report(

@@ -10,6 +10,17 @@ respect to the prunable weights only; the fused kernels then score every KV grou
 
 The scores are saved as ``scores.safetensors`` so that pruning again at another sparsity needs no
 second backward pass.
+
+Encoder-decoders (T5): ``attention`` has one row per attention block, ``[num_attention_blocks,
+num_heads]``: the encoder layers' self-attention, the decoder layers' self-attention, then the
+decoder layers' cross-attention; ``mlp`` one row per layer, encoder first (``Geometry.sections()``
+names the ranges). The objective needs decoder inputs, and the calibration windows are plain text,
+so each window of ``T`` tokens is split in two (:func:`split_window`): the first ``T // 2`` tokens
+are the encoder's input, the rest the decoder's target, fed to the decoder shifted right behind the
+decoder start token (teacher forcing), as in T5's own training. ``"maxlogit"`` takes the max of
+each logit over the decoder's positions, ``"ce"`` the mean cross-entropy of the target tokens.
+A split rather than span corruption: it needs no sentinel tokens (Flan-T5 and other checkpoints
+differ in them) and every token of the window is used, half as context and half as target.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from torch import nn
 
 import nirvana_kernels
 
-from .adapters import LayerModules, get_adapter
+from .adapters import LayerModules, attention_blocks, get_adapter
 from .plan import Geometry
 
 OBJECTIVES = ("maxlogit", "ce")
@@ -53,7 +64,8 @@ class Scores:
     """Per-unit saliency of a dense model.
 
     Attributes:
-        attention: float32 ``[num_layers, num_kv_heads]`` on the CPU, one score per KV group.
+        attention: float32 ``[num_attention_blocks, num_kv_heads]`` on the CPU, one score per KV group
+            (``num_attention_blocks`` is ``num_layers`` but for encoder-decoders, see ``Geometry``).
         mlp: float32 ``[num_layers, intermediate_size]`` on the CPU, one score per MLP channel.
         geometry: the dense geometry the scores index into.
         meta: JSON-serialisable settings: objective, saliency, micro_batch_size, num_windows, ...
@@ -67,7 +79,7 @@ class Scores:
     def __post_init__(self) -> None:
         g = self.geometry
         for name, t, shape in (
-            ("attention", self.attention, (g.num_layers, g.num_kv_heads)),
+            ("attention", self.attention, (g.num_attention_blocks, g.num_kv_heads)),
             ("mlp", self.mlp, (g.num_layers, g.intermediate_size)),
         ):
             if not isinstance(t, torch.Tensor):
@@ -121,12 +133,51 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def split_window(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's inputs from windows of text: int64 ``[B, T]`` (``T >= 2``) ->
+    ``input_ids`` ``[B, T // 2]`` (the first half), ``labels`` ``[B, T - T // 2]`` (the rest) and
+    ``decoder_input_ids`` (the labels shifted right behind the decoder start token)."""
+    t = input_ids.shape[1]
+    if t < 2:
+        raise ValueError(
+            f"windows: an encoder-decoder needs T >= 2 tokens per window, got shape {tuple(input_ids.shape)}"
+        )
+    labels = input_ids[:, t // 2 :]
+    config, gen = model.config, getattr(model, "generation_config", None)
+    start = getattr(config, "decoder_start_token_id", None)
+    start = getattr(gen, "decoder_start_token_id", None) if start is None else start
+    start = (getattr(config, "pad_token_id", None) or 0) if start is None else start
+    decoder_input_ids = torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], dim=1)
+    return {"input_ids": input_ids[:, : t // 2], "decoder_input_ids": decoder_input_ids, "labels": labels}
+
+
+def _seq2seq_objective_sum(model: nn.Module, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
+    """:func:`_objective_sum` of an encoder-decoder, over the decoder's positions (see the module docstring).
+
+    The model's own forward computes the logits (T5 scales the decoder output before its lm_head),
+    without labels, so no loss is computed; a micro-batch holds its ``[B, T - T // 2, V]`` logits.
+    """
+    parts = split_window(model, input_ids)
+    labels = parts.pop("labels")
+    logits = model(**parts, use_cache=False).logits
+    if objective == "ce":
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        return F.cross_entropy(flat, labels.reshape(-1), reduction="sum") / labels.shape[1]
+    return logits.max(dim=1).values.float().sum() / logits.shape[-1]
+
+
 def _objective_sum(model: nn.Module, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
     """Sum over the batch's samples of each sample's objective, as a float32 0-d tensor.
 
     The base model and lm_head are called directly, so transformers computes no loss and keeps no
     full logits tensor it does not need.
     """
+    if is_encoder_decoder(model):
+        return _seq2seq_objective_sum(model, input_ids, objective)
     base, head, cap = _lm_parts(model)
     hidden = base(input_ids=input_ids, use_cache=False)[0]  # [B, T, hidden]
     b, t = input_ids.shape
@@ -157,10 +208,12 @@ def objective_value(model: nn.Module, input_ids: torch.Tensor, objective: str = 
 
     ``"maxlogit"`` (NIRVANA): logits ``[B, T, V]`` -> max over T -> ``[B, V]`` -> mean, with Gemma's
     final logit soft-cap applied as the model applies it. ``"ce"``: mean next-token cross-entropy
-    over the ``B * (T - 1)`` predictions.
+    over the ``B * (T - 1)`` predictions. An encoder-decoder takes both over its decoder's positions
+    (see :func:`split_window` and the module docstring).
 
     Args:
-        input_ids: int64 ``[B, T]`` token ids on the model's device (``T >= 2`` for ``"ce"``).
+        input_ids: int64 ``[B, T]`` token ids on the model's device (``T >= 2`` for ``"ce"`` and for
+            encoder-decoders).
     """
     _check_objective(objective)
     return _objective_sum(model, input_ids, objective) / input_ids.shape[0]
@@ -173,15 +226,21 @@ def objective_value(model: nn.Module, input_ids: torch.Tensor, objective: str = 
 
 def prunable_parameters(layer: LayerModules) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The parameters scored in one layer: attention ``[q, k, v, o, (q_b, k_b, v_b)]`` and mlp
-    ``[up, down, (gate)]``, in the order the kernels take them (the biases only when present)."""
-    attn = [layer.q.weight, layer.k.weight, layer.v.weight, layer.o.weight]
-    biases = [m.bias for m in (layer.q, layer.k, layer.v)]
+    ``[up, down, (gate)]``, in the order the kernels take them (the biases only when present).
+    A cross-attention's are :func:`attention_parameters` of ``layer.cross``."""
+    mlp = [layer.up.weight, layer.down.weight] + ([layer.gate.weight] if layer.gate is not None else [])
+    return attention_parameters(layer), mlp
+
+
+def attention_parameters(block) -> list[nn.Parameter]:
+    """One attention block's scored parameters, ``[q, k, v, o, (q_b, k_b, v_b)]``."""
+    attn = [block.q.weight, block.k.weight, block.v.weight, block.o.weight]
+    biases = [m.bias for m in (block.q, block.k, block.v)]
     if any(b is not None for b in biases):
         if any(b is None for b in biases):
             raise ValueError("model: q/k/v biases must be all present or all absent")
         attn += biases
-    mlp = [layer.up.weight, layer.down.weight] + ([layer.gate.weight] if layer.gate is not None else [])
-    return attn, mlp
+    return attn
 
 
 @contextlib.contextmanager
@@ -222,10 +281,9 @@ def _check_windows(model: nn.Module, windows, objective: str) -> torch.Tensor:
         raise ValueError(f"windows: expected a non-empty [N, T] tensor, got shape {tuple(windows.shape)}")
     if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
         raise ValueError(f"windows: dtype must be an integer type, got {windows.dtype}")
-    if objective == "ce" and windows.shape[1] < 2:
-        raise ValueError(
-            f"windows: the 'ce' objective needs T >= 2 tokens per window, got shape {tuple(windows.shape)}"
-        )
+    if (objective == "ce" or is_encoder_decoder(model)) and windows.shape[1] < 2:
+        needs = "an encoder-decoder" if is_encoder_decoder(model) else "the 'ce' objective"
+        raise ValueError(f"windows: {needs} needs T >= 2 tokens per window, got shape {tuple(windows.shape)}")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
     lo, hi = int(windows.min()), int(windows.max())
@@ -357,35 +415,36 @@ def _adam_state(
     return vs, eps * root, root, info
 
 
-def _layer_scores(
+def _attention_scores(
     geometry: Geometry,
     attn: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    mlp: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    *,
     attn_v: Sequence[torch.Tensor] | None = None,
-    mlp_v: Sequence[torch.Tensor] | None = None,
     eps: float = ADAM_EPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's float32 ``[num_kv_heads]`` and ``[intermediate_size]`` scores from the kernels.
-
-    ``attn`` holds (weight, grad) pairs for q, k, v, o (then q, k, v biases, if any), ``mlp`` for
-    up, down (then gate); ``attn_v``/``mlp_v`` are the matching second moments for Adam scaling.
-    """
+) -> torch.Tensor:
+    """One attention block's float32 ``[num_kv_heads]`` scores: ``attn`` holds (weight, grad) pairs
+    for q, k, v, o (then q, k, v biases, if any); ``attn_v`` the matching second moments for Adam."""
     (q_w, q_g), (k_w, k_g), (v_w, v_g), (o_w, o_g) = attn[:4]
     bias = {}
     for name, (b, bg) in zip(("q", "k", "v"), attn[4:]):
         bias[f"{name}_b"], bias[f"{name}_bg"] = b, bg
-    att = nirvana_kernels.attention_group_saliency(
+    return nirvana_kernels.attention_group_saliency(
         q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g,
         num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
         exp_avg_sq=None if attn_v is None else tuple(attn_v), eps=eps, **bias,
     )  # fmt: skip
+
+
+def _mlp_scores(
+    mlp: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    mlp_v: Sequence[torch.Tensor] | None = None,
+    eps: float = ADAM_EPS,
+) -> torch.Tensor:
+    """One layer's float32 ``[intermediate_size]`` scores from (weight, grad) pairs for up, down (then gate)."""
     (up_w, up_g), (down_w, down_g) = mlp[:2]
     gate = {"gate_w": mlp[2][0], "gate_g": mlp[2][1]} if len(mlp) == 3 else {}
-    channels = nirvana_kernels.mlp_channel_saliency(
+    return nirvana_kernels.mlp_channel_saliency(
         up_w, up_g, down_w, down_g, exp_avg_sq=None if mlp_v is None else tuple(mlp_v), eps=eps, **gate
     )
-    return att, channels
 
 
 def _with_grads(
@@ -474,22 +533,25 @@ def compute_scores(
 
     if saliency == "random":
         gen = torch.Generator().manual_seed(seed)
-        attention = torch.rand(geometry.num_layers, geometry.num_kv_heads, generator=gen)
+        attention = torch.rand(geometry.num_attention_blocks, geometry.num_kv_heads, generator=gen)
         mlp = torch.rand(geometry.num_layers, geometry.intermediate_size, generator=gen)
         return Scores(attention, mlp, geometry, dict(meta, seed=seed))
 
-    per_layer = [prunable_parameters(layer) for layer in layers]
-    if saliency == "magnitude":
-        att_rows, mlp_rows = [], []
-        with torch.no_grad():
-            for aw, mw in per_layer:
-                ones = [(w.detach(), _ones_like(w)) for w in aw], [(w.detach(), _ones_like(w)) for w in mw]
-                a, m = _layer_scores(geometry, *ones)
-                att_rows.append(a)
-                mlp_rows.append(m)
-        return _finish(att_rows, mlp_rows, geometry, meta)
+    # Every scored block in order: the attention rows (see Geometry), then one MLP per layer.
+    blocks = [("attention", attention_parameters(a)) for a in attention_blocks(layers)]
+    blocks += [("mlp", prunable_parameters(layer)[1]) for layer in layers]
 
-    flat = [p for aw, mw in per_layer for p in (*aw, *mw)]
+    def score(kind: str, pairs, v=None, eps=ADAM_EPS) -> torch.Tensor:
+        return _attention_scores(geometry, pairs, v, eps) if kind == "attention" else _mlp_scores(pairs, v, eps)
+
+    rows: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}
+    if saliency == "magnitude":
+        with torch.no_grad():
+            for kind, params in blocks:
+                rows[kind].append(score(kind, [(w.detach(), _ones_like(w)) for w in params]))
+        return _finish(rows["attention"], rows["mlp"], geometry, meta)
+
+    flat = [p for _, params in blocks for p in params]
     eps, scale, moments_from_opt = ADAM_EPS, 1.0, None
     if optimizer is not None:
         param_names = {id(p): n for n, p in model.named_parameters()}
@@ -508,26 +570,19 @@ def compute_scores(
     )
     grads, value, count = sums.grads, sums.objective, sums.micro_batches
     moments = moments_from_opt if moments_from_opt is not None else sums.second_moment
-    del sums  # the lists above are now the only owners, so each layer's buffers go once it is scored
-    att_rows, mlp_rows, pos = [], [], 0
+    del sums  # the lists above are now the only owners, so each block's buffers go once it is scored
+    pos = 0
     with torch.no_grad():
-        for aw, mw in per_layer:
-            mid, end = pos + len(aw), pos + len(aw) + len(mw)
-            a, m = _layer_scores(
-                geometry,
-                _with_grads(aw, grads[pos:mid]),
-                _with_grads(mw, grads[mid:end]),
-                attn_v=None if moments is None else moments[pos:mid],
-                mlp_v=None if moments is None else moments[mid:end],
-                eps=eps,
-            )
-            att_rows.append(a * scale if scale != 1.0 else a)
-            mlp_rows.append(m * scale if scale != 1.0 else m)
-            # Drop this layer's float32 buffers now rather than after the last layer.
+        for kind, params in blocks:
+            end = pos + len(params)
+            row = score(kind, _with_grads(params, grads[pos:end]), None if moments is None else moments[pos:end], eps)
+            rows[kind].append(row * scale if scale != 1.0 else row)
+            # Drop this block's float32 buffers now rather than after the last one.
             grads[pos:end] = [None] * (end - pos)
             if moments is not None:
                 moments[pos:end] = [None] * (end - pos)
             pos = end
+    att_rows, mlp_rows = rows["attention"], rows["mlp"]
     meta.update(
         objective=objective,
         objective_value=value,

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from nirvana.adapters import get_adapter
 from nirvana.allocation import allocate
@@ -30,7 +32,7 @@ from nirvana.baselines import (
     wanda_sp_scores,
 )
 from nirvana.checkpoint import load_pruned, save_pruned
-from nirvana.compaction import compact_model
+from nirvana.compaction import compact_model, extra_biases, model_config_updates
 from nirvana.saliency import compute_scores
 
 from .helpers import assert_bitwise_equal, assert_close
@@ -270,9 +272,7 @@ def test_every_method_prunes_every_architecture(arch, method, allocation):
     plan = allocate(scores.attention, scores.mlp, g, sparsity=0.3, gamma=2.0, allocation=allocation, round_to=4)
     model = tiny_model(arch)
     if method == "flap":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # the loadability warning; tested below
-            apply_flap_compensation(model, plan, activation_statistics(model, windows(), progress=False))
+        apply_flap_compensation(model, plan, activation_statistics(model, windows(), progress=False))
     compact_model(model, plan)
     kept_mlp = [len(lp.mlp_channels_kept) for lp in plan.layers]
     assert [lm.down.in_features for lm in get_adapter(model).layers(model)] == kept_mlp
@@ -302,9 +302,7 @@ def test_compensation_keeps_the_mean_output_and_lowers_the_error_on_calibration_
     plan, stats = flap_plan(dense, ids)
     seen = capture_inputs(dense, ids)
     plain = compact_model(copy.deepcopy(dense), plan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        compensated = compact_model(apply_flap_compensation(copy.deepcopy(dense), plan, stats), plan)
+    compensated = compact_model(apply_flap_compensation(copy.deepcopy(dense), plan, stats), plan)
     g = plan.geometry
     qd = g.group_size * g.head_dim
     layers = zip(*(get_adapter(m).layers(m) for m in (dense, plain, compensated)), plan.layers, seen, strict=True)
@@ -343,12 +341,17 @@ def test_compensation_on_llama_sets_the_bias_flags_with_zero_sibling_biases():
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
-def test_compensation_warns_where_the_stock_class_cannot_hold_the_biases(arch):
+def test_compensation_lists_the_biases_the_stock_class_lacks(arch):
     model, ids = tiny_model(arch), windows()
     assert not stock_bias_flags(model.config)
     plan, stats = flap_plan(model, ids)
-    with pytest.warns(RuntimeWarning, match="without biases"):
+    assert extra_biases(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the checkpoint can say it: no warning
         apply_flap_compensation(model, plan, stats)
+    assert extra_biases(model) == ["self_attn.o_proj", "mlp.down_proj"]
+    _, block = model_config_updates(compact_model(model, plan))
+    assert block["bias"] == ["self_attn.o_proj", "mlp.down_proj"]
 
 
 def test_compensation_leaves_a_model_sharing_its_tensors_untouched():
@@ -357,9 +360,7 @@ def test_compensation_leaves_a_model_sharing_its_tensors_untouched():
     snapshot = {k: v.clone() for k, v in dense.state_dict().items()}
     memo = {id(t): t for t in (*dense.parameters(), *dense.buffers())}
     shared = copy.deepcopy(dense, memo)  # what selection.pruned_copy does
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        compact_model(apply_flap_compensation(shared, plan, stats), plan)
+    compact_model(apply_flap_compensation(shared, plan, stats), plan)
     state = dense.state_dict()
     assert set(state) == set(snapshot)
     for k, v in snapshot.items():
@@ -372,38 +373,33 @@ def test_compensation_leaves_a_model_sharing_its_tensors_untouched():
     [
         ("llama", "global"),
         ("llama", "uniform"),
-        *(
-            pytest.param(
-                a,
-                "global",
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="stock transformers builds this architecture's o_proj/down_proj without a bias whatever "
-                    "the config says, so loading drops FLAP's compensation biases; needs the checkpoint's nirvana "
-                    "block to list them (compaction.model_config_updates) and _remote_modeling.apply_layer_widths "
-                    "to add them before loading",
-                ),
-            )
-            for a in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
-        ),
+        *((a, "global") for a in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")),
+        ("qwen2", "uniform"),
     ],
     ids=lambda v: v,
 )
 def test_flap_pruned_checkpoint_reloads_with_identical_logits(arch, allocation, tmp_path):
     model, ids = tiny_model(arch), windows()
     plan, stats = flap_plan(model, ids, allocation)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        apply_flap_compensation(model, plan, stats)
+    apply_flap_compensation(model, plan, stats)
     compact_model(model, plan)
     with torch.no_grad():
         want = model(ids).logits
     out = save_pruned(model, None, plan, tmp_path / "ckpt")
-    loaded = load_pruned(out, **EAGER)
-    biases = [(lm.o.bias, lm.down.bias) for lm in get_adapter(loaded).layers(loaded)]
-    assert all(o is not None and d is not None for o, d in biases), "the reloaded model lost its biases"
-    with torch.no_grad():
-        assert_bitwise_equal(loaded(ids).logits, want, name=f"{arch} {allocation} logits after reload")
+    config = json.loads((out / "config.json").read_text())
+    # Llama's flags say it in a stock config; the others need the block, uniform widths or not.
+    assert ("nirvana" in config) == (arch != "llama" or allocation != "uniform")
+    loaders = {"load_pruned": lambda p: load_pruned(p, **EAGER)}
+    if "nirvana" in config:
+        loaders["trust_remote_code"] = lambda p: transformers.AutoModelForCausalLM.from_pretrained(
+            p, trust_remote_code=True, **EAGER
+        )
+    for name, load in loaders.items():
+        loaded = load(out).eval()
+        biases = [(lm.o.bias, lm.down.bias) for lm in get_adapter(loaded).layers(loaded)]
+        assert all(o is not None and d is not None for o, d in biases), f"{name}: the reloaded model lost its biases"
+        with torch.no_grad():
+            assert_bitwise_equal(loaded(ids).logits, want, name=f"{arch} {allocation} logits after {name}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,6 +52,43 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.fl
     return model.to(dtype).eval()
 
 
+# Tiny T5s of both FFN kinds: 4 heads of width 8, two layers per stack, so every attention kind and
+# the shared relative position bias meet a pruned head.
+T5_FFNS = {"t5-relu": "relu", "t5-gated": "gated-gelu"}
+
+
+def tiny_t5(kind: str = "t5-relu", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised T5ForConditionalGeneration in eval mode, eager attention."""
+    if kind not in T5_FFNS:
+        raise ValueError(f"kind: unknown tiny T5 {kind!r} (known: {list(T5_FFNS)})")
+    kw = dict(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj=T5_FFNS[kind],
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=3,
+        architectures=["T5ForConditionalGeneration"],
+    )
+    config = transformers.T5Config(**{**kw, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        # Random layer-norm weights and a larger position bias, so a wrong slice of either shows.
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "relative_attention_bias" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
 def tiny_batch(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .base import Adapter, LayerModules
+from .base import Adapter, AttentionModules, LayerModules, attention_blocks
 from .llama import LlamaLikeAdapter
+from .t5 import T5Adapter
 
-ADAPTERS: tuple[Adapter, ...] = (LlamaLikeAdapter(),)
+ADAPTERS: tuple[Adapter, ...] = (LlamaLikeAdapter(), T5Adapter())
 
 
 def _names(config) -> list[str]:
@@ -24,4 +25,4 @@ def get_adapter(model_or_config) -> Adapter:
     raise ValueError(f"architecture: {'/'.join(names) or model_type!r} is not supported (known: {known})")
 
 
-__all__ = ["ADAPTERS", "Adapter", "LayerModules", "get_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "AttentionModules", "LayerModules", "attention_blocks", "get_adapter"]

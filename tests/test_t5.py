@@ -1,0 +1,263 @@
+"""T5 (both FFN kinds): geometry, the pruned model against its masked twin (encoder and decoder), the
+encoder-decoder objective, allocation over three attention kinds, checkpoints, and ``nirvana prune``."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from nirvana import _remote_modeling, cli
+from nirvana.adapters import attention_blocks, get_adapter
+from nirvana.allocation import allocate
+from nirvana.checkpoint import load_plan, load_pruned, save_pruned
+from nirvana.compaction import compact_model, layer_widths, mask_model
+from nirvana.plan import Geometry, LayerPlan, PruningPlan
+from nirvana.saliency import compute_scores, load_scores, objective_value, save_scores, split_window
+from tests.test_pruning import write_text
+
+from .helpers import assert_bitwise_equal, assert_close
+from .tiny_models import T5_FFNS, tiny_batch, tiny_t5, tiny_tokenizer
+
+KINDS = tuple(T5_FFNS)
+EAGER = {"attn_implementation": "eager"}
+ARCH = "T5ForConditionalGeneration"
+
+
+def hand_plan(model) -> PruningPlan:
+    """Every attention kind loses heads, and the layers of a stack keep different ones: layer 1 of each
+    stack keeps a head that layer 0 (which computes the shared position bias) drops."""
+    g = get_adapter(model).geometry(model.config)
+    every = list(range(g.intermediate_size))
+    layers = [
+        LayerPlan([0, 2], [c for c in every if c % 3]),  # encoder 0
+        LayerPlan([1, 2, 3], every[:40]),  # encoder 1
+        LayerPlan([1, 3], every[8:], [0, 3]),  # decoder 0
+        LayerPlan([0, 1, 2], every, [2]),  # decoder 1
+    ]
+    return PruningPlan(ARCH, g, layers)
+
+
+def io(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"input_ids": tiny_batch(2, 12, seed=seed), "decoder_input_ids": tiny_batch(2, 7, seed=seed + 1)}
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KINDS)
+def test_geometry_and_modules(kind):
+    model = tiny_t5(kind)
+    adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
+    assert g == Geometry(4, 32, 4, 4, 8, 48, kind == "t5-gated", encoder_layers=2, cross_attention_layers=2)
+    assert g.num_attention_blocks == 6
+    assert g.sections()["decoder.cross_attention"] == ("attention", 4, 6)
+    layers = adapter.layers(model)
+    assert [lm.cross is not None for lm in layers] == [False, False, True, True]
+    ff = model.decoder.block[1].layer[-1].DenseReluDense
+    if kind == "t5-gated":
+        assert (layers[3].gate, layers[3].up, layers[3].down) == (ff.wi_0, ff.wi_1, ff.wo)
+    else:
+        assert (layers[3].gate, layers[3].up, layers[3].down) == (None, ff.wi, ff.wo)
+    assert attention_blocks(layers)[5].attn is model.decoder.block[1].layer[1].EncDecAttention
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KINDS)
+def test_pruned_t5_matches_its_masked_model_in_encoder_and_decoder(kind):
+    dense = tiny_t5(kind)
+    plan = hand_plan(dense)
+    masked = mask_model(copy.deepcopy(dense), plan)
+    pruned = compact_model(copy.deepcopy(dense), plan)
+    x = io()
+    with torch.no_grad():
+        enc_want = masked.get_encoder()(input_ids=x["input_ids"]).last_hidden_state
+        enc_got = pruned.get_encoder()(input_ids=x["input_ids"]).last_hidden_state
+        want, got = masked(**x).logits, pruned(**x).logits
+        assert not torch.allclose(dense(**x).logits, want, atol=1e-3)  # the pruning does change the model
+    assert_close(enc_got, enc_want, rtol=1e-5, atol=1e-5, name=f"{kind} encoder output")
+    assert_close(got, want, rtol=1e-5, atol=1e-5, name=f"{kind} logits")
+    widths = layer_widths(pruned)
+    assert [w["heads"] for w in widths] == [[0, 2], [1, 2, 3], [1, 3], [0, 1, 2]]
+    assert [w.get("cross_heads") for w in widths] == [None, None, [0, 3], [2]]
+
+
+def test_generate_with_a_cache_matches_the_masked_model():
+    # Incremental decoding computes the position bias for the cached offset: the pruned layers must too.
+    dense = tiny_t5("t5-gated")
+    plan = hand_plan(dense)
+    masked = mask_model(copy.deepcopy(dense), plan)
+    pruned = compact_model(copy.deepcopy(dense), plan)
+    x = tiny_batch(2, 12)
+    with torch.no_grad():
+        want = masked.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        got = pruned.generate(x, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        assert_close(a, b, rtol=1e-5, atol=1e-5, name=f"step {step} logits")
+
+
+def test_split_window_makes_teacher_forced_decoder_inputs():
+    model = tiny_t5()
+    ids = tiny_batch(3, 9)
+    parts = split_window(model, ids)
+    assert torch.equal(parts["input_ids"], ids[:, :4]) and torch.equal(parts["labels"], ids[:, 4:])
+    start = model.config.decoder_start_token_id
+    assert torch.equal(parts["decoder_input_ids"][:, 0], torch.full((3,), start))
+    assert torch.equal(parts["decoder_input_ids"][:, 1:], ids[:, 4:-1])
+    with pytest.raises(ValueError, match="T >= 2"):
+        split_window(model, ids[:, :1])
+
+
+@pytest.mark.parametrize("objective", ["maxlogit", "ce"], ids=["maxlogit", "ce"])
+def test_objective_is_taken_over_the_decoder_positions(objective):
+    model = tiny_t5("t5-gated")
+    ids = tiny_batch(3, 10)
+    parts = split_window(model, ids)
+    with torch.no_grad():
+        logits = model(input_ids=parts["input_ids"], decoder_input_ids=parts["decoder_input_ids"]).logits.double()
+        value = objective_value(model, ids, objective)
+    if objective == "ce":
+        want = F.cross_entropy(logits.flatten(0, 1), parts["labels"].flatten())
+    else:
+        want = logits.max(dim=1).values.mean()
+    assert_close(value.double(), want, rtol=1e-5, name=objective)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KINDS)
+def test_scores_have_one_row_per_attention_block_and_round_trip(kind, tmp_path):
+    model = tiny_t5(kind)
+    scores = compute_scores(model, tiny_batch(4, 10), micro_batch_size=2, progress=False)
+    g = scores.geometry
+    assert scores.attention.shape == (6, 4) and scores.mlp.shape == (4, 48)
+    assert torch.isfinite(scores.attention).all() and (scores.attention > 0).all()
+    back = load_scores(save_scores(scores, tmp_path / "scores.safetensors"))
+    assert back.geometry == g
+    assert_bitwise_equal(back.attention, scores.attention, name="attention")
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"], ids=["global", "uniform"])
+def test_allocation_ranks_the_three_attention_kinds(allocation):
+    g = get_adapter(tiny_t5()).geometry(tiny_t5().config)
+    gen = torch.Generator().manual_seed(0)
+    attn, mlp = torch.rand(6, 4, generator=gen), torch.rand(4, 48, generator=gen)
+    plan = allocate(attn, mlp, g, sparsity=0.4, gamma=1.0, allocation=allocation, round_to=1, architecture=ARCH)
+    blocks = [b for lp in plan.layers for b in lp.attention_blocks()]
+    assert len(blocks) == 6 and all(blocks)  # every attention block keeps at least one head
+    assert sum(4 - len(b) for b in blocks) == plan.meta["kv_groups_pruned"] > 0
+    assert abs(plan.achieved_sparsity() - 0.4) < 0.05
+    assert PruningPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    if allocation == "uniform":
+        assert len({len(b) for b in blocks}) == 1
+
+
+def test_decoder_only_plans_and_geometries_keep_their_format():
+    from .tiny_models import tiny_model
+
+    g = get_adapter(tiny_model("llama")).geometry(tiny_model("llama").config)
+    assert set(g.to_dict()) == {
+        *("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "gated")
+    }
+    assert g.num_attention_blocks == g.num_layers and set(g.sections()) == {"attention", "mlp"}
+    layer = LayerPlan([0], [1, 2]).to_dict()
+    assert layer == {"kv_groups_kept": [0], "mlp_channels_kept": [1, 2]}
+
+
+def test_plan_refuses_a_cross_attention_where_the_geometry_has_none():
+    plan = hand_plan(tiny_t5())
+    plan.layers[0].cross_kv_groups_kept = [0]
+    with pytest.raises(ValueError, match=r"layers\[0\].cross_kv_groups_kept: this layer has no cross-attention"):
+        plan.validate()
+    plan.layers[0].cross_kv_groups_kept, plan.layers[2].cross_kv_groups_kept = None, None
+    with pytest.raises(ValueError, match=r"layers\[2\].cross_kv_groups_kept: this layer has a cross-attention"):
+        plan.validate()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KINDS)
+def test_pruned_t5_saves_and_loads(kind, tmp_path):
+    dense = tiny_t5(kind)
+    plan = hand_plan(dense)
+    pruned = compact_model(copy.deepcopy(dense), plan)
+    x = io(seed=3)
+    with torch.no_grad():
+        want = pruned(**x).logits
+    out = save_pruned(pruned, tiny_tokenizer(), plan, tmp_path / "ckpt")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForSeq2SeqLM": f"modeling_nirvana.Nirvana{ARCH}"}
+    assert config["nirvana"]["layers"][2]["cross_heads"] == [0, 3]
+    assert load_plan(out) == plan
+    loaders = {
+        "load_pruned": lambda p: load_pruned(p, **EAGER),
+        "trust_remote_code": lambda p: transformers.AutoModelForSeq2SeqLM.from_pretrained(
+            p, trust_remote_code=True, **EAGER
+        ),
+    }
+    for name, load in loaders.items():
+        loaded = load(out).eval()
+        assert layer_widths(loaded) == layer_widths(pruned), name
+        with torch.no_grad():
+            assert_bitwise_equal(loaded(**x).logits, want, name=f"{kind} logits after {name}")
+
+
+def test_malformed_head_lists_are_refused():
+    block = {"version": 1, "base_architecture": ARCH, "layers": [{"num_heads": 2, "num_kv_heads": 2}]}
+    block["layers"][0].update(intermediate_size=8, heads=[2, 1])
+    with pytest.raises(ValueError, match=r"layers\[0\].heads: expected 2 increasing head indices"):
+        _remote_modeling.check_block(block, 1)
+    block["layers"][0].update(heads=[1, 2], cross_heads=[])
+    with pytest.raises(ValueError, match=r"layers\[0\].cross_heads"):
+        _remote_modeling.check_block(block, 1)
+
+
+@pytest.fixture(scope="module")
+def t5_dirs(tmp_path_factory):
+    folders = {}
+    for kind in KINDS:
+        folder = tmp_path_factory.mktemp("models") / kind
+        tiny_t5(kind).save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        folders[kind] = folder
+    return folders
+
+
+def prune_argv(model, calib, out, *extra):
+    return [
+        *("prune", model, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"),
+        *("--round-to", "4", "--device", "cpu", "--quiet", "--out", out, *extra),
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KINDS)
+def test_nirvana_prune_runs_end_to_end_on_a_t5_folder(kind, t5_dirs, tmp_path, capsys):
+    calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
+    code = cli.main([str(a) for a in prune_argv(t5_dirs[kind], calib, out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert 0.2 < report["sparsity"]["achieved"] < 0.4
+    assert report["params"]["after"] < report["params"]["before"]
+    plan = load_plan(out)
+    assert plan.geometry.cross_attention_layers == 2 and plan.layers[3].cross_kv_groups_kept
+    assert report["per_layer"][3]["cross_heads"] == len(plan.layers[3].cross_kv_groups_kept)
+    loaded = load_pruned(out, **EAGER)
+    with torch.no_grad():
+        logits = loaded(**io()).logits
+    assert logits.shape == (2, 7, 128) and torch.isfinite(logits).all()
+    dense = transformers.AutoModelForSeq2SeqLM.from_pretrained(t5_dirs[kind], **EAGER)
+    masked = mask_model(dense, plan)
+    with torch.no_grad():
+        assert_close(logits, masked(**io()).logits, rtol=1e-5, atol=1e-5, name=f"{kind} saved vs masked")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(("--method", "magnitude"), "method: 'magnitude' supports decoder-only"), (("--gamma", "auto"), "KL selection")],
+    ids=["baseline", "gamma-auto"],
+)
+def test_what_t5_does_not_support_is_one_line_and_exit_2(extra, message, t5_dirs, tmp_path, capsys):
+    calib = write_text(tmp_path / "calib.txt")
+    code = cli.main([str(a) for a in prune_argv(t5_dirs["t5-relu"], calib, tmp_path / "out", *extra)])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
