@@ -68,6 +68,10 @@ def perplexity(
         raise ValueError(f"text: expected a str, got {type(text).__name__}")
     _positive_int("seq_len", seq_len, 2)
     _positive_int("batch_size", batch_size)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"model: {type(model).__name__} is an encoder-decoder; perplexity reads decoder-only next-token logits"
+        )
     if max_windows is not None:
         _positive_int("max_windows", max_windows)
     ids = tokenize(text, tokenizer)

@@ -247,6 +247,10 @@ def finetune(
     lr = float(lr) if lr is not None else (DEFAULT_LR_FULL if full else DEFAULT_LR_LORA)
     report = _read_report(src)
     plan = load_plan(src)
+    if plan.geometry.encoder_layers or plan.geometry.cross_attention_layers:
+        raise ValueError(
+            f"pruned_dir: {str(src)!r} is an encoder-decoder; fine-tuning trains decoder-only language models"
+        )
 
     from transformers import AutoTokenizer
 

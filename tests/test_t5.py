@@ -261,3 +261,19 @@ def test_what_t5_does_not_support_is_one_line_and_exit_2(extra, message, t5_dirs
     _, err = capsys.readouterr()
     assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune"], ids=["eval", "finetune"])
+def test_eval_and_finetune_refuse_a_t5_in_one_line(command, t5_dirs, tmp_path, capsys):
+    calib, pruned = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
+    assert cli.main([str(a) for a in prune_argv(t5_dirs["t5-relu"], calib, pruned)]) == 0
+    capsys.readouterr()
+    argv = {
+        "eval": ["eval", str(pruned), "--text", str(calib), "--seq-len", "8", "--device", "cpu"],
+        "finetune": ["finetune", str(pruned), "--text", str(calib), "--steps", "1", "--out", str(tmp_path / "ft")],
+    }[command]
+    code = cli.main(argv)
+    _, err = capsys.readouterr()
+    assert code == 2 and "encoder-decoder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ft").exists()
