@@ -71,12 +71,11 @@ def run(argv, capsys):
     return code, out, err
 
 
-CASES = [("llama", "global", True), ("qwen2", "global", True), ("llama", "uniform", False)]
+CASES = [("llama", "global", True), ("qwen2", "global", True), ("gemma2", "global", True), ("llama", "uniform", False)]
+CASE_IDS = ["llama", "qwen2-biases", "gemma2-tied-embeddings", "llama-uniform-1-file"]
 
 
-@pytest.mark.parametrize(
-    ("arch", "allocation", "sharded"), CASES, ids=["llama", "qwen2-biases", "llama-uniform-1-file"]
-)
+@pytest.mark.parametrize(("arch", "allocation", "sharded"), CASES, ids=CASE_IDS)
 def test_apply_writes_what_compacting_in_memory_saves(arch, allocation, sharded, tmp_path, capsys):
     src = dense_folder(tmp_path, arch, sharded)
     before = snapshot(src)
@@ -145,6 +144,15 @@ def test_overwrite_replaces_the_folder(llama_src, tmp_path):
     apply_plan(plan, src, out, overwrite=True, device="cpu")
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["source", "parent"], ids=["source", "parent-of-source"])
+def test_out_that_would_replace_the_source_is_refused(where, llama_src):
+    src, plan = llama_src
+    before = snapshot(src)
+    with pytest.raises(ValueError, match="would replace the model's source folder"):
+        apply_plan(plan, src, src if where == "source" else src.parent, overwrite=True, device="cpu")
+    assert snapshot(src) == before
 
 
 def test_failure_mid_write_leaves_nothing(llama_src, tmp_path, monkeypatch):
