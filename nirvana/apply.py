@@ -377,4 +377,17 @@ def apply_plan(
     return out
 
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "Gather", "TensorSpec", "apply_plan", "parse_size", "read_plan"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "Gather",
+    "TensorSpec",
+    "apply_plan",
+    "gathers",
+    "output_tensor",
+    "parse_size",
+    "read_plan",
+    "shard",
+    "source_tensors",
+    "tensor_specs",
+    "write_shard",
+]
