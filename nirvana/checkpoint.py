@@ -167,6 +167,27 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` that becomes ``out`` when the ``with`` block completes.
+
+    On any failure (or interrupt) inside the block the temporary folder is removed and ``out`` is
+    left as it was. The caller has already decided that ``out`` may be replaced.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should read like any other
+    try:
+        yield tmp
+        _sync_tree(tmp)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _quant_method(config) -> str | None:
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -240,12 +261,7 @@ def save_pruned(
     # another tool might not have.
     sizes, block = model_config_updates(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should read like any other
-    try:
+    with staged_folder(out) as tmp:
         # save_pretrained writes safetensors and de-duplicates tied tensors, which a plain
         # safetensors save_file refuses.
         with _gguf_as_plain_weights(model):
@@ -258,11 +274,6 @@ def save_pruned(
             (tmp / REPORT_FILE).write_text(report_text)
         for name, content in extras.items():
             _write_extra(tmp, name, content)
-        _sync_tree(tmp)
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

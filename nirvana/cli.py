@@ -1,6 +1,7 @@
 """``nirvana`` command line: argument parsing and one-line errors; the work is in the Python API.
 
 nirvana prune MODEL --sparsity 0.2 [--gamma 3.0|auto] [--calib SOURCE] ... --out DIR
+nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
 nirvana report DIR
 nirvana demo
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ap = sub.add_parser("apply", help="compact a dense safetensors checkpoint with a plan.json, tensor by tensor")
+    ap.add_argument("plan", help="a plan.json, or a pruned folder holding one")
+    ap.add_argument("--model", required=True, help="the dense checkpoint folder the plan was made for (never modified)")
+    ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    ap.add_argument("--max-shard-size", default="5GB", help="most bytes per output shard, e.g. 5GB or 500MiB")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--overwrite", action="store_true")
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
@@ -166,6 +175,21 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_apply(args) -> int:
+    from .apply import apply_plan
+
+    out = apply_plan(
+        args.plan,
+        args.model,
+        args.out,
+        max_shard_size=args.max_shard_size,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(f"saved to {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation import lm_eval_tasks, perplexity
 
@@ -219,7 +243,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {
+    "prune": cmd_prune,
+    "apply": cmd_apply,
+    "eval": cmd_eval,
+    "finetune": cmd_finetune,
+    "report": cmd_report,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,393 @@
+"""Compact a checkpoint on disk, one tensor at a time (``nirvana apply PLAN --model SRC --out DST``).
+
+:func:`apply_plan` reads a safetensors checkpoint (``model.safetensors``, or shards listed by
+``model.safetensors.index.json``) lazily, gathers the kept rows and columns of each prunable tensor
+with the nirvana kernels (on the GPU when there is one), copies every other tensor through, and
+writes sharded safetensors with the pruned ``config.json``, ``plan.json``, ``modeling_nirvana.py``
+when the widths differ per layer, and the tokenizer and generation files. The tensors are those
+:func:`nirvana.compaction.compact_model` followed by :func:`nirvana.checkpoint.save_pruned` writes,
+bit for bit, and so is ``config.json``.
+
+Each output shard's header is written first (every output shape follows from the source header and
+the plan), then each tensor as soon as it is gathered, so the process holds one source tensor (a
+lazily read memory map) and its compacted copy at a time: a model pruned on a cluster can be
+compacted on any machine with room for a few of its largest tensors. Only decoder-only models the
+Llama-like adapter serves are supported; the tensor names come from the adapter, read off a model
+built on the meta device from the checkpoint's config.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from nirvana_kernels import compact_groups
+
+from . import _remote_modeling as remote
+from .adapters import get_adapter
+from .checkpoint import CONFIG_FILE, PLAN_FILE, _check_out_dir, _rewrite_config, staged_folder
+from .compaction import _check_plan, base_architecture, config_updates, plan_widths
+from .plan import PruningPlan
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+# Files beside the weights that describe the tokenizer or generation; copied as they are.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.tiktoken",
+    "spiece.model",
+    "chat_template*",
+)
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_FLOAT_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Which slices of one tensor survive: units of ``unit`` rows (``dim=0``) or columns (``dim=1``)."""
+
+    dim: int
+    unit: int
+    keep: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: where it comes from, what it becomes."""
+
+    name: str
+    source: Path  # the source shard holding it
+    dtype: str  # safetensors dtype name ("BF16", ...)
+    shape: tuple[int, ...]  # after compaction
+    gather: Gather | None  # None: copied through unchanged
+
+    @property
+    def nbytes(self) -> int:
+        n = _ITEMSIZE[self.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or text like ``"5GB"`` (10**9), ``"500MiB"`` (2**20), ``"20KB"``."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size: expected bytes or a size like '5GB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE.match(size)
+        if not m:
+            raise ValueError(f"max_shard_size: expected bytes or a size like '5GB', got {size!r}")
+        power = " KMGT".index(m.group(2).upper() or " ")
+        value = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if value <= 0:
+        raise ValueError(f"max_shard_size: must be positive, got {size!r}")
+    return value
+
+
+def read_plan(plan: PruningPlan | str | os.PathLike) -> PruningPlan:
+    """A plan given as itself, a ``plan.json`` path, or a folder holding one (a pruned checkpoint)."""
+    if isinstance(plan, PruningPlan):
+        plan.validate()
+        return plan
+    if not isinstance(plan, (str, os.PathLike)) or not str(plan):
+        raise ValueError(f"plan: expected a PruningPlan or a plan.json path, got {plan!r}")
+    path = Path(plan)
+    if path.is_dir():
+        path = path / PLAN_FILE
+    if not path.is_file():
+        raise ValueError(f"plan: {os.fspath(plan)!r} is not a plan.json file (or a folder holding one)")
+    try:
+        return PruningPlan.load(path)
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        raise ValueError(f"plan: {str(path)!r} is not a valid plan.json ({type(err).__name__}: {err})") from None
+
+
+def source_tensors(src: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index or the single weights file."""
+    index = src / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"model: {str(index)!r} is not a safetensors index ({err})") from None
+        files = {name: src / file for name, file in weight_map.items()}
+    elif (src / WEIGHTS_FILE).is_file():
+        with safe_open(src / WEIGHTS_FILE, framework="pt") as f:
+            files = dict.fromkeys(f.keys(), src / WEIGHTS_FILE)
+    else:
+        raise ValueError(f"model: {str(src)!r} holds neither {WEIGHTS_FILE} nor {INDEX_FILE}")
+    for path in set(files.values()):
+        if not path.is_file():
+            raise ValueError(f"model: the index names {path.name!r}, which is not in {str(src)!r}")
+    return files
+
+
+def gathers(model: nn.Module, plan: PruningPlan) -> dict[str, Gather]:
+    """Parameter name -> its :class:`Gather`, for every prunable tensor of ``model`` (dense, any device).
+
+    The slices are those :func:`nirvana.compaction.compact_model` takes: q rows (and bias) and o
+    columns in units of ``G * head_dim``, k/v rows (and biases) in units of ``head_dim``, gate/up
+    rows (and biases) and down columns one channel each. A layer that keeps everything still gets
+    its entries, so that its shapes are checked.
+    """
+    adapter = get_adapter(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    g = plan.geometry
+    qd = g.group_size * g.head_dim
+    out: dict[str, Gather] = {}
+    for lm, lp in zip(adapter.layers(model), plan.layers):
+        groups, channels = tuple(lp.kv_groups_kept), tuple(lp.mlp_channels_kept)
+        for linear, dim, unit, keep in (
+            (lm.q, 0, qd, groups),
+            (lm.k, 0, g.head_dim, groups),
+            (lm.v, 0, g.head_dim, groups),
+            (lm.o, 1, qd, groups),
+            (lm.gate, 0, 1, channels),
+            (lm.up, 0, 1, channels),
+            (lm.down, 1, 1, channels),
+        ):
+            if linear is None:
+                continue
+            out[f"{names[id(linear)]}.weight"] = Gather(dim, unit, keep)
+            if dim == 0 and linear.bias is not None:  # o's and down's biases span the hidden size: kept
+                out[f"{names[id(linear)]}.bias"] = Gather(0, unit, keep)
+    return out
+
+
+def tensor_specs(files: dict[str, Path], model: nn.Module, plan: PruningPlan) -> list[TensorSpec]:
+    """Every output tensor, in source order (file, then name), with its compacted shape.
+
+    Raises:
+        ValueError: a prunable tensor is missing from the checkpoint or has other than its dense shape.
+    """
+    wanted = gathers(model, plan)
+    dense = dict(model.named_parameters())
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        raise ValueError(f"model: the checkpoint has no tensor {missing[0]!r} ({len(missing)} prunable ones missing)")
+    specs = []
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in sorted(n for n in f.keys() if files.get(n) == path):
+                view = f.get_slice(name)
+                dtype, shape = view.get_dtype(), tuple(view.get_shape())
+                if dtype not in _ITEMSIZE:
+                    raise ValueError(f"model: tensor {name!r} has dtype {dtype}, which nirvana cannot copy")
+                gather = wanted.get(name)
+                if gather is not None:
+                    if shape != tuple(dense[name].shape):
+                        raise ValueError(
+                            f"model: tensor {name!r} has shape {list(shape)}, not the dense "
+                            f"{list(dense[name].shape)}; a plan applies to the dense checkpoint (pruned already?)"
+                        )
+                    if len(gather.keep) * gather.unit == shape[gather.dim]:
+                        gather = None  # everything kept
+                    else:
+                        shape = tuple(
+                            len(gather.keep) * gather.unit if d == gather.dim else s for d, s in enumerate(shape)
+                        )
+                specs.append(TensorSpec(name, path, dtype, shape, gather))
+    return specs
+
+
+def shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive runs of ``specs`` of at most ``max_bytes`` each; a larger tensor gets a shard of its own."""
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for spec in specs:
+        if not shards or size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _header(specs: list[TensorSpec]) -> tuple[bytes, list[TensorSpec]]:
+    """The safetensors header for a shard, and the order in which its tensors' bytes follow it."""
+    # Wider dtypes first, so that every tensor starts at a multiple of its element size.
+    order = sorted(specs, key=lambda s: -_ITEMSIZE[s.dtype])
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in order:
+        entries[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data then starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def output_tensor(spec: TensorSpec, device: torch.device) -> torch.Tensor:
+    """The tensor ``spec`` describes, on the CPU: read from its source shard, then gathered on ``device``."""
+    with safe_open(spec.source, framework="pt") as f:
+        # Backed by the file's memory map, which lives as long as the tensor: its pages are read as
+        # they are touched and dropped with it, so copying it through costs no second buffer.
+        tensor = f.get_tensor(spec.name)
+    if spec.gather is not None:
+        g = spec.gather
+        index = torch.tensor(g.keep, dtype=torch.int64, device=device)
+        tensor = compact_groups(tensor.to(device), index, group_size=g.unit, dim=g.dim).cpu()
+    if tuple(tensor.shape) != spec.shape:
+        raise RuntimeError(f"{spec.name}: compacted to {tuple(tensor.shape)}, expected {spec.shape}")
+    return tensor
+
+
+def write_shard(path: Path, specs: list[TensorSpec], device: torch.device) -> None:
+    """Write one safetensors file: its header, then each tensor as soon as it is gathered."""
+    header, order = _header(specs)
+    with open(path, "wb") as out:
+        out.write(header)
+        for spec in order:
+            tensor = output_tensor(spec, device)
+            if spec.nbytes:
+                out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor  # freed before the next one is read
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [WEIGHTS_FILE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_config(folder: Path, config, model: nn.Module, plan: PruningPlan, specs: list[TensorSpec]) -> None:
+    """The config.json :func:`nirvana.checkpoint.save_pruned` writes for the compacted model."""
+    # save_pretrained records the dtype of the model's first floating parameter.
+    dtypes = {s.name: s.dtype for s in specs}
+    first = next((dtypes[n] for n, _ in model.named_parameters() if dtypes.get(n) in _FLOAT_NAMES), None)
+    if first is not None:
+        config.dtype = _FLOAT_NAMES[first]
+    base = base_architecture(model)
+    sizes, block = config_updates(config, plan_widths(plan), base, plan.geometry.head_dim)
+    config.save_pretrained(folder)
+    _rewrite_config(folder, sizes, block, base)
+
+
+def _copy_side_files(src: Path, folder: Path) -> None:
+    for path in sorted(src.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in SIDE_FILES):
+            shutil.copyfile(path, folder / path.name)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+
+
+def _meta_model(src: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (src / CONFIG_FILE).is_file():
+        raise ValueError(f"model: {str(src)!r} is not a checkpoint folder (no {CONFIG_FILE})")
+    if remote.BLOCK_KEY in json.loads((src / CONFIG_FILE).read_text()):
+        raise ValueError(f"model: {str(src)!r} was pruned already (its config has a {remote.BLOCK_KEY} block)")
+    config = AutoConfig.from_pretrained(src)
+    get_adapter(config)  # names an unsupported architecture before any model is built
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.name_or_path = str(src)  # so that the out-folder check knows which folder to protect
+    return config, model
+
+
+def apply_plan(
+    plan: PruningPlan | str | os.PathLike,
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Compact the dense checkpoint folder ``model`` with ``plan`` into ``out_dir``, tensor by tensor.
+
+    Args:
+        plan: a :class:`~nirvana.plan.PruningPlan`, a ``plan.json`` path, or a pruned folder holding one.
+        model: a local Hugging Face checkpoint folder with safetensors weights (one file, or shards
+            and ``model.safetensors.index.json``); never modified.
+        out_dir: the new checkpoint folder; must not exist unless ``overwrite``, and must not be (or
+            contain) ``model``. Written to a temporary folder beside it and renamed into place.
+        max_shard_size: the most bytes per output shard (``"5GB"``, ``"500MiB"``, or an int); a
+            tensor larger than that gets a shard of its own.
+        device: where to gather (``"cuda"``, ``"cpu"``); None picks the GPU when there is one.
+            The output is the same bits either way.
+        overwrite: replace an existing ``out_dir``, only once the new one is complete.
+
+    Returns:
+        The path of ``out_dir``.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        ValueError: a bad argument, a plan made for another geometry or architecture, or a checkpoint
+            that is not a dense, supported safetensors model.
+    """
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise ValueError(f"model: expected a checkpoint folder, got {model!r}")
+    src = Path(os.path.abspath(model))
+    if not src.is_dir():
+        raise ValueError(f"model: {str(model)!r} is not a folder")
+    max_bytes = parse_size(max_shard_size)
+    dev = _device(device)
+    plan = read_plan(plan)
+    config, meta = _meta_model(src)
+    out = _check_out_dir(out_dir, overwrite, meta)
+    _check_plan(meta, plan, get_adapter(meta))
+    specs = tensor_specs(source_tensors(src), meta, plan)
+    shards = shard(specs, max_bytes)
+    names = _shard_names(len(shards))
+
+    with staged_folder(out) as tmp, torch.no_grad():
+        for name, specs_in in zip(names, shards):
+            write_shard(tmp / name, specs_in, dev)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "weight_map": {s.name: name for name, group in zip(names, shards) for s in group},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(src, tmp)
+        _write_config(tmp, config, meta, plan, specs)
+        plan.save(tmp / PLAN_FILE)
+    return out
+
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
+    "Gather",
+    "TensorSpec",
+    "apply_plan",
+    "gathers",
+    "output_tensor",
+    "parse_size",
+    "read_plan",
+    "shard",
+    "source_tensors",
+    "tensor_specs",
+    "write_shard",
+]
