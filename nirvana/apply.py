@@ -310,6 +310,11 @@ def _meta_model(src: Path):
         raise ValueError(f"model: {str(src)!r} was pruned already (its config has a {remote.BLOCK_KEY} block)")
     config = AutoConfig.from_pretrained(src)
     get_adapter(config)  # names an unsupported architecture before any model is built
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"model: {str(src)!r} is an encoder-decoder; nirvana apply streams decoder-only checkpoints "
+            "(prune a T5 in memory with nirvana prune)"
+        )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.name_or_path = str(src)  # so that the out-folder check knows which folder to protect

@@ -277,3 +277,15 @@ def test_eval_and_finetune_refuse_a_t5_in_one_line(command, t5_dirs, tmp_path, c
     assert code == 2 and "encoder-decoder" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ft").exists()
+
+
+def test_streaming_apply_refuses_a_t5_in_one_line(t5_dirs, tmp_path, capsys):
+    calib, pruned = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
+    assert cli.main([str(a) for a in prune_argv(t5_dirs["t5-relu"], calib, pruned)]) == 0
+    capsys.readouterr()
+    code = cli.main(
+        ["apply", str(pruned / "plan.json"), "--model", str(t5_dirs["t5-relu"]), "--out", str(tmp_path / "a")]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "encoder-decoder" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
