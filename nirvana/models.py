@@ -156,8 +156,12 @@ def _load_from_hub(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None):
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None, device_map=None):
     """Load ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ... as ``from_pretrained`` takes it) spreads a model folder
+    (``"smollm2"`` included) over this machine's GPUs with accelerate instead; ``device`` then only picks
+    the default dtype.
 
     ``source`` is one of: ``"smollm2"`` (the embedded default, see ``default_model_dir``); a local folder in
     Hugging Face format; a ``.gguf`` file (dequantized to a plain float model); a Hugging Face hub id, used
@@ -178,7 +182,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        placed = {"device_map": device_map} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif path.is_file():
         if path.suffix != ".gguf":
@@ -188,6 +193,10 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
         raise FileNotFoundError(f"source: {text!r} does not exist")
     else:
         model, tokenizer = _load_from_hub(text, dt)
+    if device_map is not None:
+        if not getattr(model, "hf_device_map", None):
+            raise ValueError(f"device_map: {device_map!r} is only supported for model folders, got {text!r}")
+        return model.eval(), tokenizer
     model = model.to(device=dev, dtype=dt).eval()
     return model, tokenizer
 
