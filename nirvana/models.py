@@ -179,6 +179,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     path = Path(text).expanduser()
     if text == DEFAULT_MODEL:
         path = default_model_dir()
+    if device_map is not None and not path.is_dir():
+        raise ValueError(f"device_map: {device_map!r} needs a model folder (or {DEFAULT_MODEL!r}), got {text!r}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
@@ -194,9 +196,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     else:
         model, tokenizer = _load_from_hub(text, dt)
     if device_map is not None:
-        if not getattr(model, "hf_device_map", None):
-            raise ValueError(f"device_map: {device_map!r} is only supported for model folders, got {text!r}")
-        return model.eval(), tokenizer
+        return model.eval(), tokenizer  # accelerate placed it; .to() would undo that
     model = model.to(device=dev, dtype=dt).eval()
     return model, tokenizer
 

@@ -58,6 +58,7 @@ class PruneSettings:
 
     def check(self) -> None:
         """ValueError naming the first bad setting; cheap, so it runs before anything loads."""
+        self._check_placement()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
         if self.gamma != "auto":
@@ -93,7 +94,6 @@ class PruneSettings:
             raise ValueError(f"model: {self.model!r} does not exist")
         if self.out is not None and Path(self.out).exists() and not self.overwrite:
             raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
-        self._check_placement()
 
     def _check_placement(self) -> None:
         if self.device_map is not None:
