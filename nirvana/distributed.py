@@ -304,17 +304,21 @@ def fsdp_scores(
         windows = _check_windows(model, windows, objective)
         grads, value, steps = _sharded_gradients(sharded, windows, flat, objective, mbs, progress)
     with torch.no_grad():
-        shards = [local_rows(p.detach()) for p in flat]
-        if saliency == "magnitude":
-            grads = [_ones_like(w) for _, w in shards]
-        triples = [(start, _as_grad_dtype(w, g), g) for (start, w), g in zip(shards, grads)]
         att_rows, mlp_rows, pos = [], [], 0
         for aw, mw in per_layer:
-            mid, end = pos + len(aw), pos + len(aw) + len(mw)
-            a, m = layer_partial_scores(geometry, triples[pos:mid], triples[mid:end])
+            end = pos + len(aw) + len(mw)
+            triples = []
+            for i in range(pos, end):
+                start, w = local_rows(flat[i].detach())
+                g = _ones_like(w) if saliency == "magnitude" else grads[i]
+                triples.append((start, _as_grad_dtype(w, g), g))
+            a, m = layer_partial_scores(geometry, triples[: len(aw)], triples[len(aw) :])
             att_rows.append(a)
             mlp_rows.append(m)
-            triples[pos:end] = [None] * (end - pos)
+            # One layer's float32 gradients and widened weights at a time, as on one process.
+            del triples
+            if saliency == "taylor":
+                grads[pos:end] = [None] * (end - pos)
             pos = end
         L, kv = geometry.num_layers, geometry.num_kv_heads
         total = torch.cat(

@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: prune each given folder with --distributed fsdp.
 
-argv: OUT_DIR CALIB_FILE MODEL_DIR [MODEL_DIR ...]. Every rank saves what prune returned to
-``OUT_DIR/<model name>.rank<R>.pt`` so the test can check that all ranks agree.
+argv: OUT_DIR CALIB_FILE MODEL_DIR [MODEL_DIR ...]. Every rank saves what prune returned, and the
+magnitude scores of the same shards, to ``OUT_DIR/<model name>.rank<R>.pt`` so the test can check
+them and that all ranks agree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nirvana.distributed import fsdp_scores, shard_for_scoring
+from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
 
 # The settings the test repeats on one process.
@@ -31,6 +34,10 @@ def main(argv: list[str]) -> None:
         )
         result = prune(settings, progress=False)
         saved = {"attention": result.scores.attention, "mlp": result.scores.mlp, "plan": result.plan.to_dict()}
+        # The weight-only baseline through the same shards, with no backward pass.
+        sharded = shard_for_scoring(load_model(folder)[0])
+        magnitude = fsdp_scores(sharded, None, saliency="magnitude", progress=False)
+        saved.update(magnitude_attention=magnitude.attention, magnitude_mlp=magnitude.mlp)
         torch.save(saved, out / f"{name}.rank{rank}.pt")
     dist.destroy_process_group()
 
