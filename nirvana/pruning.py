@@ -169,6 +169,8 @@ def prune(
     if settings.distributed is not None and precomputed_scores is None:
         from .distributed import prune_distributed
 
+        if model is not None:
+            raise ValueError("model: under distributed each rank loads settings.model itself; pass no model")
         return prune_distributed(settings, progress=progress, extra_report=extra_report)
     settings.check()
     timer = _Timer()

@@ -260,3 +260,8 @@ def torchrun_env(monkeypatch):
 def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
     with pytest.raises(ValueError, match=message):
         PruneSettings(model="smollm2", **overrides).check()
+
+
+def test_distributed_prune_refuses_a_model_object(torchrun_env):
+    with pytest.raises(ValueError, match="model"):
+        prune(PruneSettings(model="smollm2", distributed="fsdp"), model=tiny_model("llama"), progress=False)
