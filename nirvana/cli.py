@@ -1,6 +1,7 @@
 """``nirvana`` command line: argument parsing and one-line errors; the work is in the Python API.
 
 nirvana prune MODEL --sparsity 0.2 [--gamma 3.0|auto] [--calib SOURCE] ... --out DIR
+torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
 nirvana report DIR
@@ -38,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .baselines import METHODS
-    from .pruning import OBJECTIVES, SALIENCIES
+    from .distributed import STRATEGIES
+    from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
 
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--micro-batch-size", type=int, default=8)
     pr.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     pr.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    pr.add_argument("--distributed", choices=STRATEGIES, default=None, help="fsdp: score on all torchrun ranks")
+    pr.add_argument("--device-map", choices=DEVICE_MAPS, default=None, help="spread one process's model (accelerate)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true")
@@ -168,8 +172,12 @@ def cmd_prune(args) -> int:
         seed=args.seed,
         out=args.out,
         overwrite=args.overwrite,
+        distributed=args.distributed,
+        device_map=args.device_map,
     )
     result = prune(settings, progress=not args.quiet)
+    if result.out is None and settings.distributed:
+        return 0  # a rank other than 0: rank 0 prints and saves
     print(summarize(result.report))
     print(f"saved to {result.out}")
     return 0

@@ -166,8 +166,12 @@ def _auto_class(folder: Path):
     return AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else AutoModelForCausalLM
 
 
-def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None):
+def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None, device_map=None):
     """Load ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, ... as ``from_pretrained`` takes it) spreads a model folder
+    (``"smollm2"`` included) over this machine's GPUs with accelerate instead; ``device`` then only picks
+    the default dtype.
 
     ``source`` is one of: ``"smollm2"`` (the embedded default, see ``default_model_dir``); a local folder in
     Hugging Face format (a causal LM, or an encoder-decoder such as T5); a ``.gguf`` file (dequantized to a
@@ -186,10 +190,13 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     path = Path(text).expanduser()
     if text == DEFAULT_MODEL:
         path = default_model_dir()
+    if device_map is not None and not path.is_dir():
+        raise ValueError(f"device_map: {device_map!r} needs a model folder (or {DEFAULT_MODEL!r}), got {text!r}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
-        model = _auto_class(path).from_pretrained(path, dtype=dt)
+        placed = {"device_map": device_map} if device_map is not None else {}
+        model = _auto_class(path).from_pretrained(path, dtype=dt, **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif path.is_file():
         if path.suffix != ".gguf":
@@ -199,6 +206,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
         raise FileNotFoundError(f"source: {text!r} does not exist")
     else:
         model, tokenizer = _load_from_hub(text, dt)
+    if device_map is not None:
+        return model.eval(), tokenizer  # accelerate placed it; .to() would undo that
     model = model.to(device=dev, dtype=dt).eval()
     return model, tokenizer
 

@@ -26,6 +26,9 @@ from .compaction import compact_model
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
 
+# accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+
 
 @dataclass
 class PruneSettings:
@@ -50,9 +53,12 @@ class PruneSettings:
     seed: int = 0
     out: str | None = None
     overwrite: bool = False
+    distributed: str | None = None  # "fsdp": score on all torchrun ranks with FSDP2 (nirvana.distributed)
+    device_map: str | None = None  # accelerate's device_map ("auto", ...): one process over several GPUs
 
     def check(self) -> None:
         """ValueError naming the first bad setting; cheap, so it runs before anything loads."""
+        self._check_placement()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
         if self.gamma != "auto":
@@ -88,6 +94,25 @@ class PruneSettings:
             raise ValueError(f"model: {self.model!r} does not exist")
         if self.out is not None and Path(self.out).exists() and not self.overwrite:
             raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
+
+    def _check_placement(self) -> None:
+        if self.device_map is not None:
+            if self.device_map not in DEVICE_MAPS:
+                raise ValueError(f"device_map: must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
+            if self.distributed is not None or self.device is not None:
+                other = "distributed" if self.distributed is not None else "device"
+                raise ValueError(f"device_map: {self.device_map!r} places the model itself; drop --{other}")
+        if self.distributed is not None:
+            from .distributed import DISTRIBUTED_SALIENCIES, check_launch
+
+            check_launch(self.distributed, self.device)
+            if self.method != "nirvana":
+                raise ValueError(f"method: {self.method!r} is not supported under --distributed (only nirvana)")
+            if self.saliency not in DISTRIBUTED_SALIENCIES:
+                raise ValueError(
+                    f"saliency: {self.saliency!r} is not supported under --distributed "
+                    f"(one of {', '.join(DISTRIBUTED_SALIENCIES)}; Adam scaling needs per-micro-batch gradients)"
+                )
 
     @property
     def torch_device(self) -> torch.device:
@@ -130,14 +155,23 @@ def prune(
     tokenizer=None,
     progress: bool = True,
     extra_report: dict | None = None,
+    precomputed_scores: dict[int, Scores] | None = None,
 ) -> PruneResult:
     """Run the NIRVANA flow. With ``model``/``tokenizer`` given, ``settings.model`` is only a label.
 
     The model is compacted in place. With ``settings.out``, the checkpoint (weights, config, tokenizer,
     plan.json, report.json, scores.safetensors and the per-layer plot) is written atomically there.
+    ``precomputed_scores`` maps each calibration seed to its scores, which are then not computed again
+    (how rank 0 finishes a ``settings.distributed`` run; see ``nirvana.distributed``).
     """
     from .models import load_model
 
+    if settings.distributed is not None and precomputed_scores is None:
+        from .distributed import prune_distributed
+
+        if model is not None:
+            raise ValueError("model: under distributed each rank loads settings.model itself; pass no model")
+        return prune_distributed(settings, progress=progress, extra_report=extra_report)
     settings.check()
     timer = _Timer()
     device = settings.torch_device
@@ -145,7 +179,9 @@ def prune(
         torch.cuda.reset_peak_memory_stats(device)
     with timer.stage("load"):
         if model is None:
-            model, tokenizer = load_model(settings.model, device=device, dtype=settings.torch_dtype)
+            model, tokenizer = load_model(
+                settings.model, device=device, dtype=settings.torch_dtype, device_map=settings.device_map
+            )
     device = next(model.parameters()).device
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
@@ -157,6 +193,9 @@ def prune(
     candidates = []
     flap_stats: dict[int, object] = {}  # calibration seed -> FLAP's activation statistics
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
+        if precomputed_scores is not None:
+            candidates.append(selection.Candidate(seed, precomputed_scores[seed]))
+            continue
         with timer.stage("calibration"):
             windows = calibration.calibration_windows(
                 settings.calib,

@@ -601,8 +601,9 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 
 def _finish(att_rows: list[torch.Tensor], mlp_rows: list[torch.Tensor], geometry: Geometry, meta: dict) -> Scores:
-    attention = torch.stack(att_rows).cpu()
-    mlp = torch.stack(mlp_rows).cpu()
+    # Rows come back one by one: under a device_map each layer is scored on its own GPU.
+    attention = torch.stack([r.cpu() for r in att_rows])
+    mlp = torch.stack([r.cpu() for r in mlp_rows])
     _check_finite(attention, mlp)
     return Scores(attention, mlp, geometry, meta)
 

@@ -1,0 +1,267 @@
+"""nirvana.distributed: FSDP2 scoring on 2 gloo ranks against one process; --device-map; the flags' errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nirvana_kernels
+from nirvana import cli
+from nirvana.adapters import get_adapter
+from nirvana.allocation import allocate
+from nirvana.calibration import calibration_windows
+from nirvana.distributed import LAUNCH_ENV, layer_partial_scores
+from nirvana.models import load_model
+from nirvana.pruning import PruneSettings, prune
+from nirvana.saliency import compute_scores, load_scores, prunable_parameters
+
+from .distributed_worker import SETTINGS
+from .helpers import assert_bitwise_equal, assert_close
+from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+# Summation order differs between one process and two ranks (gradients and partial scores); the
+# observed error is about 2 float32 ulps, this leaves room for a few dozen.
+RTOL = 1e-5
+# Odd sizes so shards split KV groups (48 q rows, 16 per group, 24 per rank) and the MLP unevenly.
+GEOMETRY = dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=3)
+MODELS = {"llama": dict(GEOMETRY, intermediate_size=49), "qwen2": dict(GEOMETRY, intermediate_size=47)}
+# Launched under torchrun; each model costs seconds of imports on a busy 2-core runner. qwen2's biases
+# are covered by the partial-sum test below.
+LAUNCHED = ("llama",)
+
+
+def _save_tiny(folder: Path, arch: str) -> Path:
+    path = folder / arch
+    tiny_model(arch, **MODELS[arch]).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _calib_text(path: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    words = "the a of to and in that it was her you as had with for she not but be his at on".split()
+    picks = torch.randint(0, len(words), (300,), generator=gen).tolist()
+    path.write_text(" ".join(words[i] for i in picks), encoding="utf-8")
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for name in LAUNCH_ENV:
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    folders = {arch: _save_tiny(tmp, arch) for arch in LAUNCHED}
+    calib = _calib_text(tmp / "calib.txt")
+    out = tmp / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    cmd += ["tests/distributed_worker.py", str(out), str(calib), *map(str, folders.values())]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return folders, calib, out
+
+
+def _single_process_scores(folder: Path, calib: Path):
+    model, tokenizer = load_model(folder)
+    windows = calibration_windows(
+        str(calib), tokenizer, num_samples=SETTINGS["num_samples"], seq_len=SETTINGS["seq_len"], seed=0, model=model
+    )
+    return model, compute_scores(model, windows, micro_batch_size=SETTINGS["micro_batch_size"], progress=False)
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_fsdp_scores_and_plan_match_one_process(fsdp_run, arch):
+    folders, calib, out = fsdp_run
+    model, single = _single_process_scores(folders[arch], calib)
+    saved = load_scores(out / arch)
+    assert_close(saved.attention, single.attention, rtol=RTOL, name="attention")
+    assert_close(saved.mlp, single.mlp, rtol=RTOL, name="mlp")
+    assert saved.meta["distributed"] == {"strategy": "fsdp", "world_size": WORLD}
+    assert saved.meta["num_windows"] == single.meta["num_windows"]
+    assert saved.meta["objective_value"] == pytest.approx(single.meta["objective_value"], rel=RTOL)
+
+    geometry = get_adapter(model).geometry(model.config)
+    expected = allocate(
+        single.attention, single.mlp, geometry, sparsity=SETTINGS["sparsity"], gamma=SETTINGS["gamma"],
+        round_to=SETTINGS["round_to"], architecture=model.config.architectures[0],
+    )  # fmt: skip
+    plan = json.loads((out / arch / "plan.json").read_text())
+    assert plan["layers"] == expected.to_dict()["layers"]
+    report = json.loads((out / arch / "report.json").read_text())
+    assert report["distributed"]["world_size"] == WORLD
+    assert report["settings"]["distributed"] == "fsdp"
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_every_rank_ends_with_the_same_scores_and_plan(fsdp_run, arch):
+    _, _, out = fsdp_run
+    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    saved = load_scores(out / arch)
+    for r, got in enumerate(ranks):
+        assert_bitwise_equal(got["attention"], saved.attention, name=f"rank {r} attention")
+        assert_bitwise_equal(got["mlp"], saved.mlp, name=f"rank {r} mlp")
+        assert got["plan"]["layers"] == json.loads((out / arch / "plan.json").read_text())["layers"]
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_fsdp_magnitude_scores_match_one_process(fsdp_run, arch):
+    folders, _, out = fsdp_run
+    expected = compute_scores(load_model(folders[arch])[0], None, saliency="magnitude", progress=False)
+    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    for r, got in enumerate(ranks):
+        assert_close(got["magnitude_attention"], expected.attention, rtol=RTOL, name=f"rank {r} attention")
+        assert_close(got["magnitude_mlp"], expected.mlp, rtol=RTOL, name=f"rank {r} mlp")
+
+
+# --------------------------------------------------------------------------------------------------
+# Partial sums, with ranks simulated by torch.chunk (no process group)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 3, 7], ids=["2-ranks", "3-ranks", "7-ranks-some-empty"])
+def test_partial_scores_summed_over_shards_equal_the_whole(world):
+    model = tiny_model("qwen2", **MODELS["qwen2"])  # q/k/v biases included
+    geometry = get_adapter(model).geometry(model.config)
+    layer = get_adapter(model).layers(model)[0]
+    attn, mlp = prunable_parameters(layer)
+    gen = torch.Generator().manual_seed(1)
+    pairs = [(p.detach(), torch.randn(p.shape, generator=gen)) for p in (*attn, *mlp)]
+
+    def shard(r: int, w: torch.Tensor, g: torch.Tensor):
+        # torch.chunk is FSDP2's Shard(0) layout; a rank past the last chunk holds no rows.
+        chunks_w, chunks_g = torch.chunk(w, world), torch.chunk(g, world)
+        start = sum(c.shape[0] for c in chunks_w[:r])
+        if r >= len(chunks_w):
+            return start, w[:0], g[:0]
+        return start, chunks_w[r], chunks_g[r]
+
+    att = torch.zeros(geometry.num_kv_heads)
+    channels = torch.zeros(geometry.intermediate_size)
+    for r in range(world):
+        triples = [shard(r, w, g) for w, g in pairs]
+        a, m = layer_partial_scores(geometry, triples[: len(attn)], triples[len(attn) :])
+        att += a
+        channels += m
+    (q, k, v, o, qb, kb, vb), (up, down, gate) = pairs[: len(attn)], pairs[len(attn) :]
+    whole_att = nirvana_kernels.attention_group_saliency(
+        *q, *k, *v, *o, num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+        q_b=qb[0], q_bg=qb[1], k_b=kb[0], k_bg=kb[1], v_b=vb[0], v_bg=vb[1],
+    )  # fmt: skip
+    whole_mlp = nirvana_kernels.mlp_channel_saliency(*up, *down, gate_w=gate[0], gate_g=gate[1])
+    assert_close(att, whole_att, rtol=RTOL, name="attention")
+    assert_close(channels, whole_mlp, rtol=RTOL, name="mlp")
+
+
+# --------------------------------------------------------------------------------------------------
+# --device-map: one process, the model placed by accelerate
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("devmap"), "llama")
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cpu", "per-module-hooks"])
+def test_device_map_scores_equal_the_plain_model(llama_folder, device_map):
+    windows = tiny_batch(3, 10)
+    plain, _ = load_model(llama_folder)
+    expected = compute_scores(plain, windows, progress=False)
+    if device_map == "per-module-hooks":
+        from accelerate import dispatch_model
+
+        # One entry per top-level block with forced hooks: accelerate moves activations between
+        # "devices" exactly as it would between GPUs, only every device here is the CPU.
+        model, _ = load_model(llama_folder)
+        names = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "model.rotary_emb", "lm_head"]
+        model = dispatch_model(model, device_map=dict.fromkeys(names, "cpu"), force_hooks=True)
+        assert hasattr(model.model.layers[0], "_hf_hook")
+    else:
+        model, _ = load_model(llama_folder, device_map=device_map)
+    got = compute_scores(model, windows, progress=False)
+    assert_bitwise_equal(got.attention, expected.attention, name="attention")
+    assert_bitwise_equal(got.mlp, expected.mlp, name="mlp")
+
+
+def test_prune_with_device_map_gives_the_plain_plan(llama_folder, tmp_path):
+    calib = _calib_text(tmp_path / "calib.txt")
+    common = dict(model=str(llama_folder), calib=str(calib), **SETTINGS)
+    placed = prune(PruneSettings(device_map="auto", **common), progress=False)
+    plain = prune(PruneSettings(device="cpu", **common), progress=False)
+    assert placed.plan.to_dict()["layers"] == plain.plan.to_dict()["layers"]
+    assert placed.report["settings"]["device_map"] == "auto"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+
+
+def test_distributed_without_torchrun_is_one_line_exit_2(llama_folder, tmp_path, monkeypatch, capsys):
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    argv = ["prune", str(llama_folder), "--sparsity", "0.2", "--distributed", "fsdp", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "torchrun" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_dash_m_nirvana_runs_the_cli(monkeypatch, capsys):
+    # In-process (runpy) rather than a subprocess: the same __main__ path without seconds of imports.
+    monkeypatch.setattr(sys, "argv", ["nirvana", "prune", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("nirvana", run_name="__main__")
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--distributed" in out and "--device-map" in out
+
+
+def test_unknown_distributed_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["prune", "m", "--sparsity", "0.2", "--distributed", "ddp", "--out", "x"])
+    assert exc.value.code == cli.EXIT_USAGE
+    assert "--distributed" in capsys.readouterr().err
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    for name, value in zip(LAUNCH_ENV, ("0", "2", "0", "localhost", "29500")):
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(distributed="fsdp", saliency="adam"), "saliency"),
+        (dict(distributed="fsdp", method="flap"), "method"),
+        (dict(distributed="fsdp", device="cuda:1"), "LOCAL_RANK"),
+        (dict(distributed="fsdp", device_map="auto"), "device_map"),
+        (dict(device_map="auto", device="cpu"), "device_map"),
+        (dict(device_map="everywhere"), "device_map"),
+    ],
+    ids=["adam", "baseline", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
+)
+def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PruneSettings(model="smollm2", **overrides).check()
+
+
+def test_distributed_prune_refuses_a_model_object(torchrun_env):
+    with pytest.raises(ValueError, match="model"):
+        prune(PruneSettings(model="smollm2", distributed="fsdp"), model=tiny_model("llama"), progress=False)
