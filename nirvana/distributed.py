@@ -42,7 +42,6 @@ from torch import nn
 
 import nirvana_kernels
 
-from . import calibration
 from .adapters import get_adapter
 from .plan import Geometry, PruningPlan
 from .saliency import (
@@ -418,17 +417,7 @@ def prune_distributed(settings, *, progress: bool = True, extra_report: dict | N
     seeds = [settings.seed + k for k in range(settings.select_calib)]
     start = time.perf_counter()
     # Before sharding: the "self" source samples text from the model.
-    windows = {
-        seed: calibration.calibration_windows(
-            settings.calib,
-            tokenizer,
-            num_samples=settings.num_samples,
-            seq_len=settings.seq_len,
-            seed=seed,
-            model=model,
-        )
-        for seed in seeds
-    }
+    windows = {seed: settings.calibration_windows(tokenizer, seed, model) for seed in seeds}
     timings["calibration"] = time.perf_counter() - start
     start = time.perf_counter()
     sharded = shard_for_scoring(model, info.device)

@@ -114,6 +114,12 @@ class PruneSettings:
                     f"(one of {', '.join(DISTRIBUTED_SALIENCIES)}; Adam scaling needs per-micro-batch gradients)"
                 )
 
+    def calibration_windows(self, tokenizer, seed: int, model=None) -> torch.Tensor:
+        """The calibration windows these settings draw with ``seed`` (``model`` only for the "self" source)."""
+        return calibration.calibration_windows(
+            self.calib, tokenizer, num_samples=self.num_samples, seq_len=self.seq_len, seed=seed, model=model
+        )
+
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,14 +203,7 @@ def prune(
             candidates.append(selection.Candidate(seed, precomputed_scores[seed]))
             continue
         with timer.stage("calibration"):
-            windows = calibration.calibration_windows(
-                settings.calib,
-                tokenizer,
-                num_samples=settings.num_samples,
-                seq_len=settings.seq_len,
-                seed=seed,
-                model=model,
-            )
+            windows = settings.calibration_windows(tokenizer, seed, model)
         with timer.stage("saliency"):
             scores = _method_scores(settings, model, windows, seed, progress, flap_stats)
         candidates.append(selection.Candidate(seed, scores))
