@@ -452,15 +452,34 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
     return "\n".join(lines)
 
 
+def _selected_runs(results: dict) -> dict[float, dict]:
+    """sparsity -> the NIRVANA run of the calibration set KL selection picked (gamma 3)."""
+    out = {}
+    for key, r in results["runs"].items():
+        if key.startswith("select|"):
+            runs = _runs(results, method="nirvana", sparsity=r["sparsity"], gamma=DEFAULT_GAMMA, seed=r["seed"])
+            if runs:
+                out[r["sparsity"]] = runs[0]
+    return out
+
+
+# A method whose perplexity passes this multiple of the dense one is drawn off the plot's scale, so the
+# collapsed ones (magnitude, random) do not squash the methods worth comparing.
+OFF_SCALE = 50
+
+
 def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.4), squeeze=False)
     dense = results["runs"].get("dense", {})
+    selected = _selected_runs(results)
     for ax, t in zip(axes[0], texts):
+        base = dense.get(f"ppl_{t}", 1.0)
+        top = base
         for m in methods:
             xs, ys, lo, hi = [], [], [], []
             for s in sparsities:
@@ -470,17 +489,28 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
                     ys.append(statistics.fmean(vals))
                     lo.append(ys[-1] - min(vals))
                     hi.append(max(vals) - ys[-1])
-            if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=m)
+            if not xs:
+                continue
+            if max(ys) > OFF_SCALE * base:
+                ax.plot([], [], " ", label=f"{m}: off scale ({min(ys):.3g} to {max(ys):.3g})")
+                continue
+            top = max(top, max(y + h for y, h in zip(ys, hi)))
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{m} (mean, seed range)")
+        if selected:
+            xs = sorted(selected)
+            ax.plot([100 * s for s in xs], [selected[s][f"ppl_{t}"] for s in xs], "k--", marker="x",
+                    label="nirvana, KL-selected calibration set")  # fmt: skip
         if f"ppl_{t}" in dense:
-            ax.axhline(dense[f"ppl_{t}"], color="gray", linestyle=":", label="dense")
+            ax.axhline(base, color="gray", linestyle=":", label="dense")
         ax.set_yscale("log")
+        ax.set_ylim(0.9 * base, 1.3 * top)
+        ax.set_xticks([100 * s for s in sparsities])
         ax.set_xlabel("sparsity (% of attention+MLP parameters)")
         ax.set_ylabel(f"perplexity on {t} (log scale)")
         ax.set_title(t)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{results['settings']['model']}: perplexity after pruning, no fine-tuning")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['settings']['model']}: perplexity after pruning (gamma 3, no fine-tuning)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
