@@ -61,7 +61,7 @@ except ImportError:  # a bare checkout that was never pip-installed: use this re
 from nirvana import baselines, calibration, corpus, selection
 from nirvana.adapters import get_adapter
 from nirvana.allocation import allocate
-from nirvana.evaluation import text_windows
+from nirvana.evaluation import kl_divergence, text_windows
 from nirvana.models import load_model
 from nirvana.pruning import count_params
 from nirvana.saliency import compute_scores
@@ -83,13 +83,12 @@ DEFAULT_GAMMA = 3.0
 
 
 def eval_text(name: str) -> str:
-    if name == corpus.HELDOUT_BOOK:
-        return corpus.read_book(name)
-    if name == calibration.FORTUNES:
-        return corpus.fortunes_path().read_text(encoding="utf-8")
+    named = corpus.eval_text(name)
+    if named is not None:
+        return named
     path = Path(name).expanduser()
     if not path.is_file():
-        raise ValueError(f"--eval: {name!r} is not a file, {corpus.HELDOUT_BOOK!r} or {calibration.FORTUNES!r}")
+        raise ValueError(f"--eval: {name!r} is not a file or one of {corpus.EVAL_TEXTS}")
     return path.read_text(encoding="utf-8")
 
 
@@ -103,12 +102,11 @@ def evaluate(model, windows: torch.Tensor, dense_logits: torch.Tensor | None = N
             nll += torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum").item()
             count += window.numel() - 1
             if dense_logits is not None:
-                p = torch.log_softmax(dense_logits[i].float(), -1)
-                q = torch.log_softmax(logits, -1)
-                kl += (p.exp() * (p - q)).sum().item()
+                # Windows are equally long, so the token mean is the mean of the per-window means.
+                kl += kl_divergence(dense_logits[i].float(), logits)
     out = {"ppl": math.exp(nll / count)}
     if dense_logits is not None:
-        out["kl"] = kl / (windows.shape[0] * windows.shape[1])
+        out["kl"] = kl / windows.shape[0]
     return out
 
 
@@ -521,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--calib", default="austen")
-    p.add_argument("--eval", nargs="+", default=[corpus.HELDOUT_BOOK, calibration.FORTUNES])
+    p.add_argument("--eval", nargs="+", default=list(corpus.EVAL_TEXTS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4])
     p.add_argument("--seeds", type=int, default=3)

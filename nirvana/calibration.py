@@ -35,7 +35,7 @@ import torch
 from . import corpus
 
 AUSTEN = "austen"
-FORTUNES = "fortunes"
+FORTUNES = corpus.FORTUNES
 SELF = "self"
 HELDOUT_FRACTION = 0.1
 # torch's CPU generator keeps only the low 32 bits of a seed, so both seed ranges fit in 32 bits.
@@ -124,7 +124,7 @@ def load_text(source: str | os.PathLike, *, model=None, tokenizer=None, exclude=
         folder = corpus.austen_dir()
         return "\n\n".join((folder / f"{b}.txt").read_text(encoding="utf-8") for b in books)
     if isinstance(source, str) and source == FORTUNES:
-        return corpus.fortunes_path().read_text(encoding="utf-8")
+        return corpus.eval_text(FORTUNES)
     if isinstance(source, str) and source == SELF:
         ids = sample_from_model(
             model, tokenizer, num_sequences=SELF_TEXT_SEQUENCES, seq_len=SELF_TEXT_TOKENS, seed=seed

@@ -117,10 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _text_source(text: str) -> tuple[str, str]:
     from . import corpus
 
-    if text == corpus.HELDOUT_BOOK:
-        return corpus.read_book(text), text
-    if text == "fortunes":
-        return corpus.fortunes_path().read_text(encoding="utf-8"), text
+    named = corpus.eval_text(text)
+    if named is not None:
+        return named, text
     path = Path(text).expanduser()
     if not path.is_file():
         raise CliError(f"--text: {text!r} is not a file (or 'persuasion' or 'fortunes')")

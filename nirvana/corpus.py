@@ -162,6 +162,23 @@ def read_book(name: str, folder: str | os.PathLike | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Named evaluation texts
+# --------------------------------------------------------------------------------------------------
+
+FORTUNES = "fortunes"
+EVAL_TEXTS = (HELDOUT_BOOK, FORTUNES)
+
+
+def eval_text(name: str) -> str | None:
+    """The text of a named evaluation text (``persuasion``, ``fortunes``), or None for any other name."""
+    if name == HELDOUT_BOOK:
+        return read_book(name)
+    if name == FORTUNES:
+        return fortunes_path().read_text(encoding="utf-8")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # A second domain for evaluation: Debian's fortune cookies
 # --------------------------------------------------------------------------------------------------
 
@@ -226,7 +243,10 @@ __all__ = [
     "DEBIAN_PACKAGE",
     "HELDOUT_BOOK",
     "austen_dir",
+    "EVAL_TEXTS",
+    "FORTUNES",
     "download_deb",
+    "eval_text",
     "extract_austen",
     "fortunes_path",
     "join_fortunes",

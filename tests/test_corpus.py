@@ -173,3 +173,12 @@ def test_fortunes_extraction(tmp_path, monkeypatch):
     assert len(text) > 1_000_000 and "\n%\n" not in text
     # Round-robin: the first 40 kB (what 24 windows of 512 tokens read) already mix the collections.
     assert "Star Trek" in text[:40_000] or "Spock" in text[:40_000] or "Kirk" in text[:40_000]
+
+
+def test_eval_text_knows_the_named_texts_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIRVANA_CACHE", str(tmp_path))
+    (tmp_path / "fortunes.txt").write_text("a fortune\n")
+    monkeypatch.setenv(AUSTEN_ENV, str(fake_books(tmp_path / "books")))
+    assert corpus.eval_text("fortunes") == "a fortune\n"
+    assert corpus.eval_text(HELDOUT_BOOK) == f"the text of {HELDOUT_BOOK}\n"
+    assert corpus.eval_text("emma") is None and corpus.eval_text("notes.txt") is None
