@@ -22,3 +22,43 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: loads the real SmolLM2 model (seconds to minutes on CPU)")
+
+
+
+def tree_digest(folder) -> dict[str, str]:
+    """Relative path -> sha256 and mode (or the link target, for a symlink) of everything under ``folder``.
+
+    The fault suite takes it before and after each case: a source folder must come out unchanged.
+    """
+    import hashlib
+    from pathlib import Path
+
+    root = Path(folder)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mode:o}"
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    """A fresh dense tiny Llama checkpoint folder (safetensors, tokenizer) at ``tmp_path/models/dense``.
+
+    Checked on teardown: whatever a test did with the tool, the source must be byte-identical. A test
+    that tampers with a source on purpose copies it first (``shutil.copytree``) and attacks the copy.
+    """
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "models" / "dense"
+    model = tiny_model("llama", num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=8, intermediate_size=64)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    before = tree_digest(folder)
+    yield folder
+    assert tree_digest(folder) == before, f"the source folder {folder} changed"
