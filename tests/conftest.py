@@ -24,7 +24,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the real SmolLM2 model (seconds to minutes on CPU)")
 
 
-
 def tree_digest(folder) -> dict[str, str]:
     """Relative path -> sha256 and mode (or the link target, for a symlink) of everything under ``folder``.
 
@@ -56,7 +55,9 @@ def dense_dir(tmp_path):
     from tests.tiny_models import tiny_model, tiny_tokenizer
 
     folder = tmp_path / "models" / "dense"
-    model = tiny_model("llama", num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=8, intermediate_size=64)
+    model = tiny_model(
+        "llama", num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=8, intermediate_size=64
+    )
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     before = tree_digest(folder)
