@@ -11,9 +11,12 @@ nirvana demo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -260,20 +263,63 @@ COMMANDS = {
 }
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (or a launcher that sets the same variables), else 0.
+
+    Read from the environment, not from torch.distributed: a bad flag fails before the process group exists.
+    """
+    from .distributed import LAUNCH_ENV
+
+    if not all(os.environ.get(name) for name in LAUNCH_ENV):
+        return 0
+    try:
+        return int(os.environ["RANK"])
+    except ValueError:
+        return 0
+
+
+def _fail(line: str) -> None:
+    """Print ``line`` on rank 0 only (every rank hits the same bad flag), and give torchrun its error file."""
+    # torchrun names a file per worker in TORCHELASTIC_ERROR_FILE; its failure summary then shows this line
+    # (a rank-specific error included) instead of a link to its docs. Its own traceback still follows.
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": line, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the summary then falls back to torchrun's own words; the exit status still says it failed
+    if launch_rank() == 0:
+        print(line, file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, fallback):
+    """nirvana's own warnings as one line, ``nirvana: warning: ...``; other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        if launch_rank() == 0:
+            print(f"nirvana: warning: {str(message).splitlines()[0]}", file=file or sys.stderr)
+        return
+    fallback(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, fallback=shown)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("nirvana: interrupted; nothing half-written was left behind", file=sys.stderr)
+        _fail("nirvana: interrupted; nothing half-written was left behind")
         return 130
     except (CliError, ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         if os.environ.get("NIRVANA_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"nirvana: error: {message}", file=sys.stderr)
+        _fail(f"nirvana: error: {message}")
         return EXIT_USAGE
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
