@@ -286,7 +286,9 @@ def _fail(line: str) -> None:
     if error_file:
         try:
             with open(error_file, "w", encoding="utf-8") as f:
-                json.dump({"message": line, "timestamp": int(time.time())}, f)
+                # The layout torch.distributed.elastic's own ErrorHandler writes, so torchrun reads it silently.
+                extra = {"py_callstack": line, "timestamp": str(int(time.time()))}
+                json.dump({"message": {"message": line, "extraInfo": extra}}, f)
         except OSError:
             pass  # the summary then falls back to torchrun's own words; the exit status still says it failed
     if launch_rank() == 0:
