@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
     pr.add_argument("--num-samples", type=int, default=32)
     pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate calibration sets (KL pick)")
+    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate sets (KL pick), <= 64")
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
     pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
     pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
