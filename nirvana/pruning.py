@@ -34,8 +34,8 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
 # and their seeds are listed up front: a few dozen is already a long study (the paper's uses 5-20).
 MAX_SELECT_CALIB = 64
 # --calib self samples every window in one batch with a KV cache, so memory grows with the count:
-# 1024 windows of SmolLM2-135M at seq_len 128 is already ~3 GiB of cache, and far more than any
-# calibration set needs (the default is 32).
+# 1024 windows of SmolLM2-135M at seq_len 128 already hold ~3 GiB of KV cache in bfloat16 (twice
+# that in float32), and it is far more than a calibration set needs (the default is 32).
 MAX_SELF_SAMPLES = 1024
 
 
@@ -66,7 +66,12 @@ class PruneSettings:
     device_map: str | None = None  # accelerate's device_map ("auto", ...): one process over several GPUs
 
     def check(self) -> None:
-        """ValueError naming the first bad setting; cheap, so it runs before anything loads."""
+        """ValueError naming the first bad setting; cheap, so it runs before anything loads.
+
+        Besides each flag's own range: the model path exists and is not a pruned checkpoint, the
+        calibration source exists and is readable (``calibration.check_source``; no text is read), the
+        candidate sets and ``self`` windows are bounded, and every calibration seed fits in 31 bits.
+        """
         self._check_placement()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
