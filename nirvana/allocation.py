@@ -332,8 +332,8 @@ def allocate(
     if abs(achieved - sparsity) > SPARSITY_TOLERANCE:
         warnings.warn(
             f"allocate: achieved sparsity {achieved:.4f} is {100 * abs(achieved - sparsity):.2f} percentage points "
-            f"from the target {sparsity}: this geometry's KV groups and {round_to}-channel MLP blocks are too coarse "
-            "(or the MLP cannot absorb what the keep-one-group rule spares)",
+            f"from the target {sparsity}: this geometry's KV groups and {round_to}-channel MLP blocks (round_to) "
+            "are too coarse (or the MLP cannot absorb what the keep-one-group rule spares)",
             RuntimeWarning,
             stacklevel=2,
         )

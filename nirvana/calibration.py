@@ -23,6 +23,7 @@ For ``"self"`` the two are independent samples: held-out sequences use the gener
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -138,9 +139,47 @@ def load_text(source: str | os.PathLike, *, model=None, tokenizer=None, exclude=
         return _read_folder(path, names)
     if path.is_file():
         return _read_jsonl(path) if path.suffix == ".jsonl" else path.read_text(encoding="utf-8")
-    if isinstance(source, os.PathLike) or text.startswith(("/", "./", "../", "~")) or path.suffix in (".txt", ".jsonl"):
+    if isinstance(source, os.PathLike) or _names_a_file(text):
         raise FileNotFoundError(f"source: {text!r} does not exist")
     return _read_hf_dataset(text)
+
+
+def _names_a_file(text: str) -> bool:
+    # Anything else that is not on disk is read as a Hugging Face dataset id.
+    return text.startswith(("/", "./", "../", "~")) or Path(text).suffix in (".txt", ".jsonl")
+
+
+def check_source(source, *, exclude=None) -> None:
+    """ValueError when ``source`` cannot be a calibration source, found without reading any text.
+
+    Cheap enough to run before a model loads: a path that does not exist, a file that cannot be read or is
+    empty, a folder without ``.txt`` files (after ``exclude``), or a dataset id without the ``datasets``
+    package. A dataset id is not looked up (that needs the network), and a file is not decoded.
+    """
+    if isinstance(source, str) and source in (AUSTEN, FORTUNES, SELF):
+        return
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).strip():
+        raise ValueError(f"calib: {source!r} is not a path, dataset id, {AUSTEN!r} or {SELF!r}")
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        names = _exclusions(exclude)
+        if not any(f.stem not in names for f in path.glob("*.txt")):
+            raise ValueError(f"calib: folder {text!r} holds no .txt files (after excluding {sorted(names)})")
+    elif path.exists():
+        if not path.is_file():
+            raise ValueError(f"calib: {text!r} is not a regular file or folder")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"calib: {text!r} cannot be read (permission denied)")
+        if path.stat().st_size == 0:
+            raise ValueError(f"calib: {text!r} is empty")
+    elif isinstance(source, os.PathLike) or _names_a_file(text):
+        raise ValueError(f"calib: {text!r} does not exist")
+    elif importlib.util.find_spec("datasets") is None:
+        raise ValueError(
+            f"calib: {text!r} is not a file, folder, {AUSTEN!r} or {SELF!r}; reading it as a Hugging Face "
+            "dataset needs the datasets package: pip install datasets"
+        )
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
@@ -289,6 +328,7 @@ __all__ = [
     "HELDOUT_SEED_BASE",
     "SELF",
     "calibration_windows",
+    "check_source",
     "heldout_start",
     "heldout_windows",
     "load_text",

@@ -11,9 +11,12 @@ nirvana demo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
     pr.add_argument("--num-samples", type=int, default=32)
     pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate calibration sets (KL pick)")
+    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate sets (KL pick), <= 64")
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
     pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
     pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
@@ -260,20 +263,65 @@ COMMANDS = {
 }
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (or a launcher that sets the same variables), else 0.
+
+    Read from the environment, not from torch.distributed: a bad flag fails before the process group exists.
+    """
+    from .distributed import LAUNCH_ENV
+
+    if not all(os.environ.get(name) for name in LAUNCH_ENV):
+        return 0
+    try:
+        return int(os.environ["RANK"])
+    except ValueError:
+        return 0
+
+
+def _fail(line: str) -> None:
+    """Print ``line`` on rank 0 only (every rank hits the same bad flag), and give torchrun its error file."""
+    # torchrun names a file per worker in TORCHELASTIC_ERROR_FILE; its failure summary then shows this line
+    # (a rank-specific error included) instead of a link to its docs. Its own traceback still follows.
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                # The layout torch.distributed.elastic's own ErrorHandler writes, so torchrun reads it silently.
+                extra = {"py_callstack": line, "timestamp": str(int(time.time()))}
+                json.dump({"message": {"message": line, "extraInfo": extra}}, f)
+        except OSError:
+            pass  # the summary then falls back to torchrun's own words; the exit status still says it failed
+    if launch_rank() == 0:
+        print(line, file=sys.stderr)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, fallback):
+    """nirvana's own warnings as one line, ``nirvana: warning: ...``; other libraries' as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        if launch_rank() == 0:
+            print(f"nirvana: warning: {str(message).splitlines()[0]}", file=file or sys.stderr)
+        return
+    fallback(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, fallback=shown)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("nirvana: interrupted; nothing half-written was left behind", file=sys.stderr)
+        _fail("nirvana: interrupted; nothing half-written was left behind")
         return 130
     except (CliError, ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         if os.environ.get("NIRVANA_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"nirvana: error: {message}", file=sys.stderr)
+        _fail(f"nirvana: error: {message}")
         return EXIT_USAGE
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

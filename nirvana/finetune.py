@@ -86,6 +86,24 @@ def _check_settings(steps, lr, seq_len, batch_size, lora_rank, seed) -> None:
         raise ValueError(f"lr: {lr!r} must be a positive number (or None for the default)")
 
 
+def _training_device(device) -> torch.device:
+    """``device`` as a torch.device, checked as ``nirvana prune`` checks it: cpu, cuda or cuda:N, CUDA present."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device)
+    if not isinstance(device, (str, torch.device)) or (text not in ("cpu", "cuda") and not text.startswith("cuda:")):
+        raise ValueError(f"device: must be cpu, cuda or cuda:N, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device: must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {text!r} asked for, but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
 def _read_report(src: Path) -> dict:
     path = src / REPORT_FILE
     if not path.is_file():
@@ -242,7 +260,7 @@ def finetune(
     t0 = time.perf_counter()
     src, dst = _check_folders(pruned_dir, out, overwrite)
     _check_settings(steps, lr, seq_len, batch_size, lora_rank, seed)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _training_device(device)
     method = "full" if full else "lora"
     lr = float(lr) if lr is not None else (DEFAULT_LR_FULL if full else DEFAULT_LR_LORA)
     report = _read_report(src)

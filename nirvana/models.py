@@ -115,7 +115,9 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """Whether ``source`` names a local path rather than a hub id (``"name"`` or ``"org/name"``): a ``.gguf``
+    file, an absolute, ``./``, ``../`` or ``~`` path, or one with more than one ``/``."""
     return (
         source.endswith(".gguf")
         or source.startswith(("/", "./", "../", "~"))
@@ -202,7 +204,7 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
         if path.suffix != ".gguf":
             raise ValueError(f"source: {text!r} is a file but not a .gguf file; pass its folder instead")
         model, tokenizer = _load_gguf(path, dt)
-    elif isinstance(source, os.PathLike) or _looks_like_path(text):
+    elif isinstance(source, os.PathLike) or looks_like_path(text):
         raise FileNotFoundError(f"source: {text!r} does not exist")
     else:
         model, tokenizer = _load_from_hub(text, dt)
@@ -212,4 +214,12 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     return model, tokenizer
 
 
-__all__ = ["DEFAULT_MODEL", "cache_dir", "default_model_dir", "hub_reachable", "load_model", "smollm2_gguf"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "cache_dir",
+    "default_model_dir",
+    "hub_reachable",
+    "load_model",
+    "looks_like_path",
+    "smollm2_gguf",
+]

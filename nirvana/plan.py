@@ -7,6 +7,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PLAN_VERSION = 1
+# Geometry fields that count something: every model has at least one of each.
+_POSITIVE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+_COUNT_FIELDS = ("encoder_layers", "cross_attention_layers")  # 0 for a decoder-only model
+
+
+def is_index(value) -> bool:
+    """Whether ``value`` is a plain int: a float such as 1.5 (or 1.0) or a bool is not an index."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", list: "a list", dict: "a JSON object"}
+
+
+def _require(d, name: str, kind: type, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if name not in d:
+        raise ValueError(f"{where}.{name}: missing")
+    value = d[name]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{where}.{name}: expected {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _index_list(d: dict, name: str, where: str) -> list[int]:
+    values = _require(d, name, list, where)
+    for value in values:
+        if not is_index(value):
+            raise ValueError(f"{where}.{name}: index {value!r} is not an integer")
+    return list(values)
 
 
 @dataclass(frozen=True)
@@ -83,7 +113,18 @@ class Geometry:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
+    def from_dict(cls, d: dict, where: str = "geometry") -> Geometry:
+        """The geometry ``to_dict`` wrote; a ValueError names ``where.field`` when a field is missing or mistyped."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        for name in _POSITIVE_FIELDS:
+            if _require(d, name, int, where) < 1:
+                raise ValueError(f"{where}.{name}: must be a positive integer, got {d[name]!r}")
+        for name in _COUNT_FIELDS:
+            if name in d and (not is_index(d[name]) or d[name] < 0):
+                raise ValueError(f"{where}.{name}: must be an integer >= 0, got {d[name]!r}")
+        if "gated" in d:
+            _require(d, "gated", bool, where)
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -102,9 +143,14 @@ class LayerPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> LayerPlan:
-        cross = d.get("cross_kv_groups_kept")
-        return cls(list(d["kv_groups_kept"]), list(d["mlp_channels_kept"]), None if cross is None else list(cross))
+    def from_dict(cls, d: dict, where: str = "layer") -> LayerPlan:
+        """The layer ``to_dict`` wrote; a ValueError names ``where.field`` and the value when one is not a list
+        of integers (a float or bool index is refused, never truncated)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        kv, mlp = _index_list(d, "kv_groups_kept", where), _index_list(d, "mlp_channels_kept", where)
+        cross = None if d.get("cross_kv_groups_kept") is None else _index_list(d, "cross_kv_groups_kept", where)
+        return cls(kv, mlp, cross)
 
     def attention_blocks(self) -> list[list[int]]:
         """The kept KV groups of each attention block of the layer: self-attention, then any cross-attention."""
@@ -148,11 +194,16 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> PruningPlan:
-        if d.get("version") != PLAN_VERSION:
+        """The plan ``to_dict`` wrote, validated; a ValueError names the first missing or mistyped field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"plan: expected a JSON object, got {type(d).__name__}")
+        if d.get("version") != PLAN_VERSION or isinstance(d.get("version"), bool):
             raise ValueError(f"plan version: expected {PLAN_VERSION}, got {d.get('version')!r}")
-        geometry = Geometry.from_dict(d["geometry"])
-        layers = [LayerPlan.from_dict(lp) for lp in d["layers"]]
-        plan = cls(d["architecture"], geometry, layers, d["version"], dict(d.get("meta", {})))
+        architecture = _require(d, "architecture", str, "plan")
+        geometry = Geometry.from_dict(_require(d, "geometry", dict, "plan"))
+        layers = [LayerPlan.from_dict(lp, f"layers[{i}]") for i, lp in enumerate(_require(d, "layers", list, "plan"))]
+        meta = _require(d, "meta", dict, "plan") if "meta" in d else {}
+        plan = cls(architecture, geometry, layers, d["version"], dict(meta))
         plan.validate()
         return plan
 
@@ -170,6 +221,9 @@ class PruningPlan:
                 ("mlp_channels_kept", lp.mlp_channels_kept, g.intermediate_size),
                 ("cross_kv_groups_kept", lp.cross_kv_groups_kept or [], g.num_kv_heads),
             ):
+                bad = next((v for v in kept if not is_index(v)), None)
+                if bad is not None:
+                    raise ValueError(f"layers[{i}].{name}: index {bad!r} is not an integer")
                 if any(b <= a for a, b in zip(kept, kept[1:])):
                     raise ValueError(f"layers[{i}].{name}: indices must be strictly increasing")
                 if kept and (kept[0] < 0 or kept[-1] >= limit):
@@ -184,4 +238,26 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a ``plan.json``; any unreadable, non-UTF-8, non-JSON or malformed file is a one-line ValueError
+        naming it (a missing file stays a FileNotFoundError)."""
+        where = f"plan: {str(path)!r}"
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"{where} is a folder, not a plan.json file") from None
+        except PermissionError:
+            raise ValueError(f"{where} cannot be read (permission denied)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}); not a plan.json") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{where} is not a plan.json (JSON nested too deeply)") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{where} is not a valid plan ({e})") from None

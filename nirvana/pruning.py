@@ -7,9 +7,10 @@ fails in a second, not after the model has loaded.
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,16 +19,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import _remote_modeling as remote
 from . import baselines, calibration, selection
 from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
-from .checkpoint import save_pruned
+from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+# Each candidate calibration set is scored with a full backward pass and kept until the KL selection,
+# and their seeds are listed up front: a few dozen is already a long study (the paper's uses 5-20).
+MAX_SELECT_CALIB = 64
+# --calib self samples every window in one batch with a KV cache, so memory grows with the count:
+# 1024 windows of SmolLM2-135M at seq_len 128 already hold ~3 GiB of KV cache in bfloat16 (twice
+# that in float32), and it is far more than a calibration set needs (the default is 32).
+MAX_SELF_SAMPLES = 1024
 
 
 @dataclass
@@ -57,7 +66,12 @@ class PruneSettings:
     device_map: str | None = None  # accelerate's device_map ("auto", ...): one process over several GPUs
 
     def check(self) -> None:
-        """ValueError naming the first bad setting; cheap, so it runs before anything loads."""
+        """ValueError naming the first bad setting; cheap, so it runs before anything loads.
+
+        Besides each flag's own range: the model path exists and is not a pruned checkpoint, the
+        calibration source exists and is readable (``calibration.check_source``; no text is read), the
+        candidate sets and ``self`` windows are bounded, and every calibration seed fits in 31 bits.
+        """
         self._check_placement()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
@@ -89,11 +103,45 @@ class PruneSettings:
             raise ValueError(f"device: {self.device!r} asked for, but no CUDA GPU is available")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
-        is_path = os.sep in self.model or self.model.endswith(".gguf") or self.model.startswith(".")
-        if is_path and not Path(self.model).expanduser().exists():
-            raise ValueError(f"model: {self.model!r} does not exist")
+        self._check_model()
+        self._check_calibration()
         if self.out is not None and Path(self.out).exists() and not self.overwrite:
             raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
+
+    def _check_model(self) -> None:
+        from .models import looks_like_path
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model: must be a model folder, .gguf file, hub name or 'smollm2', got {self.model!r}")
+        path = Path(self.model).expanduser()
+        if looks_like_path(self.model) and not path.exists():
+            raise ValueError(f"model: {self.model!r} does not exist")
+        if path.is_dir() and ((path / PLAN_FILE).is_file() or remote.BLOCK_KEY in _local_config(path)):
+            raise ValueError(
+                f"model: {self.model!r} is a pruned checkpoint; prune the dense model it came from instead "
+                f"(the {PLAN_FILE} in it names the settings; its {SCORES_FILE} lets --scores re-plan without a "
+                "backward pass)"
+            )
+
+    def _check_calibration(self) -> None:
+        calibration.check_source(self.calib)
+        if self.calib == calibration.SELF:
+            for name in ("num_samples", "heldout_samples"):
+                if getattr(self, name) > MAX_SELF_SAMPLES:
+                    raise ValueError(
+                        f"{name}: at most {MAX_SELF_SAMPLES} with --calib self (each is a sequence sampled "
+                        f"from the model, all in one batch), got {getattr(self, name)}"
+                    )
+        if self.select_calib > MAX_SELECT_CALIB:
+            raise ValueError(f"select_calib: at most {MAX_SELECT_CALIB} candidate sets, got {self.select_calib}")
+        top = calibration.HELDOUT_SEED_BASE - 1
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= top:
+            raise ValueError(f"seed: must be an integer in [0, 2**31), got {self.seed!r}")
+        if self.seed + self.select_calib - 1 > top:
+            raise ValueError(
+                f"seed: {self.seed} with --select-calib {self.select_calib} uses seeds up to "
+                f"{self.seed + self.select_calib - 1}, past 2**31 - 1; pass a smaller --seed"
+            )
 
     def _check_placement(self) -> None:
         if self.device_map is not None:
@@ -127,6 +175,15 @@ class PruneSettings:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else getattr(torch, self.dtype)
+
+
+def _local_config(folder: Path) -> dict:
+    """A model folder's config.json as a dict, or {} when it cannot be read: the loader reports that itself."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 @dataclass
@@ -189,6 +246,7 @@ def prune(
                 settings.model, device=device, dtype=settings.torch_dtype, device_map=settings.device_map
             )
     device = next(model.parameters()).device
+    _warn_past_positions(settings, model.config)
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     _check_encoder_decoder(settings, geometry)
@@ -277,6 +335,17 @@ def prune(
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)
+
+
+def _warn_past_positions(settings: PruneSettings, config) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and settings.seq_len > limit:
+        warnings.warn(
+            f"seq_len: {settings.seq_len} is longer than the model's max_position_embeddings ({limit}); "
+            "it never saw positions past that, so windows that long may score it badly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _check_encoder_decoder(settings: PruneSettings, geometry) -> None:

@@ -122,10 +122,101 @@ def plot_layers(plan: PruningPlan, path: str | Path, title: str = "") -> Path:
 
 
 def load_report(folder: str | Path) -> dict:
-    path = Path(folder) / REPORT_FILE
+    """A pruned folder's report.json, checked to hold what :func:`summarize` reads; a ValueError names the file
+    and the first missing or mistyped key."""
+    from .checkpoint import PLAN_FILE  # here: the kernels that checkpoint imports are not needed to read a report
+
+    folder = Path(folder)
+    path = folder / REPORT_FILE
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise ValueError(f"DIR: {str(folder)!r} {what}; pass the --out folder of a nirvana prune run")
     if not path.is_file():
-        raise FileNotFoundError(f"DIR: {str(folder)!r} holds no {REPORT_FILE}")
-    return json.loads(path.read_text())
+        if (folder / PLAN_FILE).is_file():
+            raise ValueError(
+                f"DIR: {str(folder)!r} holds a {PLAN_FILE} but no {REPORT_FILE} (nirvana apply writes none); "
+                "the report is in the folder nirvana prune wrote"
+            )
+        raise ValueError(
+            f"DIR: {str(folder)!r} holds no {REPORT_FILE}, so nirvana prune did not write it; "
+            "pass the --out folder of a prune run"
+        )
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"report: {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"report: {str(path)!r} is not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"report: {str(path)!r} is not a report (JSON nested too deeply)") from None
+    try:
+        check_report(report)
+    except ValueError as e:
+        raise ValueError(f"report: {str(path)!r} is not a nirvana report ({e})") from None
+    return report
+
+
+_NUMBER = (int, float)
+_KIND_NAMES = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer"}
+
+
+def _field(obj, where: str, name: str, kinds: tuple, optional: bool = False):
+    """``obj[name]`` when it is one of ``kinds`` (never a bool); else a ValueError naming ``where.name``."""
+    key = f"{where}.{name}" if where else name
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where!r} is not an object")
+    if name not in obj:
+        if optional:
+            return None
+        raise ValueError(f"missing key {key!r}")
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        wanted = "a number" if kinds == _NUMBER else _KIND_NAMES[kinds[0]]
+        raise ValueError(f"key {key!r} is {value!r:.60}, expected {wanted}")
+    return value
+
+
+def check_report(report: dict) -> None:
+    """ValueError naming the first key :func:`summarize` needs that is missing or of the wrong type."""
+    if not isinstance(report, dict):
+        raise ValueError(f"expected a JSON object, got {type(report).__name__}")
+    _field(report, "", "settings", (dict,))
+    sparsity = _field(report, "", "sparsity", (dict,))
+    for name in ("target", "achieved"):
+        _field(sparsity, "sparsity", name, _NUMBER)
+    params = _field(report, "", "params", (dict,))
+    if _field(params, "params", "before", _NUMBER) <= 0:
+        raise ValueError(f"key 'params.before' is {params['before']!r}, expected a positive number")
+    _field(params, "params", "after", _NUMBER)
+    for i, row in enumerate(_field(report, "", "per_layer", (list,))):
+        for name in ("kv_groups", "mlp_width"):
+            _field(row, f"per_layer[{i}]", name, (int,))
+    timings = _field(report, "", "timings_s", (dict,))
+    for name in timings:
+        _field(timings, "timings_s", name, _NUMBER)
+    memory = _field(report, "", "peak_memory_bytes", (dict,))
+    _field(memory, "peak_memory_bytes", "host", _NUMBER)
+    _field(memory, "peak_memory_bytes", "device", _NUMBER, optional=True)
+    evaluation = _field(report, "", "evaluation", (dict,), optional=True)
+    if evaluation is not None:
+        _field(evaluation, "evaluation", "text", (str,))
+        for name in ("dense", "pruned"):
+            _field(evaluation, "evaluation", name, _NUMBER)
+    selection = _field(report, "", "selection", (dict,), optional=True)
+    for i, trial in enumerate(_field(selection or {}, "selection", "trials", (list,), optional=True) or []):
+        where = f"selection.trials[{i}]"
+        _field(trial, where, "seed", (int,))
+        _field(trial, where, "gamma", _NUMBER)
+        if trial.get("kl") is not None:  # None: a trial that could not be measured, left out of the summary
+            _field(trial, where, "kl", _NUMBER)
+
+
+def method_label(settings: dict) -> str:
+    """What pruned the model, in words: NIRVANA with its saliency and objective, or a baseline's name."""
+    method = settings.get("method", "nirvana")  # reports written before --method existed
+    if method != "nirvana":
+        return str(method)
+    return f"nirvana ({settings.get('saliency')} saliency, {settings.get('objective')} objective)"
 
 
 def summarize(report: dict) -> str:
@@ -137,7 +228,7 @@ def summarize(report: dict) -> str:
     mem = report["peak_memory_bytes"]
     device_mem = f", device {mem['device'] / 2**30:.2f} GiB" if "device" in mem else ""
     lines = [
-        f"model: {settings.get('model')}  method: {settings.get('saliency')}/{settings.get('objective')}"
+        f"model: {settings.get('model')}  method: {method_label(settings)}"
         f"  allocation: {settings.get('allocation')}  gamma: {gamma}",
         f"sparsity: target {s['target']:.3f}, achieved {s['achieved']:.4f} (of attention+MLP parameters)",
         f"parameters: {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} fewer overall)",

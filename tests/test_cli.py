@@ -214,3 +214,17 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["nirvana: error: model: '/no/such/model' does not exist"]
     assert "Traceback" not in proc.stderr
+
+
+def test_warnings_are_one_line_each(tiny_dir, calib, tmp_path, capsys):
+    argv = prune_args(tiny_dir, calib, tmp_path / "out")
+    argv[argv.index("--seq-len") + 1] = "130"  # the tiny model has 128 positions
+    argv[argv.index("--round-to") + 1] = "32"  # 64-channel MLPs in 32-channel blocks miss 0.3 by 2 points
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if line.startswith("nirvana: warning: ")]
+    assert len(warned) == 2, err
+    assert "seq_len: 130 is longer than the model's max_position_embeddings (128)" in warned[0]
+    assert "percentage points from the target 0.3" in warned[1] and "32-channel MLP blocks (round_to)" in warned[1]
+    assert "RuntimeWarning" not in err and "warnings.warn" not in err
+    assert "method: nirvana (taylor saliency, maxlogit objective)" in out

@@ -222,6 +222,24 @@ def test_distributed_without_torchrun_is_one_line_exit_2(llama_folder, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_flag_under_torchrun_is_one_line_from_rank_0_only(llama_folder, tmp_path):
+    missing = tmp_path / "missing.txt"  # found by PruneSettings.check on every rank, after the launch
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", "-m", "nirvana"]
+    cmd += ["prune", str(llama_folder), "--sparsity", "0.2", "--calib", str(missing), "--device", "cpu"]
+    cmd += ["--distributed", "fsdp", "--quiet", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    line = f"nirvana: error: calib: {str(missing)!r} does not exist"
+    assert proc.returncode != 0
+    assert proc.stderr.splitlines().count(line) == 1, proc.stderr
+    # The workers wrote torchrun's error files, so its failure summary shows the line, not a link to its docs.
+    assert f"traceback : {line}" in proc.stderr, proc.stderr
+    # The one traceback left is torchrun's own ChildFailedError (its launcher raises it for any failed
+    # worker); no worker printed one.
+    assert proc.stderr.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in proc.stderr
+    assert "nirvana/" not in "".join(x for x in proc.stderr.splitlines() if x.lstrip().startswith('File "'))
+    assert not (tmp_path / "out").exists()
+
+
 def test_python_dash_m_nirvana_runs_the_cli(monkeypatch, capsys):
     # In-process (runpy) rather than a subprocess: the same __main__ path without seconds of imports.
     monkeypatch.setattr(sys, "argv", ["nirvana", "prune", "--help"])
@@ -265,3 +283,25 @@ def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
 def test_distributed_prune_refuses_a_model_object(torchrun_env):
     with pytest.raises(ValueError, match="model"):
         prune(PruneSettings(model="smollm2", distributed="fsdp"), model=tiny_model("llama"), progress=False)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_only_rank_0_prints_the_error_and_every_rank_leaves_torchrun_its_error_file(
+    torchrun_env, rank, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    argv = ["prune", str(tmp_path / "no-model"), "--sparsity", "0.2", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    line = f"nirvana: error: model: {str(tmp_path / 'no-model')!r} does not exist"
+    assert capsys.readouterr().err == (f"{line}\n" if rank == "0" else "")
+    recorded = json.loads((tmp_path / "error.json").read_text())
+    assert recorded["message"]["message"] == line and int(recorded["message"]["extraInfo"]["timestamp"]) > 0
+
+
+def test_a_rank_variable_alone_does_not_silence_a_plain_run(tmp_path, monkeypatch, capsys):
+    for name in LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "3")  # left over from some other launcher: not a torchrun worker
+    assert cli.main(["prune", str(tmp_path / "none"), "--sparsity", "0.2", "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

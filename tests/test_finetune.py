@@ -163,6 +163,8 @@ BAD = [
     ("out-is-a-file", lambda src, out: dict(out=out.parent / "a-file", overwrite=True), "out"),
     ("missing-text", lambda src, out: dict(text_source=src.parent / "nope.txt"), "text_source"),
     ("text-too-short", lambda src, out: dict(seq_len=3000), "text_source"),
+    ("device-banana", lambda src, out: dict(device="banana"), "device"),
+    ("device-cuda-n", lambda src, out: dict(device="cuda:x"), "device"),
 ]
 
 
@@ -176,6 +178,16 @@ def test_bad_input_raises_naming_the_argument(source, text_file, tmp_path, case,
         finetune(**args)
     assert snapshot(source) == before
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")], ids=["cuda", "cuda-0", "torch-device"])
+def test_cuda_without_a_gpu_is_refused_before_loading(source, text_file, tmp_path, monkeypatch, device):
+    import nirvana.finetune
+
+    monkeypatch.setattr(nirvana.finetune, "load_pruned", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"^device: 'cuda(:0)?' asked for, but no CUDA GPU is available$"):
+        finetune(source, text_file, steps=1, out=tmp_path / "out", device=device)
 
 
 def test_existing_out_without_overwrite_is_left_alone(source, text_file, tmp_path):

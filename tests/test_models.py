@@ -105,6 +105,23 @@ def test_bad_source(source):
         load_model(source)
 
 
+@pytest.mark.parametrize(
+    "source, is_path",
+    [
+        ("org/name", False),
+        ("name", False),
+        ("./name", True),
+        ("../a/b", True),
+        ("/abs/folder", True),
+        ("~/models/m", True),
+        ("models/org/name", True),
+        ("model.gguf", True),
+    ],
+)
+def test_looks_like_path_leaves_hub_ids_to_the_hub(source, is_path):
+    assert models.looks_like_path(source) is is_path
+
+
 def test_unreachable_hub_is_a_one_line_error(monkeypatch):
     import transformers
 

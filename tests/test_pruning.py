@@ -231,3 +231,88 @@ def test_real_smollm2_keeps_perplexity_below_three_times_dense_at_20_percent(tmp
 
     dense, pruned = ppl("smollm2"), ppl(out)
     assert math.isfinite(pruned) and dense < pruned < 3 * dense, (dense, pruned)
+
+
+def _pruned_folder(tmp_path, how):
+    folder = tmp_path / "pruned"
+    folder.mkdir()
+    if how == "plan":
+        (folder / "plan.json").write_text("{}")
+        (folder / "config.json").write_text("{}")
+    else:  # a pruned config whose plan.json was lost
+        (folder / "config.json").write_text(json.dumps({"nirvana": {"base_architecture": "LlamaForCausalLM"}}))
+    return str(folder)
+
+
+def _empty_file(path):
+    path.touch()
+    return str(path)
+
+
+def _calib_folder(tmp_path, names):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in names:
+        write_text(folder / name)
+    return str(folder)
+
+
+# (settings, or a function of tmp_path giving them; what the message must say)
+CHEAP_CHECKS = {
+    "select-calib-too-many": (dict(select_calib=65), "select_calib: at most 64 candidate sets, got 65"),
+    "self-too-many-windows": (dict(calib="self", num_samples=1025), "num_samples: at most 1024 with --calib self"),
+    "self-too-many-heldout": (dict(calib="self", heldout_samples=5000), "heldout_samples: at most 1024"),
+    "seed-negative": (dict(seed=-1), r"seed: must be an integer in \[0, 2\*\*31\), got -1"),
+    "seed-too-big": (dict(seed=2**31), r"seed: must be an integer in \[0, 2\*\*31\)"),
+    "seed-float": (dict(seed=1.0), r"seed: must be an integer"),
+    "seed-bool": (dict(seed=True), r"seed: must be an integer"),
+    "seed-plus-candidates": (dict(seed=2**31 - 2, select_calib=3), "uses seeds up to 2147483648, past 2"),
+    "calib-missing": (lambda t: dict(calib=str(t / "none.txt")), "calib: .*none.txt' does not exist"),
+    "calib-missing-relative": (dict(calib="texts/none.jsonl"), "calib: 'texts/none.jsonl' does not exist"),
+    "calib-empty": (lambda t: dict(calib=_empty_file(t / "e.txt")), "e.txt' is empty"),
+    "calib-folder-no-txt": (lambda t: dict(calib=_calib_folder(t, [])), "holds no .txt files"),
+    "calib-folder-only-heldout": (lambda t: dict(calib=_calib_folder(t, ["persuasion.txt"])), "holds no .txt files"),
+    "model-pruned": (lambda t: dict(model=_pruned_folder(t, "plan")), "is a pruned checkpoint; prune the dense"),
+    "model-pruned-config": (lambda t: dict(model=_pruned_folder(t, "config")), "is a pruned checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHEAP_CHECKS), ids=list(CHEAP_CHECKS))
+def test_check_refuses_before_loading(case, tmp_path, monkeypatch):
+    import nirvana.models
+
+    kw, message = CHEAP_CHECKS[case]
+    kw = kw(tmp_path) if callable(kw) else kw
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nirvana.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=message) as err:
+        prune(settings(tmp_path, **kw))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(select_calib=64),
+        dict(calib="self", num_samples=1024, heldout_samples=1024),
+        dict(seed=2**31 - 64, select_calib=64),
+        dict(model="org/name"),  # a hub id: resolved by load_model, not refused as a missing path
+        dict(calib="austen"),
+        dict(calib="some-dataset-id"),
+    ],
+    ids=["select-calib-64", "self-1024", "last-seeds", "hub-name", "austen", "dataset-id"],
+)
+def test_check_accepts_the_bounds(kw, tmp_path, monkeypatch):
+    import importlib.util
+
+    if kw.get("calib") == "some-dataset-id" and importlib.util.find_spec("datasets") is None:
+        with pytest.raises(ValueError, match="needs the datasets package"):
+            settings(tmp_path, **kw).check()
+        return
+    settings(tmp_path, **kw).check()
+
+
+def test_windows_longer_than_the_model_positions_warn(tmp_path):
+    model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()  # max_position_embeddings 128
+    with pytest.warns(RuntimeWarning, match=r"seq_len: 130 is longer than the model's max_position_embeddings \(128\)"):
+        prune(settings(tmp_path, seq_len=130, num_samples=2, out=None), model=model, tokenizer=tok, progress=False)
