@@ -1,4 +1,4 @@
-"""One-line status messages on stderr for steps that take seconds but have no natural bar."""
+"""Status lines on stderr for steps that take seconds but have no natural bar, and other libraries' bars."""
 
 from __future__ import annotations
 
@@ -9,22 +9,34 @@ from contextlib import contextmanager
 
 @contextmanager
 def status(message: str, enabled: bool = True):
-    """Print ``message ...`` on stderr, then ``done (N s)`` on the same line when the block ends.
+    """Print ``message ...`` on stderr, then ``message: done (N s)`` when the block ends without an error.
 
-    Nothing is printed when ``enabled`` is false (``--quiet``). A block that raises ends the line with
-    ``failed`` so the error that follows starts on a line of its own.
+    Two whole lines rather than one finished in place: other libraries' bars (transformers' shard writer)
+    may print in between. Nothing is printed when ``enabled`` is false (``--quiet``).
     """
     if not enabled:
         yield
         return
-    print(f"{message} ...", end="", file=sys.stderr, flush=True)
+    print(f"{message} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    yield
+    print(f"{message}: done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def library_bars(enabled: bool):
+    """transformers' own progress bars (weight loading, shard writing) off inside the block unless ``enabled``;
+    the global setting is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled and was:
+        hf_logging.disable_progress_bar()
     try:
         yield
-    except BaseException:
-        print(" failed", file=sys.stderr, flush=True)
-        raise
-    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        if not enabled and was:
+            hf_logging.enable_progress_bar()
 
 
-__all__ = ["status"]
+__all__ = ["library_bars", "status"]

@@ -23,7 +23,7 @@ from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import save_pruned
 from .compaction import compact_model
-from .progress import status
+from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
 
@@ -198,7 +198,7 @@ def prune(
     device = settings.torch_device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with timer.stage("load"):
+    with timer.stage("load"), library_bars(progress):
         if model is None:
             model, tokenizer = load_model(
                 settings.model, device=device, dtype=settings.torch_dtype, device_map=settings.device_map
@@ -302,7 +302,11 @@ def prune(
     )
     out = None
     if settings.out is not None:
-        with timer.stage("save"), status(f"saving the pruned model to {settings.out}", progress):
+        with (
+            timer.stage("save"),
+            status(f"saving the pruned model to {settings.out}", progress),
+            library_bars(progress),
+        ):
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)

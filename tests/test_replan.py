@@ -111,6 +111,7 @@ def test_cli_replan_matches_the_original(dense_dir, calib, tmp_path, capsys):
     assert code == 0, err
     code, text, err = run(prune_args(dense_dir, calib, again, "--scores", first / SCORES_FILE), capsys)
     assert code == 0, err
+    assert err == "", "--quiet shows no bars or status lines"
     assert f"saved to {again}" in text
     assert kept(again) == kept(first)
     assert json.loads((again / "report.json").read_text())["settings"]["scores"] == str(first / SCORES_FILE)
