@@ -17,10 +17,13 @@ def status(message: str, enabled: bool = True):
     if not enabled:
         yield
         return
-    print(f"{message} ...", file=sys.stderr, flush=True)
+    from tqdm.auto import tqdm
+
+    # tqdm.write lifts any open bar (the calibration sets' one, say) above the line instead of running into it.
+    tqdm.write(f"{message} ...", file=sys.stderr)
     start = time.perf_counter()
     yield
-    print(f"{message}: done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    tqdm.write(f"{message}: done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
 
 
 @contextmanager
