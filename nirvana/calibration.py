@@ -18,6 +18,20 @@ token stream is reserved. ``calibration_windows`` draws only from the part befor
 only from it, so held-out windows never share a token position with any candidate set, whatever the seeds.
 For ``"self"`` the two are independent samples: held-out sequences use the generator seed
 ``HELDOUT_SEED_BASE + seed``, calibration sequences the seed itself (seeds are below ``HELDOUT_SEED_BASE``).
+
+Large texts (more than ``LARGE_TEXT_CHARS`` characters; the Austen default has about 3.6 million, so it and
+every smaller text take the whole-stream path above, window for window) are never tokenized whole: a 50 MB
+file would take minutes and gigabytes for a few thousand tokens. The split is then made on characters: the
+last ``HELDOUT_FRACTION`` of the characters is held out. Each calibration window draws a start character
+uniformly (with ``seed``) in the calibration part and tokenizes only the span of ``SPAN_CHARS_PER_TOKEN *
+seq_len`` characters from there, clipped at the split; each held-out window tokenizes one of the held-out
+part's non-overlapping spans of that length, picked with ``seed`` and kept in text order. A span is
+cut at word boundaries: each end moves inwards to the start of a whitespace run, where tokenizers split
+words, and the window is the tokens of what remains after the first one and before the last (a margin;
+nothing is dropped at the very start of the text). A span that yields too few tokens doubles its length (a
+held-out draw then starts over with the longer spans), so the result depends only on the text, the
+tokenizer, the request and the seed. Calibration spans end at or before the split and held-out spans start
+at or after it, so the two still never share a character.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from pathlib import Path
 import torch
 
 from . import corpus
+from .progress import status
 
 AUSTEN = "austen"
 FORTUNES = corpus.FORTUNES
@@ -44,6 +59,12 @@ HELDOUT_SEED_BASE = 2**31
 # What ``load_text("self")`` samples: enough text to look at, not a calibration set (that samples directly).
 SELF_TEXT_SEQUENCES = 8
 SELF_TEXT_TOKENS = 256
+# Texts longer than this (in characters) are sampled by spans, not tokenized whole (see the module docstring).
+LARGE_TEXT_CHARS = 8_000_000
+# A span of this many characters per token wanted; English averages about 4 to 5 per token.
+SPAN_CHARS_PER_TOKEN = 8
+# Tokenizing a text longer than this whole takes seconds, so it gets a status line.
+STATUS_CHARS = 1_000_000
 
 # tokenizer -> {text digest: LongTensor of token ids}; weak, so a dropped tokenizer frees its streams.
 _TOKEN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -182,14 +203,87 @@ def check_source(source, *, exclude=None) -> None:
         )
 
 
-def tokenize(text: str, tokenizer) -> torch.Tensor:
-    """LongTensor[n_tokens] of ``text`` without special tokens; cached per tokenizer and text in this process."""
+def tokenize(text: str, tokenizer, *, progress: bool = False) -> torch.Tensor:
+    """LongTensor[n_tokens] of ``text`` without special tokens; cached per tokenizer and text in this process.
+
+    ``progress``: a status line on stderr while a text of more than ``STATUS_CHARS`` characters is tokenized.
+    """
     per_tokenizer = _TOKEN_CACHE.setdefault(tokenizer, {})
     key = hashlib.sha1(text.encode("utf-8")).hexdigest()
     if key not in per_tokenizer:
-        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        per_tokenizer[key] = torch.tensor(ids, dtype=torch.long)
+        message = f"tokenizing {len(text) / 1e6:.1f}M characters of calibration text"
+        with status(message, progress and len(text) > STATUS_CHARS):
+            ids = _token_ids([text], tokenizer)[0]
+            per_tokenizer[key] = torch.tensor(ids, dtype=torch.long)
     return per_tokenizer[key]
+
+
+def _token_ids(texts: list[str], tokenizer) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def _word_bounds(text: str, start: int, stop: int) -> tuple[int, int]:
+    """``(start, stop)`` moved inwards to where a whitespace run begins, so the span cuts no word (tokenizers
+    split words at such points); the text's own start is kept, and a span with no such point is left as is."""
+    a = start
+    if start > 0:
+        a = next((i for i in range(start, stop) if text[i].isspace() and not text[i - 1].isspace()), start)
+    b = next((i for i in range(stop - 1, a, -1) if text[i].isspace() and not text[i - 1].isspace()), stop)
+    return a, b
+
+
+def _span_windows(text: str, tokenizer, spans: list[tuple[int, int]], seq_len: int) -> list[torch.Tensor | None]:
+    """For each ``(start, stop)`` character span, ``seq_len`` tokens of its words (:func:`_word_bounds`) after
+    the first token (none dropped at the text's start) and before the last; None for too few tokens."""
+    bounds = [_word_bounds(text, a, b) for a, b in spans]
+    out: list[torch.Tensor | None] = []
+    for (start, _), ids in zip(bounds, _token_ids([text[a:b] for a, b in bounds], tokenizer)):
+        skip = 1 if start > 0 else 0
+        out.append(torch.tensor(ids[skip : skip + seq_len]) if len(ids) >= skip + seq_len + 1 else None)
+    return out
+
+
+def _large_calibration_windows(text: str, tokenizer, source, num_samples: int, seq_len: int, seed: int):
+    split = heldout_start(len(text))
+    length = min(split, SPAN_CHARS_PER_TOKEN * seq_len)
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, split - length + 1, (num_samples,), generator=g).tolist()
+    lengths = [length] * num_samples
+    windows: list[torch.Tensor | None] = [None] * num_samples
+    while True:
+        todo = [i for i, w in enumerate(windows) if w is None]
+        if not todo:
+            return torch.stack(windows).long()
+        spans = [(starts[i], min(split, starts[i] + lengths[i])) for i in todo]
+        for i, window in zip(todo, _span_windows(text, tokenizer, spans, seq_len)):
+            windows[i] = window
+            if window is None:
+                if lengths[i] >= split:
+                    raise ValueError(
+                        f"source: {str(source)!r}: the calibration part ({split} characters) holds fewer than "
+                        f"{seq_len + 1} tokens; use more text or shorter windows"
+                    )
+                lengths[i] = min(split, 2 * lengths[i])
+                starts[i] = min(starts[i], split - lengths[i])
+
+
+def _large_heldout_windows(text: str, tokenizer, source, num_samples: int, seq_len: int, seed: int):
+    split = heldout_start(len(text))
+    length = SPAN_CHARS_PER_TOKEN * seq_len
+    while True:
+        chunks = (len(text) - split) // length
+        if chunks < num_samples:
+            raise ValueError(
+                f"source: {str(source)!r}: the held-out part ({len(text) - split} characters) holds fewer than "
+                f"{num_samples} spans of {length} characters; use more text or fewer/shorter windows"
+            )
+        g = torch.Generator().manual_seed(seed)
+        picked = torch.randperm(chunks, generator=g)[:num_samples].sort().values.tolist()
+        spans = [(split + p * length, split + (p + 1) * length) for p in picked]
+        windows = _span_windows(text, tokenizer, spans, seq_len)
+        if all(w is not None for w in windows):
+            return torch.stack(windows).long()
+        length *= 2
 
 
 def heldout_start(num_tokens: int) -> int:
@@ -222,6 +316,7 @@ def calibration_windows(
     seed: int = 0,
     model=None,
     exclude=None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """LongTensor[num_samples, seq_len] on CPU: windows at random start positions drawn with ``seed``.
 
@@ -229,11 +324,17 @@ def calibration_windows(
     windows may overlap each other but never the held-out part. Different seeds give different windows. The
     calibration part must hold at least ``num_samples * seq_len`` tokens, else a ValueError says how many it has.
     For ``source="self"`` the windows are sequences sampled from ``model`` (BOS first, see ``sample_from_model``).
+    A text of more than ``LARGE_TEXT_CHARS`` characters is sampled by character spans (see the module docstring).
+    ``progress``: status lines on stderr for the steps that take seconds.
     """
     _check_request(num_samples, seq_len, seed)
     if isinstance(source, str) and source == SELF:
         return sample_from_model(model, tokenizer, num_sequences=num_samples, seq_len=seq_len, seed=seed)
-    ids = tokenize(load_text(source, exclude=exclude), tokenizer)
+    text = load_text(source, exclude=exclude)
+    if len(text) > LARGE_TEXT_CHARS:
+        with status(f"sampling {num_samples} windows from {len(text) / 1e6:.1f}M characters of text", progress):
+            return _large_calibration_windows(text, tokenizer, source, num_samples, seq_len, seed)
+    ids = tokenize(text, tokenizer, progress=progress)
     split = heldout_start(len(ids))
     needed = num_samples * seq_len
     if split < needed:
@@ -252,19 +353,25 @@ def heldout_windows(
     seed: int = 0,
     model=None,
     exclude=None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """LongTensor[num_samples, seq_len] on CPU from the held-out tail: disjoint from every calibration window.
 
     The tail is cut into non-overlapping ``seq_len`` chunks and ``num_samples`` of them are picked with ``seed``
     (kept in text order), so the held-out set spreads over the whole tail without repeating a token.
     For ``source="self"`` the sequences are sampled with generator seed ``HELDOUT_SEED_BASE + seed``.
+    A text of more than ``LARGE_TEXT_CHARS`` characters is sampled by character spans (see the module docstring).
     """
     _check_request(num_samples, seq_len, seed)
     if isinstance(source, str) and source == SELF:
         return sample_from_model(
             model, tokenizer, num_sequences=num_samples, seq_len=seq_len, seed=HELDOUT_SEED_BASE + seed
         )
-    ids = tokenize(load_text(source, exclude=exclude), tokenizer)
+    text = load_text(source, exclude=exclude)
+    if len(text) > LARGE_TEXT_CHARS:
+        with status(f"sampling {num_samples} held-out windows from {len(text) / 1e6:.1f}M characters", progress):
+            return _large_heldout_windows(text, tokenizer, source, num_samples, seq_len, seed)
+    ids = tokenize(text, tokenizer, progress=progress)
     split = heldout_start(len(ids))
     chunks = (len(ids) - split) // seq_len
     if chunks < num_samples:
@@ -326,6 +433,8 @@ __all__ = [
     "AUSTEN",
     "HELDOUT_FRACTION",
     "HELDOUT_SEED_BASE",
+    "LARGE_TEXT_CHARS",
+    "SPAN_CHARS_PER_TOKEN",
     "SELF",
     "calibration_windows",
     "check_source",

@@ -1,6 +1,7 @@
 """``nirvana`` command line: argument parsing and one-line errors; the work is in the Python API.
 
 nirvana prune MODEL --sparsity 0.2 [--gamma 3.0|auto] [--calib SOURCE] ... --out DIR
+nirvana prune MODEL --scores PRUNED_DIR/scores.safetensors --sparsity 0.4 ... --out DIR  (no backward pass)
 torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--distributed", choices=STRATEGIES, default=None, help="fsdp: score on all torchrun ranks")
     pr.add_argument("--device-map", choices=DEVICE_MAPS, default=None, help="spread one process's model (accelerate)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--scores",
+        default=None,
+        metavar="FILE",
+        help="re-prune from an earlier run's scores.safetensors (or its folder): no calibration, no backward pass",
+    )
     pr.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -176,6 +183,7 @@ def cmd_prune(args) -> int:
         overwrite=args.overwrite,
         distributed=args.distributed,
         device_map=args.device_map,
+        scores=args.scores,
     )
     result = prune(settings, progress=not args.quiet)
     if result.out is None and settings.distributed:

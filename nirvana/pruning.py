@@ -20,11 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _remote_modeling as remote
-from . import baselines, calibration, selection
+from . import baselines, calibration, replan, selection
 from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
+from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
 
@@ -64,6 +65,9 @@ class PruneSettings:
     overwrite: bool = False
     distributed: str | None = None  # "fsdp": score on all torchrun ranks with FSDP2 (nirvana.distributed)
     device_map: str | None = None  # accelerate's device_map ("auto", ...): one process over several GPUs
+    # A scores.safetensors from an earlier run (or the pruned folder holding it): allocate from it, with no
+    # calibration and no backward pass (see nirvana.replan).
+    scores: str | None = None
 
     def check(self) -> None:
         """ValueError naming the first bad setting; cheap, so it runs before anything loads.
@@ -73,6 +77,7 @@ class PruneSettings:
         candidate sets and ``self`` windows are bounded, and every calibration seed fits in 31 bits.
         """
         self._check_placement()
+        self._check_scores()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity: must be in [0, 1), got {self.sparsity!r}")
         if self.gamma != "auto":
@@ -162,10 +167,20 @@ class PruneSettings:
                     f"(one of {', '.join(DISTRIBUTED_SALIENCIES)}; Adam scaling needs per-micro-batch gradients)"
                 )
 
-    def calibration_windows(self, tokenizer, seed: int, model=None) -> torch.Tensor:
+    def _check_scores(self) -> None:
+        if self.scores is not None:
+            replan.check_settings(self)
+
+    def calibration_windows(self, tokenizer, seed: int, model=None, progress: bool = False) -> torch.Tensor:
         """The calibration windows these settings draw with ``seed`` (``model`` only for the "self" source)."""
         return calibration.calibration_windows(
-            self.calib, tokenizer, num_samples=self.num_samples, seq_len=self.seq_len, seed=seed, model=model
+            self.calib,
+            tokenizer,
+            num_samples=self.num_samples,
+            seq_len=self.seq_len,
+            seed=seed,
+            model=model,
+            progress=progress,
         )
 
     @property
@@ -240,7 +255,7 @@ def prune(
     device = settings.torch_device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with timer.stage("load"):
+    with timer.stage("load"), library_bars(progress):
         if model is None:
             model, tokenizer = load_model(
                 settings.model, device=device, dtype=settings.torch_dtype, device_map=settings.device_map
@@ -254,16 +269,25 @@ def prune(
     params_before = count_params(model)
 
     seeds = [settings.seed + k for k in range(settings.select_calib)]
+    saved = None  # --scores: the one candidate comes from the file
+    if settings.scores is not None:
+        saved = replan.load_matching(settings.scores, geometry, settings.method)
+        seed = settings.seed if saved.seed is None else saved.seed
+        seeds, precomputed_scores = [seed], {seed: saved.scores}
     candidates = []
     flap_stats: dict[int, object] = {}  # calibration seed -> FLAP's activation statistics
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         if precomputed_scores is not None:
-            candidates.append(selection.Candidate(seed, precomputed_scores[seed]))
-            continue
-        with timer.stage("calibration"):
-            windows = settings.calibration_windows(tokenizer, seed, model)
-        with timer.stage("saliency"):
-            scores = _method_scores(settings, model, windows, seed, progress, flap_stats)
+            scores = precomputed_scores[seed]
+        else:
+            with timer.stage("calibration"):
+                windows = settings.calibration_windows(tokenizer, seed, model, progress=progress)
+            with timer.stage("saliency"):
+                scores = _method_scores(settings, model, windows, seed, progress, flap_stats)
+        if saved is None:
+            # What made these scores, so that `prune --scores` can check it (and report.json say it) later.
+            scores.meta.setdefault("method", settings.method)
+            scores.meta.update(calib=settings.calib, calibration_seed=seed)
         candidates.append(selection.Candidate(seed, scores))
 
     gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
@@ -277,6 +301,7 @@ def prune(
                 seq_len=settings.seq_len,
                 seed=settings.seed,
                 model=model,
+                progress=progress,
             )
         with timer.stage("selection"):
             chosen = selection.select(
@@ -289,6 +314,7 @@ def prune(
                 round_to=settings.round_to,
                 architecture=architecture,
                 prepare=_flap_prepare(flap_stats) if settings.method == "flap" else None,
+                progress=progress,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -304,7 +330,8 @@ def prune(
                 round_to=settings.round_to,
                 architecture=architecture,
             )
-    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib})
+    calib = settings.calib if saved is None else saved.calib
+    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": calib})
 
     with timer.stage("compaction"):
         if settings.method == "flap":
@@ -315,6 +342,8 @@ def prune(
     params_after = count_params(model)
 
     extra = dict(extra_report or {})
+    if saved is not None:
+        extra["scores_from"] = saved.report()
     extra["selection"] = (
         {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
         if chosen
@@ -331,7 +360,11 @@ def prune(
     )
     out = None
     if settings.out is not None:
-        with timer.stage("save"):
+        with (
+            timer.stage("save"),
+            status(f"saving the pruned model to {settings.out}", progress),
+            library_bars(progress),
+        ):
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)

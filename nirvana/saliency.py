@@ -644,21 +644,40 @@ def save_scores(scores: Scores, path: str | Path) -> Path:
 
 
 def load_scores(path: str | Path) -> Scores:
-    """Read what :func:`save_scores` wrote (a file, or a directory holding :data:`SCORES_FILE`)."""
-    from safetensors import safe_open
+    """Read what :func:`save_scores` wrote (a file, or a directory holding :data:`SCORES_FILE`).
+
+    Anything else (not safetensors, another tool's tensors, a broken metadata block, wrong shapes or
+    dtypes) is a one-line ValueError that names the file.
+    """
+    from safetensors import SafetensorError, safe_open
 
     file = _scores_path(path)
     if not file.is_file():
         raise ValueError(f"path: no scores file at {str(file)!r}")
-    with safe_open(str(file), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != SCORES_FORMAT:
-            raise ValueError(f"path: {str(file)!r} is not a nirvana scores file (format {metadata.get('format')!r})")
-        if metadata.get("version") != str(SCORES_VERSION):
-            raise ValueError(f"path: scores version {metadata.get('version')!r}, expected {SCORES_VERSION}")
-        keys = set(f.keys())
-        if keys != {"attention", "mlp"}:
-            raise ValueError(f"path: {str(file)!r} holds tensors {sorted(keys)}, expected ['attention', 'mlp']")
-        attention, mlp = f.get_tensor("attention"), f.get_tensor("mlp")
-    geometry = Geometry.from_dict(json.loads(metadata["geometry"]))
-    return Scores(attention, mlp, geometry, json.loads(metadata["meta"]))
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SCORES_FORMAT:
+                raise ValueError(
+                    f"path: {str(file)!r} is not a nirvana scores file (format {metadata.get('format')!r})"
+                )
+            if metadata.get("version") != str(SCORES_VERSION):
+                raise ValueError(f"path: scores version {metadata.get('version')!r}, expected {SCORES_VERSION}")
+            keys = set(f.keys())
+            if keys != {"attention", "mlp"}:
+                raise ValueError(f"path: {str(file)!r} holds tensors {sorted(keys)}, expected ['attention', 'mlp']")
+            attention, mlp = f.get_tensor("attention"), f.get_tensor("mlp")
+    except (SafetensorError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"path: {str(file)!r} is not a readable safetensors file ({reason})") from None
+    try:
+        geometry = Geometry.from_dict(json.loads(metadata["geometry"]))
+        meta = json.loads(metadata["meta"])
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta is a {type(meta).__name__}, not an object")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"path: {str(file)!r} has a broken metadata block ({type(e).__name__}: {e})") from None
+    try:
+        return Scores(attention, mlp, geometry, meta)
+    except ValueError as e:
+        raise ValueError(f"path: {str(file)!r}: {e}") from None

@@ -9,12 +9,14 @@ lm_head) instead of copying them, so a candidate costs only its own compacted li
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .allocation import allocate
 from .compaction import compact_model
@@ -72,12 +74,14 @@ def select(
     architecture: str = "",
     batch_size: int = 8,
     prepare: Callable[[nn.Module, PruningPlan, Candidate], None] | None = None,
+    progress: bool = False,
 ) -> Selection:
     """Try every candidate at every gamma; return the lowest token-mean KL(dense || pruned) on ``heldout``.
 
     Gammas that cannot reach ``sparsity`` (the MLP share would exceed 100%) are skipped and reported.
     Ties go to the earlier candidate and gamma, so the result is deterministic. ``prepare(model, plan,
-    candidate)`` runs on each dense copy before compaction (see :func:`pruned_copy`).
+    candidate)`` runs on each dense copy before compaction (see :func:`pruned_copy`). ``progress`` shows a
+    bar over the (candidate, gamma) trials on stderr.
     """
     if not candidates:
         raise ValueError("candidates: at least one calibration set is needed")
@@ -86,29 +90,31 @@ def select(
     dense_logits = window_logits(model, heldout, batch_size=batch_size)
     best: Selection | None = None
     trials: list[dict] = []
-    for cand in candidates:
-        for gamma in gammas:
-            try:
-                plan = allocate(
-                    cand.scores.attention,
-                    cand.scores.mlp,
-                    cand.scores.geometry,
-                    sparsity=sparsity,
-                    gamma=gamma,
-                    allocation=allocation,
-                    round_to=round_to,
-                    architecture=architecture,
-                )
-            except ValueError as e:
-                if len(gammas) == 1:
-                    raise
-                trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
-                continue
-            hook = None if prepare is None else (lambda m, plan=plan, cand=cand: prepare(m, plan, cand))
-            kl = kl_to_model(dense_logits, pruned_copy(model, plan, hook), heldout, batch_size=batch_size)
-            trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
-            if best is None or kl < best.kl:
-                best = Selection(cand.seed, gamma, plan, kl)
+    pairs = itertools.product(candidates, gammas)
+    bar = tqdm(pairs, total=len(candidates) * len(gammas), desc="KL selection", unit="trial", disable=not progress)
+    for cand, gamma in bar:
+        try:
+            plan = allocate(
+                cand.scores.attention,
+                cand.scores.mlp,
+                cand.scores.geometry,
+                sparsity=sparsity,
+                gamma=gamma,
+                allocation=allocation,
+                round_to=round_to,
+                architecture=architecture,
+            )
+        except ValueError as e:
+            if len(gammas) == 1:
+                raise
+            trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
+            continue
+        hook = None if prepare is None else (lambda m, plan=plan, cand=cand: prepare(m, plan, cand))
+        kl = kl_to_model(dense_logits, pruned_copy(model, plan, hook), heldout, batch_size=batch_size)
+        trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
+        if best is None or kl < best.kl:
+            best = Selection(cand.seed, gamma, plan, kl)
+    bar.close()
     if best is None:
         raise ValueError(f"gamma: none of {list(gammas)} can reach sparsity {sparsity}")
     if not math.isfinite(best.kl):

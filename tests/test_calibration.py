@@ -301,3 +301,114 @@ def test_fortunes_source_reads_the_cached_collections(tmp_path, monkeypatch):
     monkeypatch.setenv("NIRVANA_CACHE", str(tmp_path))
     (tmp_path / "fortunes.txt").write_text("Q: Why?\nA: Because.\n\nAnother one.\n")
     assert load_text(calibration.FORTUNES) == "Q: Why?\nA: Because.\n\nAnother one.\n"
+
+
+# ---------------------------------------------------------------- large texts: sampled by character spans
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records the length of every text it is asked to tokenize."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def __call__(self, texts, **kw):
+        self.lengths += [len(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        return self.inner(texts, **kw)
+
+
+def whole_stream_windows(text, tok, num_samples, seq_len, seed):
+    """What calibration_windows and heldout_windows returned before large texts were sampled by spans."""
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    split = heldout_start(len(ids))
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, split - seq_len + 1, (num_samples,), generator=g)
+    cal = ids[starts[:, None] + torch.arange(seq_len)]
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm((len(ids) - split) // seq_len, generator=g)[:num_samples].sort().values
+    return cal, ids[split + picked[:, None] * seq_len + torch.arange(seq_len)]
+
+
+@pytest.fixture
+def large(monkeypatch):
+    """Make the 20,000-character test text count as large."""
+    monkeypatch.setattr(calibration, "LARGE_TEXT_CHARS", 5_000)
+
+
+@pytest.mark.parametrize("seed", [0, 7], ids=["seed0", "seed7"])
+def test_small_texts_keep_the_whole_stream_windows(tok, text_file, seed):
+    assert len(load_text(text_file)) <= calibration.LARGE_TEXT_CHARS
+    cal, held = whole_stream_windows(load_text(text_file), tok, 8, 32, seed)
+    assert torch.equal(calibration_windows(text_file, tok, num_samples=8, seq_len=32, seed=seed), cal)
+    assert torch.equal(heldout_windows(text_file, tok, num_samples=8, seq_len=32, seed=seed), held)
+
+
+def test_the_austen_default_is_not_a_large_text():
+    try:
+        text = load_text("austen")
+    except (OSError, ValueError) as e:
+        pytest.skip(f"the Austen novels are not available here: {e}")
+    # The demo's numbers rest on the whole-stream windows of this text.
+    assert len(text) < calibration.LARGE_TEXT_CHARS / 2
+
+
+@pytest.mark.parametrize(("num_samples", "seq_len"), [(32, 64), (5, 16)], ids=["many", "few"])
+def test_large_text_windows_are_token_windows_of_the_calibration_part(tok, text_file, large, num_samples, seq_len):
+    counting = CountingTokenizer(tok)
+    windows = calibration_windows(text_file, counting, num_samples=num_samples, seq_len=seq_len, seed=3)
+    assert windows.shape == (num_samples, seq_len) and windows.dtype == torch.long
+    stream = tokenize(load_text(text_file), tok)
+    split = heldout_start(len(stream))  # one token per character: the character split is the token split
+    for found in positions(windows, stream):
+        assert len(found) == 1 and found[0] + seq_len <= split
+    # Only spans were tokenized, never the whole text.
+    assert len(counting.lengths) == num_samples
+    assert max(counting.lengths) <= calibration.SPAN_CHARS_PER_TOKEN * seq_len
+
+
+def test_large_text_windows_are_deterministic_per_seed(tok, text_file, large):
+    a = calibration_windows(text_file, tok, num_samples=8, seq_len=32, seed=0)
+    assert torch.equal(a, calibration_windows(text_file, tok, num_samples=8, seq_len=32, seed=0))
+    assert not torch.equal(a, calibration_windows(text_file, tok, num_samples=8, seq_len=32, seed=1))
+    h = heldout_windows(text_file, tok, num_samples=4, seq_len=32, seed=0)
+    assert torch.equal(h, heldout_windows(text_file, tok, num_samples=4, seq_len=32, seed=0))
+    assert not torch.equal(h, heldout_windows(text_file, tok, num_samples=4, seq_len=32, seed=1))
+
+
+def test_large_text_heldout_windows_are_disjoint_and_after_every_calibration_window(tok, text_file, large):
+    stream = tokenize(load_text(text_file), tok)
+    split = heldout_start(len(stream))
+    held = heldout_windows(text_file, tok, num_samples=12, seq_len=16, seed=0)  # 12 of the 15 spans
+    starts = [p[0] for p in positions(held, stream)]
+    assert all(s >= split for s in starts) and starts == sorted(starts)
+    assert all(b - a >= 16 for a, b in zip(starts, starts[1:])), "held-out windows share tokens"
+    for seed in range(4):
+        cal = calibration_windows(text_file, tok, num_samples=32, seq_len=32, seed=seed)
+        assert max(p[0] for p in positions(cal, stream)) + 32 <= split
+
+
+def test_large_text_spans_that_tokenize_short_grow(tok, text_file, large, monkeypatch):
+    monkeypatch.setattr(calibration, "SPAN_CHARS_PER_TOKEN", 1)  # a span of seq_len characters is always short
+    stream = tokenize(load_text(text_file), tok)
+    split = heldout_start(len(stream))
+    cal = calibration_windows(text_file, tok, num_samples=6, seq_len=40, seed=2)
+    assert torch.equal(cal, calibration_windows(text_file, tok, num_samples=6, seq_len=40, seed=2))
+    assert all(len(p) == 1 and p[0] + 40 <= split for p in positions(cal, stream))
+    held = heldout_windows(text_file, tok, num_samples=6, seq_len=40, seed=2)
+    assert all(len(p) == 1 and p[0] >= split for p in positions(held, stream))
+
+
+def test_large_text_that_cannot_supply_the_heldout_windows_says_so(tok, text_file, large):
+    # 2,000 held-out characters make 7 spans of 8 * 32 characters.
+    assert heldout_windows(text_file, tok, num_samples=7, seq_len=32).shape == (7, 32)
+    with pytest.raises(ValueError, match=r"held-out part \(2000 characters\) holds fewer than 8 spans of 256"):
+        heldout_windows(text_file, tok, num_samples=8, seq_len=32)
+
+
+def test_large_text_status_line_only_with_progress(tok, text_file, large, capsys):
+    calibration_windows(text_file, tok, num_samples=4, seq_len=16, progress=False)
+    heldout_windows(text_file, tok, num_samples=4, seq_len=16, progress=False)
+    assert capsys.readouterr().err == ""
+    calibration_windows(text_file, tok, num_samples=4, seq_len=16, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("sampling 4 windows from 0.0M characters") and err.rstrip().endswith("s)")
