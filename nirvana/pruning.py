@@ -23,6 +23,7 @@ from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import save_pruned
 from .compaction import compact_model
+from .output import check_target, scratch
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
 
@@ -92,8 +93,8 @@ class PruneSettings:
         is_path = os.sep in self.model or self.model.endswith(".gguf") or self.model.startswith(".")
         if is_path and not Path(self.model).expanduser().exists():
             raise ValueError(f"model: {self.model!r} does not exist")
-        if self.out is not None and Path(self.out).exists() and not self.overwrite:
-            raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
+        if self.out is not None:
+            check_target(self.out, sources=[self.model] if is_path else [], overwrite=self.overwrite, name="out")
 
     def _check_placement(self) -> None:
         if self.device_map is not None:
@@ -316,11 +317,10 @@ def _flap_prepare(flap_stats: dict):
 
 def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool) -> Path:
     """Write the pruned model with its scores, report and plot, all in one atomic rename."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        scores_path = save_scores(scores, Path(tmp) / SCORES_FILE)
-        plot_path = plot_layers(plan, Path(tmp) / PLOT_FILE)
+    # Beside the output, not in /tmp: a run killed here leaves a folder the next run removes.
+    with scratch(out) as tmp:
+        scores_path = save_scores(scores, tmp / SCORES_FILE)
+        plot_path = plot_layers(plan, tmp / PLOT_FILE)
         return save_pruned(
             model,
             tokenizer,
