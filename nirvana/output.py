@@ -52,7 +52,8 @@ PSEUDO_FILESYSTEMS = frozenset(
     "proc sysfs devtmpfs devpts cgroup cgroup2 debugfs tracefs securityfs configfs bpf pstore efivarfs "
     "fusectl mqueue binfmt_misc autofs hugetlbfs rpc_pipefs nsfs".split()
 )
-SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"))
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"), Path("/dev"))
+WRITABLE_SYSTEM_FOLDERS = (Path("/dev/shm"),)  # shared memory: a plain tmpfs, where files may go
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -129,7 +130,8 @@ def check_target(
             )
         if not is_ours(real):
             raise ValueError(
-                f"{name}: {shown} was not written by nirvana (it has no {MARKER_FILE} marker); refusing to replace it"
+                f"{name}: {shown} was not written by nirvana; refusing to replace it (nirvana marks its folders "
+                f"with a {MARKER_FILE} file)"
             )
     _check_parent(real, shown, name)
     return real
@@ -151,7 +153,7 @@ def _check_parent(real: Path, shown: str, name: str) -> None:
     if not ancestor.is_dir():
         raise ValueError(f"{name}: {shown} cannot be made, as {where} is a file, not a folder")
     fs = _filesystem_type(ancestor)
-    if fs in PSEUDO_FILESYSTEMS or any(ancestor == d or d in ancestor.parents for d in SYSTEM_FOLDERS):
+    if fs in PSEUDO_FILESYSTEMS or _under(ancestor, SYSTEM_FOLDERS) and not _under(ancestor, WRITABLE_SYSTEM_FOLDERS):
         raise ValueError(f"{name}: {where} is a system folder of the kernel{f' ({fs})' if fs else ''}, not for files")
     try:
         read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
@@ -161,6 +163,10 @@ def _check_parent(real: Path, shown: str, name: str) -> None:
         raise ValueError(f"{name}: {where} is on a read-only filesystem")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{name}: this user may not write in {where}")
+
+
+def _under(path: Path, folders: tuple[Path, ...]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
 
 
 def _filesystem_type(path: Path) -> str | None:
