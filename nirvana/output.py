@@ -117,9 +117,10 @@ def check_target(
         if not src.exists():
             continue
         kind = "folder" if src.is_dir() else "file"
-        if real == src or real in src.parents:
+        # By identity as well as by name: a bind mount or a case-insensitive disk spells one folder two ways.
+        if _same(real, src) or (real.exists() and any(_same(p, real) for p in src.parents)):
             raise ValueError(f"{name}: {shown} would replace the model's source {kind} {str(src)!r}")
-        if src in real.parents:
+        if any(_same(p, src) for p in real.parents):
             raise ValueError(f"{name}: {shown} lies inside the model's source folder {str(src)!r}, which is only read")
     if real.exists():
         if not real.is_dir():
@@ -135,6 +136,13 @@ def check_target(
             )
     _check_parent(real, shown, name)
     return real
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a == b
 
 
 def _shown(given, real: Path) -> str:
@@ -430,7 +438,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> int:
     if _libc_renameat2 is None:
         try:
             fn = ctypes.CDLL(None, use_errno=True).renameat2
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # no such libc function, or no libc (Windows)
             return errno.ENOSYS
         fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         fn.restype = ctypes.c_int

@@ -450,3 +450,30 @@ def test_a_reused_pid_does_not_keep_a_stale_folder(tmp_path):
     assert output.owner_is_gone(record)
     assert not output.owner_is_gone(output.owner_record())
     assert output.owner_is_gone({**output.owner_record(), "boot_id": "an-earlier-boot"})
+
+
+def test_a_source_reached_through_a_bind_mount_is_recognised(tmp_path, source):
+    # No link to resolve: only the folders' identity tells that mnt/dense is models/dense. The mount
+    # lives in a private mount namespace of the child, so nothing is left mounted after it.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code = (
+        LOAD + "\nfor out in (sys.argv[2] + '/dense', sys.argv[2] + '/dense/sub', sys.argv[2]):\n"
+        "    try:\n        m.check_target(out, sources=[sys.argv[3]], overwrite=True)\n        print('accepted')\n"
+        "    except ValueError as e:\n        print(str(e).split(' (really')[0].split(\"' \", 1)[1])\n"
+    )
+    script = f'mount --bind "$1" "$2" && exec "{sys.executable}" -c "$3" "$4" "$2" "$5"'
+    argv = ["unshare", "-m", "sh", "-c", script, "sh", source.parent, mnt, code, output.__file__, source]
+    try:
+        done = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"would replace the model's source folder {str(source)!r}",
+        f"lies inside the model's source folder {str(source)!r}, which is only read",
+        f"would replace the model's source folder {str(source)!r}",
+    ]
+    assert not any(mnt.iterdir()), "the bind mount leaked out of its namespace"
