@@ -161,7 +161,8 @@ def _check_parent(real: Path, shown: str, name: str) -> None:
     if not ancestor.is_dir():
         raise ValueError(f"{name}: {shown} cannot be made, as {where} is a file, not a folder")
     fs = _filesystem_type(ancestor)
-    if fs in PSEUDO_FILESYSTEMS or _under(ancestor, SYSTEM_FOLDERS) and not _under(ancestor, WRITABLE_SYSTEM_FOLDERS):
+    system = _under(ancestor, SYSTEM_FOLDERS) and not _under(ancestor, WRITABLE_SYSTEM_FOLDERS)
+    if fs in PSEUDO_FILESYSTEMS or system:
         raise ValueError(f"{name}: {where} is a system folder of the kernel{f' ({fs})' if fs else ''}, not for files")
     try:
         read_only = bool(os.statvfs(ancestor).f_flag & os.ST_RDONLY)
