@@ -34,8 +34,9 @@ from nirvana_kernels import compact_groups
 
 from . import _remote_modeling as remote
 from .adapters import get_adapter
-from .checkpoint import CONFIG_FILE, PLAN_FILE, _check_out_dir, _rewrite_config, staged_folder
+from .checkpoint import CONFIG_FILE, PLAN_FILE, _rewrite_config
 from .compaction import _check_plan, base_architecture, config_updates, plan_widths
+from .output import check_target, real_path, staged
 from .plan import PruningPlan
 
 WEIGHTS_FILE = "model.safetensors"
@@ -333,13 +334,14 @@ def apply_plan(
         plan: a :class:`~nirvana.plan.PruningPlan`, a ``plan.json`` path, or a pruned folder holding one.
         model: a local Hugging Face checkpoint folder with safetensors weights (one file, or shards
             and ``model.safetensors.index.json``); never modified.
-        out_dir: the new checkpoint folder; must not exist unless ``overwrite``, and must not be (or
-            contain) ``model``. Written to a temporary folder beside it and renamed into place.
+        out_dir: the new checkpoint folder; must not exist unless ``overwrite``, and must not be,
+            contain or lie inside ``model`` (compared as real paths). Written to a temporary folder
+            beside it and renamed into place (:func:`nirvana.output.staged`).
         max_shard_size: the most bytes per output shard (``"5GB"``, ``"500MiB"``, or an int); a
             tensor larger than that gets a shard of its own.
         device: where to gather (``"cuda"``, ``"cpu"``); None picks the GPU when there is one.
             The output is the same bits either way.
-        overwrite: replace an existing ``out_dir``, only once the new one is complete.
+        overwrite: replace an existing ``out_dir`` that nirvana wrote, only once the new one is complete.
 
     Returns:
         The path of ``out_dir``.
@@ -351,20 +353,20 @@ def apply_plan(
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ValueError(f"model: expected a checkpoint folder, got {model!r}")
-    src = Path(os.path.abspath(model))
+    src = real_path(model)
     if not src.is_dir():
         raise ValueError(f"model: {str(model)!r} is not a folder")
     max_bytes = parse_size(max_shard_size)
     dev = _device(device)
     plan = read_plan(plan)
+    out = check_target(out_dir, sources=[src], overwrite=overwrite, name="out_dir")
     config, meta = _meta_model(src)
-    out = _check_out_dir(out_dir, overwrite, meta)
     _check_plan(meta, plan, get_adapter(meta))
     specs = tensor_specs(source_tensors(src), meta, plan)
     shards = shard(specs, max_bytes)
     names = _shard_names(len(shards))
 
-    with staged_folder(out) as tmp, torch.no_grad():
+    with staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp, torch.no_grad():
         for name, specs_in in zip(names, shards):
             write_shard(tmp / name, specs_in, dev)
         if len(shards) > 1:

@@ -11,8 +11,11 @@ an ``auto_map`` naming the class in ``modeling_nirvana.py``, a self-contained co
 T5, whose checkpoints always carry the block) works without nirvana;
 :func:`load_pruned` reaches the same classes without remote code.
 
-Saving is atomic: everything is written into a temporary folder beside the destination, which is
-renamed into place only when complete, so an interrupted save leaves no half-written model.
+Saving is atomic (:func:`nirvana.output.staged`): everything is written into a temporary folder beside
+the destination, which is renamed into place only when complete, so an interrupted save leaves no
+half-written model. The destination is checked first (:func:`nirvana.output.check_target`): never the
+model's own folder (symbolic links resolved), never inside or around it, and with ``overwrite`` only
+a folder that nirvana wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from . import _remote_modeling as remote
+from . import output
 from .compaction import base_architecture, layer_widths, model_config_updates, plan_widths
 from .plan import PruningPlan
 
@@ -47,20 +50,10 @@ def auto_class_name(config) -> str:
     return SEQ2SEQ_AUTO_CLASS if is_enc_dec else AUTO_CLASS
 
 
-def _check_out_dir(out_dir, overwrite: bool, model: nn.Module) -> Path:
-    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
-        raise ValueError(f"out_dir: expected a folder path, got {out_dir!r}")
-    out = Path(os.path.abspath(out_dir))
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir: {str(out)!r} exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out_dir: {str(out)!r} exists; pass overwrite=True to replace it")
+def _sources(model: nn.Module) -> list[str]:
+    """The local folder or file the model was loaded from, if any: the output must keep clear of it."""
     source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-    if source and os.path.isdir(source):
-        src = Path(os.path.abspath(source))
-        if out == src or out in src.parents:
-            raise ValueError(f"out_dir: {str(out)!r} would replace the model's source folder {str(src)!r}")
-    return out
+    return [source] if isinstance(source, str) and source and os.path.exists(source) else []
 
 
 def _check_model_matches_plan(model: nn.Module, plan: PruningPlan) -> None:
@@ -86,7 +79,7 @@ def _check_extra_files(extra_files) -> dict[str, object]:
     if not isinstance(extra_files, Mapping):
         kind = type(extra_files).__name__
         raise ValueError(f"extra_files: expected a mapping of file name to contents, got {kind}")
-    reserved = {CONFIG_FILE, PLAN_FILE, REPORT_FILE, remote.MODELING_FILE}
+    reserved = {CONFIG_FILE, PLAN_FILE, REPORT_FILE, remote.MODELING_FILE, output.MARKER_FILE, output.OWNER_FILE}
     for name, content in extra_files.items():
         if (
             not isinstance(name, str)
@@ -137,57 +130,6 @@ def _write_extra(folder: Path, name: str, content) -> None:
         shutil.copyfile(content, folder / name)
 
 
-def _sync_tree(folder: Path) -> None:
-    """Flush every file (and the folder) to disk, so the rename below never publishes a torn file."""
-    for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:  # some filesystems cannot fsync a directory; the files are what matter
-            if not path.is_dir():
-                raise
-        finally:
-            os.close(fd)
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is set aside first and removed after."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    # rename() cannot replace a non-empty folder: swap it with an empty placeholder first, so that
-    # out never holds a mix of old and new files.
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside ``out`` that becomes ``out`` when the ``with`` block completes.
-
-    On any failure (or interrupt) inside the block the temporary folder is removed and ``out`` is
-    left as it was. The caller has already decided that ``out`` may be replaced.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should read like any other
-    try:
-        yield tmp
-        _sync_tree(tmp)
-        _replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _quant_method(config) -> str | None:
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
@@ -233,19 +175,21 @@ def save_pruned(
             model loaded from a GGUF file saves as the float weights transformers de-quantized.
         tokenizer: anything with ``save_pretrained(folder)``, or None to save no tokenizer.
         plan: written as ``plan.json``.
-        out_dir: the checkpoint folder; must not exist unless ``overwrite``, and must not be (or
-            contain) the folder the model was loaded from.
-        overwrite: replace an existing ``out_dir``; the old one is removed only after the new one is
-            complete.
+        out_dir: the checkpoint folder; must not exist unless ``overwrite``, and must not be, contain
+            or lie inside the folder the model was loaded from (compared as real paths).
+        overwrite: replace an existing ``out_dir`` that nirvana wrote; the old one is removed only
+            after the new one is in place.
         report: JSON-serialisable, written as ``report.json``.
         extra_files: file name -> contents (str is written as text, bytes as is, a path is copied).
 
     Raises:
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: for a model that does not match ``plan``, a bad ``out_dir``, ``report`` or
-            ``extra_files``.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or another writer created it
+            during the save (:class:`nirvana.output.OutputExistsError`, also a ValueError).
+        ValueError: for a model that does not match ``plan``, a bad ``out_dir`` (see
+            :func:`nirvana.output.check_target`), ``report`` or ``extra_files``.
     """
-    out = _check_out_dir(out_dir, overwrite, model)
+    sources = _sources(model)
+    out = output.check_target(out_dir, sources=sources, overwrite=overwrite, name="out_dir")
     _check_model_matches_plan(model, plan)
     report_text = None
     if report is not None:
@@ -261,7 +205,7 @@ def save_pruned(
     # another tool might not have.
     sizes, block = model_config_updates(model)
 
-    with staged_folder(out) as tmp:
+    with output.staged(out, overwrite=overwrite, sources=sources, name="out_dir") as tmp:
         # save_pretrained writes safetensors and de-duplicates tied tensors, which a plain
         # safetensors save_file refuses.
         with _gguf_as_plain_weights(model):

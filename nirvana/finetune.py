@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import calibration
 from .adapters import get_adapter
 from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, load_plan, load_pruned, save_pruned
+from .output import check_target, real_path
 
 DEFAULT_LR_LORA = 5e-4
 DEFAULT_LR_FULL = 2e-5
@@ -57,22 +58,13 @@ def _check_int(name: str, value, low: int) -> None:
 def _check_folders(pruned_dir, out, overwrite: bool) -> tuple[Path, Path]:
     if not isinstance(pruned_dir, (str, os.PathLike)) or not os.fspath(pruned_dir):
         raise ValueError(f"pruned_dir: expected a checkpoint folder, got {pruned_dir!r}")
-    src = Path(os.path.abspath(Path(pruned_dir).expanduser()))
+    src = real_path(pruned_dir)
     if not src.is_dir():
         raise ValueError(f"pruned_dir: {os.fspath(pruned_dir)!r} is not a folder")
     for name in (CONFIG_FILE, PLAN_FILE):
         if not (src / name).is_file():
             raise ValueError(f"pruned_dir: {str(src)!r} is not a pruned checkpoint (no {name})")
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
-        raise ValueError(f"out: expected a folder path, got {out!r}")
-    dst = Path(os.path.abspath(Path(out).expanduser()))
-    if dst == src or dst in src.parents or src in dst.parents:
-        raise ValueError(f"out: {str(dst)!r} would write into (or replace) the source folder {str(src)!r}")
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"out: {str(dst)!r} exists and is not a folder")
-    if dst.exists() and not overwrite:
-        raise ValueError(f"out: {str(dst)!r} exists; pass overwrite=True to replace it")
-    return src, dst
+    return src, check_target(out, sources=[src], overwrite=overwrite, name="out")
 
 
 def _check_settings(steps, lr, seq_len, batch_size, lora_rank, seed) -> None:

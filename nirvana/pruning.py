@@ -25,6 +25,7 @@ from .adapters import get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
+from .output import check_target, scratch
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
@@ -110,8 +111,14 @@ class PruneSettings:
             raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
         self._check_model()
         self._check_calibration()
-        if self.out is not None and Path(self.out).exists() and not self.overwrite:
-            raise ValueError(f"out: {self.out!r} already exists; pass --overwrite to replace it")
+        if self.out is not None:
+            from .models import looks_like_path
+
+            # What the run reads: the output may be none of these, nor inside or around one.
+            sources = [self.model] if looks_like_path(self.model) or Path(self.model).expanduser().exists() else []
+            if self.scores is not None:
+                sources.append(replan.scores_file(self.scores))
+            check_target(self.out, sources=sources, overwrite=self.overwrite, name="out")
 
     def _check_model(self) -> None:
         from .models import looks_like_path
@@ -418,11 +425,10 @@ def _flap_prepare(flap_stats: dict):
 
 def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool) -> Path:
     """Write the pruned model with its scores, report and plot, all in one atomic rename."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        scores_path = save_scores(scores, Path(tmp) / SCORES_FILE)
-        plot_path = plot_layers(plan, Path(tmp) / PLOT_FILE)
+    # Beside the output, not in /tmp: a run killed here leaves a folder the next run removes.
+    with scratch(out) as tmp:
+        scores_path = save_scores(scores, tmp / SCORES_FILE)
+        plot_path = plot_layers(plan, tmp / PLOT_FILE)
         return save_pruned(
             model,
             tokenizer,

@@ -139,7 +139,7 @@ def llama_src(tmp_path_factory):
 def test_overwrite_replaces_the_folder(llama_src, tmp_path):
     src, plan = llama_src
     out = tmp_path / "out"
-    out.mkdir()
+    apply_plan(plan, src, out, device="cpu")  # --overwrite replaces only a folder nirvana wrote
     (out / "old.txt").write_text("old")
     apply_plan(plan, src, out, overwrite=True, device="cpu")
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
@@ -190,7 +190,7 @@ BAD = {
     "missing-plan": (lambda tmp, src, plan: (tmp / "nope.json", src, []), "plan: "),
     "bad-plan-json": (lambda tmp, src, plan: (_write(tmp / "bad.json", '{"version": 1}'), src, []), "plan: "),
     "other-geometry": (lambda tmp, src, plan: (_geometry_plan(tmp), src, []), "plan.geometry: "),
-    "out-exists": (lambda tmp, src, plan: (plan, src, []), "exists; pass overwrite=True"),
+    "out-exists": (lambda tmp, src, plan: (plan, src, []), "already exists; pass --overwrite"),
     "missing-model": (lambda tmp, src, plan: (plan, tmp / "nowhere", []), "model: "),
     "pruned-source": (
         lambda tmp, src, plan: (_pruned_source(tmp, src, plan), tmp / "pruned", []),

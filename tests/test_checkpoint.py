@@ -18,11 +18,12 @@ from safetensors import safe_open
 from tokenizers import models, pre_tokenizers
 
 import nirvana.checkpoint as checkpoint
-from nirvana import _remote_modeling
+from nirvana import _remote_modeling, output
 from nirvana.adapters import get_adapter
 from nirvana.checkpoint import load_plan, load_pruned, save_pruned
 from nirvana.compaction import compact_model, layer_widths
 from nirvana.plan import LayerPlan, PruningPlan
+from tests.conftest import tree_digest
 from tests.helpers import assert_bitwise_equal
 from tests.tiny_models import tiny_batch, tiny_model
 
@@ -274,7 +275,7 @@ def test_existing_folder_is_refused_without_overwrite(tmp_path):
 def test_overwrite_replaces_the_folder_and_leaves_nothing_behind(tmp_path):
     model, plan = pruned_model()
     out = tmp_path / "ckpt"
-    out.mkdir()
+    save_pruned(model, None, plan, out)  # --overwrite replaces only a folder nirvana wrote
     (out / "keep.txt").write_text("old")
     save_pruned(model, None, plan, out, overwrite=True)
     assert "keep.txt" not in listing(out) and "model.safetensors" in listing(out)
@@ -299,7 +300,7 @@ FAILURES = {
     "after-weights": _fail_after_weights,
     "plan": lambda mp, model: mp.setattr(PruningPlan, "save", _fail),
     "extra-file": lambda mp, model: mp.setattr(checkpoint, "_write_extra", _fail),
-    "final-rename": lambda mp, model: mp.setattr(checkpoint.os, "rename", _fail),
+    "final-rename": lambda mp, model: mp.setattr(output, "_renameat2", _fail),
 }
 
 
@@ -311,15 +312,16 @@ def test_failure_mid_save_leaves_no_half_written_model(stage, existing, monkeypa
     parent.mkdir()
     out = parent / "ckpt"
     if existing:
-        out.mkdir()
+        save_pruned(model, None, plan, out)  # --overwrite replaces only a folder nirvana wrote
         (out / "keep.txt").write_text("old")
+        before = tree_digest(out)
     FAILURES[stage](monkeypatch, model)
     with pytest.raises(OSError, match="simulated"):
         save_pruned(model, None, plan, out, overwrite=existing, extra_files={"notes.txt": "hi"})
     # No temporary folder is left, and the destination is either absent or exactly as it was.
     if existing:
         assert listing(parent) == {"ckpt"}
-        assert listing(out) == {"keep.txt"} and (out / "keep.txt").read_text() == "old"
+        assert tree_digest(out) == before and (out / "keep.txt").read_text() == "old"
     else:
         assert listing(parent) == set()
 

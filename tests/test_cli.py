@@ -127,6 +127,15 @@ def test_existing_output_needs_overwrite(tiny_dir, calib, tmp_path, capsys):
     code, _, err = run(prune_args(tiny_dir, calib, out), capsys)
     assert code == 2 and err.count("\n") == 1 and "already exists; pass --overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a folder nirvana wrote; this one is the user's.
+    code, _, err = run(prune_args(tiny_dir, calib, out, "--overwrite"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "was not written by nirvana" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    code, _, err = run(prune_args(tiny_dir, calib, out), capsys)
+    assert code == 0, err
+    (out / "keep.txt").write_text("mine")
     code, _, err = run(prune_args(tiny_dir, calib, out, "--overwrite"), capsys)
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "plan.json").is_file()
