@@ -315,7 +315,7 @@ def side_files(src: Path) -> list[Path]:
 
 
 def copy_file(path: Path, dest: Path) -> None:
-    """Copy the regular file ``path`` to the new file ``dest``, never through a link, mode no wider than the source's."""
+    """Copy the regular file ``path`` to new ``dest``: never through a link, mode no wider than the source's."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         mode = os.fstat(fd).st_mode

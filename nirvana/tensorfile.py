@@ -233,7 +233,8 @@ def check_folder(folder: str | os.PathLike, *, label: str = "model") -> dict[str
                 raise ValueError(f"{label}: tensor {name!r} of {str(path)!r} is missing from {str(index)!r}")
             if mapping[name] != path:
                 raise ValueError(
-                    f"{label}: {str(index)!r} puts tensor {name!r} in {mapping[name].name!r}, but it is in {path.name!r}"
+                    f"{label}: {str(index)!r} puts tensor {name!r} in {mapping[name].name!r}, "
+                    f"but it is in {path.name!r}"
                 )
             out[name] = (path, info)
     for name, path in mapping.items():
