@@ -335,7 +335,16 @@ def load_pruned(
                 f"path: {str(folder / CONFIG_FILE)!r} has {remote.BLOCK_KEY}.base_architecture {base!r}, "
                 f"but its architectures are {architectures!r}"
             )
-        cls = remote.pruned_class(base)
+        try:
+            cls = remote.pruned_class(base)
+        except ValueError as err:
+            raise ValueError(f"path: {str(folder / CONFIG_FILE)!r}: {err}") from None
+        model_type = getattr(cls.config_class, "model_type", "")
+        if model_type and config.get("model_type") != model_type:
+            raise ValueError(
+                f"path: {str(folder / CONFIG_FILE)!r} has model_type {config.get('model_type')!r}, but its "
+                f"{remote.BLOCK_KEY}.base_architecture {base!r} is a {model_type!r} model"
+            )
     if has_safetensors(folder) and "quantization_config" not in config:
         if block is None:
             meta_config = transformers.AutoConfig.from_pretrained(folder)
@@ -343,8 +352,11 @@ def load_pruned(
                 meta = cls.from_config(meta_config)
         else:
             meta_config = cls.config_class.from_pretrained(folder)
-            with torch.device("meta"):
-                meta = cls(meta_config)  # resized to the block's widths as it is built
+            try:
+                with torch.device("meta"):
+                    meta = cls(meta_config)  # resized to the block's widths as it is built
+            except ValueError as err:  # a malformed block: say which file holds it
+                raise ValueError(f"path: {str(folder / CONFIG_FILE)!r}: {err}") from None
         # nirvana wrote a checkpoint with a block under its own names: every tensor must be there, no other.
         check_weights(folder, meta, label="path", exact=block is not None)
     return cls.from_pretrained(folder, **kwargs).eval()

@@ -88,8 +88,7 @@ def _entry(name: str, entry, data_size: int, bad) -> TensorInfo:
         raise bad(f"tensor {name!r} data_offsets [{begin}, {end}] are reversed")
     if end > data_size:
         raise bad(
-            f"tensor {name!r} data_offsets [{begin}, {end}] run past the end of the data "
-            f"({data_size} bytes; truncated?)"
+            f"tensor {name!r} data_offsets [{begin}, {end}] run past the end of the {data_size} data bytes; truncated?"
         )
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8:
@@ -123,7 +122,7 @@ def read_header(path: str | os.PathLike, *, label: str = "model") -> dict[str, T
         if n > MAX_HEADER_BYTES:
             raise bad(f"its header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
         if 8 + n > size:
-            raise bad(f"its header length {n} runs past the end of the file ({size} bytes; truncated?)")
+            raise bad(f"its header length {n} runs past the end of the {size}-byte file; truncated?")
         raw = f.read(n)
     try:
         text = raw.decode("utf-8")

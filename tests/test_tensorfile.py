@@ -52,11 +52,11 @@ MALFORMED = {
     "shorter-than-length": (lambda p: (p.write_bytes(b"\x10\0\0"), p)[1], "fewer than the 8-byte header length", True),
     "huge-header-length": (lambda p: raw_file(p, b"{}", b"", length=1 << 60), "over the 100000000-byte limit", True),
     "header-over-cap": (lambda p: raw_file(p, b"{}", b"", length=MAX_HEADER_BYTES + 1), "byte limit", True),
-    "header-past-end": (lambda p: raw_file(p, b"{}", b"", length=4096), "runs past the end of the file", True),
-    "truncated-data": (truncated, "run past the end of the data", True),
+    "header-past-end": (lambda p: raw_file(p, b"{}", b"", length=4096), "runs past the end of the 10-byte file", True),
+    "truncated-data": (truncated, "run past the end of the", True),
     "offsets-out-of-range": (
         lambda p: header_file(p, {"a": A, "b": {**B, "data_offsets": [24, 40]}}, 32),
-        "run past the end of the data",
+        "run past the end of the 32 data bytes",
         True,
     ),
     "reversed-offsets": (
