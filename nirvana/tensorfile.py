@@ -173,7 +173,8 @@ def _shard_path(folder: Path, real_folder: str, file, index: Path, label: str) -
     real = os.path.realpath(path)
     if os.path.commonpath([real, real_folder]) != real_folder:
         raise ValueError(
-            f"{label}: {str(index)!r} names the shard {file!r}, which leads outside the model folder (to {real!r})"
+            f"{label}: {str(index)!r} names the shard {file!r}, which leads outside the model folder (to {real!r}); "
+            "copy the file into the folder instead of linking it"
         )
     if not path.is_file():
         raise ValueError(f"{label}: {str(index)!r} names the shard {file!r}, which is not a file in {str(folder)!r}")
@@ -227,7 +228,10 @@ def check_folder(folder: str | os.PathLike, *, label: str = "model") -> dict[str
     for path in sorted(set(mapping.values())):
         for name, info in read_header(path, label=label).items():
             if name in out:
-                raise ValueError(f"{label}: tensor {name!r} is in two shards, {out[name][0].name!r} and {path.name!r}")
+                raise ValueError(
+                    f"{label}: tensor {name!r} is in two shards of {str(folder)!r}, "
+                    f"{out[name][0].name!r} and {path.name!r}"
+                )
             if name not in mapping:
                 raise ValueError(f"{label}: tensor {name!r} of {str(path)!r} is missing from {str(index)!r}")
             if mapping[name] != path:
