@@ -4,7 +4,8 @@
 ``model.safetensors.index.json``) lazily, gathers the kept rows and columns of each prunable tensor
 with the nirvana kernels (on the GPU when there is one), copies every other tensor through, and
 writes sharded safetensors with the pruned ``config.json``, ``plan.json``, ``modeling_nirvana.py``
-when the widths differ per layer, and the tokenizer and generation files. The tensors are those
+when the widths differ per layer, and the tokenizer and generation files (regular files only, never
+through a link, with modes no wider than the source's). The tensors are those
 :func:`nirvana.compaction.compact_model` followed by :func:`nirvana.checkpoint.save_pruned` writes,
 bit for bit, and so is ``config.json``.
 
@@ -14,6 +15,11 @@ lazily read memory map) and its compacted copy at a time: a model pruned on a cl
 compacted on any machine with room for a few of its largest tensors. Only decoder-only models the
 Llama-like adapter serves are supported; the tensor names come from the adapter, read off a model
 built on the meta device from the checkpoint's config.
+
+Nothing is written before the source is checked: every safetensors header and the shard index
+(:mod:`nirvana.tensorfile`), that the checkpoint holds exactly the tensors of that meta model (so the
+output never lacks one), that the plan's method needs nothing but the plan (FLAP's bias compensation
+needs calibration forwards: ``nirvana prune``), and that the device exists.
 """
 
 from __future__ import annotations
@@ -393,8 +399,9 @@ def apply_plan(
 
     Args:
         plan: a :class:`~nirvana.plan.PruningPlan`, a ``plan.json`` path, or a pruned folder holding one.
-        model: a local Hugging Face checkpoint folder with safetensors weights (one file, or shards
-            and ``model.safetensors.index.json``); never modified.
+        model: a local Hugging Face checkpoint folder with safetensors weights (``model.safetensors``,
+            which wins as it does for transformers, or shards and ``model.safetensors.index.json``);
+            never modified.
         out_dir: the new checkpoint folder; must not exist unless ``overwrite``, and must not be (or
             contain) ``model``. Written to a temporary folder beside it and renamed into place.
         max_shard_size: the most bytes per output shard (``"5GB"``, ``"500MiB"``, or an int); a
@@ -408,8 +415,10 @@ def apply_plan(
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: a bad argument, a plan made for another geometry or architecture, or a checkpoint
-            that is not a dense, supported safetensors model.
+        ValueError: a bad argument or device, a plan made for another geometry or architecture or by a
+            method that needs activations (FLAP), or a checkpoint that is not a dense, supported, complete
+            safetensors model (a malformed header or index, a missing, extra or misshapen tensor, a
+            shard outside the folder, a symbolic link among the side files).
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ValueError(f"model: expected a checkpoint folder, got {model!r}")

@@ -246,15 +246,18 @@ def check_folder(folder: str | os.PathLike, *, label: str = "model") -> dict[str
     return out
 
 
-def expected_tensors(model: nn.Module) -> list[dict[str, tuple[int, ...]]]:
+def expected_tensors(model: nn.Module, *, parameters_only: bool = False) -> list[dict[str, tuple[int, ...]]]:
     """What a checkpoint of ``model`` (built on the meta device, say) holds: one name -> shape map per tensor.
 
     Names that share one tensor (a tied ``lm_head.weight`` and ``embed_tokens.weight``) form one map,
-    since ``save_pretrained`` writes only one of them; non-persistent buffers are left out.
+    since ``save_pretrained`` writes only one of them; non-persistent buffers are left out, and with
+    ``parameters_only`` every buffer (which transformers rebuilds when a checkpoint lacks it).
     """
+    parameters = {id(p) for p in model.parameters()}
     groups: dict[int, dict[str, tuple[int, ...]]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), {})[name] = tuple(tensor.shape)
+        if not parameters_only or id(tensor) in parameters:
+            groups.setdefault(id(tensor), {})[name] = tuple(tensor.shape)
     return list(groups.values())
 
 
@@ -332,7 +335,7 @@ def check_weights(folder: str | os.PathLike, model: nn.Module, *, label: str = "
         return
     prefix = getattr(model, "base_model_prefix", "")
     check_tensors(
-        expected_tensors(model),
+        expected_tensors(model, parameters_only=not exact),
         found,
         folder=folder,
         what=f"the {type(model).__name__} of its {CONFIG_FILE}",
