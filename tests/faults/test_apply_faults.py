@@ -173,6 +173,9 @@ DEVICES = {
 }
 if not torch.cuda.is_available():
     DEVICES |= {"cuda": ["device: 'cuda' asked for, but no CUDA GPU is available"], "cuda:1": ["'cuda:1' asked for"]}
+else:
+    _beyond = f"cuda:{torch.cuda.device_count()}"
+    DEVICES |= {_beyond: [f"device: {_beyond!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)"]}
 
 
 @pytest.mark.parametrize("device", list(DEVICES), ids=list(DEVICES))

@@ -19,7 +19,7 @@ import transformers
 from nirvana.apply import apply_plan
 from nirvana.checkpoint import load_pruned
 from tests.conftest import tree_digest
-from tests.test_apply import make_plan
+from tests.test_apply import dense_folder, make_plan
 from tests.test_cli import prune_args, run
 from tests.test_pruning import write_text
 
@@ -222,3 +222,33 @@ def test_the_console_prints_one_line_for_a_block_on_the_wrong_weights(pruned_dir
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "q_proj.bias" in lines[0], done.stderr
+
+
+def _drop_norm(folder: Path) -> None:
+    header, data = _split(folder / "model.safetensors")
+    entry = header.pop("model.norm.weight")
+    begin, end = entry["data_offsets"]
+    for other in header.values():  # close the gap, so that the file itself stays valid
+        if isinstance(other.get("data_offsets"), list) and other["data_offsets"][0] >= end:
+            other["data_offsets"] = [o - (end - begin) for o in other["data_offsets"]]
+    _join(folder / "model.safetensors", header, data[:begin] + data[end:])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_valid_file_that_lacks_a_tensor_is_refused(command, dense_dir, plan_path, tmp_path, capsys):
+    """transformers would fill the missing norm with its initial values and only warn: prune and eval refuse."""
+    bad = tmp_path / "bad"
+    shutil.copytree(dense_dir, bad)
+    _drop_norm(bad)
+    _refused(_argv(command, bad, tmp_path, plan_path), capsys, tmp_path, bad, str(bad), "no tensor 'model.norm.weight'")
+
+
+@pytest.mark.parametrize("command", ("prune", "eval"))
+def test_a_shard_index_leading_outside_is_refused(command, plan_path, tmp_path, capsys):
+    bad = dense_folder(tmp_path, "llama", sharded=True)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    shutil.copyfile(bad / shard, tmp_path / "x.safetensors")
+    index["weight_map"] = {k: "../x.safetensors" if v == shard else v for k, v in index["weight_map"].items()}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(_argv(command, bad, tmp_path, plan_path), capsys, tmp_path, bad, "'../x.safetensors'", "outside the model")
