@@ -28,6 +28,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,20 +323,22 @@ def side_files(src: Path) -> list[Path]:
 
 def copy_file(path: Path, dest: Path) -> None:
     """Copy the regular file ``path`` to new ``dest``: never through a link, mode no wider than the source's."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if os.path.islink(path):  # swapped for a link since side_files looked
+            raise ValueError(
+                f"model: {str(path)!r} is a symbolic link; nirvana apply copies only regular files"
+            ) from None
+        raise err
+    with os.fdopen(fd, "rb") as source:
         mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # checked on the open file: it may have been swapped since side_files looked
+        if not stat.S_ISREG(mode):  # checked on the open file, whatever the name pointed to before
             raise ValueError(f"model: {str(path)!r} is not a regular file; nirvana apply copies only regular files")
         # O_CREAT applies the umask to these bits, so the copy is as private as the source, or more.
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, stat.S_IMODE(mode) & 0o777)
-        try:
-            while chunk := os.read(fd, 1 << 20):
-                os.write(out, chunk)
-        finally:
-            os.close(out)
-    finally:
-        os.close(fd)
+        with os.fdopen(out, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
 
 
 def _device(device) -> torch.device:

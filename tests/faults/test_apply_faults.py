@@ -201,3 +201,16 @@ def test_side_files_are_copied_as_regular_files_no_wider_than_their_source(sourc
         assert stat.S_IMODE(copy.stat().st_mode) == source_mode & ~umask, name
     assert stat.S_IMODE((out / "tokenizer_config.json").stat().st_mode) & 0o077 == 0
     assert tree_digest(src) == digest
+
+
+def test_copy_file_never_follows_a_link_that_appeared_after_the_check(tmp_path):
+    """side_files looked first; a link swapped in before the copy is still refused, not followed."""
+    from nirvana.apply import copy_file
+
+    secret = tmp_path / "secret"
+    secret.write_text("private")
+    secret.chmod(0o600)
+    (tmp_path / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        copy_file(tmp_path / "tokenizer.json", tmp_path / "copy.json")
+    assert not (tmp_path / "copy.json").exists()
