@@ -123,10 +123,10 @@ def make_checkpoint(
 
 def floor(folder: Path) -> dict:
     """Everything the apply does before it reads a tensor: imports, the meta model, every header."""
-    from nirvana.apply import _meta_model, read_plan, source_tensors, tensor_specs
+    from nirvana.apply import meta_model, read_plan, source_tensors, tensor_specs
 
     plan = read_plan(folder.parent / "plan.json")
-    _, meta = _meta_model(folder)
+    _, meta = meta_model(folder)
     specs = tensor_specs(source_tensors(folder), meta, plan)
     return {"status": _status(), "tensors": len(specs)}
 

@@ -4,7 +4,8 @@
 ``model.safetensors.index.json``) lazily, gathers the kept rows and columns of each prunable tensor
 with the nirvana kernels (on the GPU when there is one), copies every other tensor through, and
 writes sharded safetensors with the pruned ``config.json``, ``plan.json``, ``modeling_nirvana.py``
-when the widths differ per layer, and the tokenizer and generation files. The tensors are those
+when the widths differ per layer, and the tokenizer and generation files (regular files only, never
+through a link, with modes no wider than the source's). The tensors are those
 :func:`nirvana.compaction.compact_model` followed by :func:`nirvana.checkpoint.save_pruned` writes,
 bit for bit, and so is ``config.json``.
 
@@ -14,6 +15,11 @@ lazily read memory map) and its compacted copy at a time: a model pruned on a cl
 compacted on any machine with room for a few of its largest tensors. Only decoder-only models the
 Llama-like adapter serves are supported; the tensor names come from the adapter, read off a model
 built on the meta device from the checkpoint's config.
+
+Nothing is written before the source is checked: every safetensors header and the shard index
+(:mod:`nirvana.tensorfile`), that the checkpoint holds exactly the tensors of that meta model (so the
+output never lacks one), that the plan's method needs nothing but the plan (FLAP's bias compensation
+needs calibration forwards: ``nirvana prune``), and that the device exists.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +41,13 @@ from nirvana_kernels import compact_groups
 
 from . import _remote_modeling as remote
 from .adapters import get_adapter
+from .baselines import NEEDS_ACTIVATIONS
 from .checkpoint import CONFIG_FILE, PLAN_FILE, _rewrite_config
 from .compaction import _check_plan, base_architecture, config_updates, plan_widths
 from .output import check_target, real_path, staged
 from .plan import PruningPlan
+from .tensorfile import INDEX_FILE, WEIGHTS_FILE, check_folder, check_tensors, expected_tensors, read_config
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Files beside the weights that describe the tokenizer or generation; copied as they are.
 SIDE_FILES = (
@@ -124,23 +131,25 @@ def read_plan(plan: PruningPlan | str | os.PathLike) -> PruningPlan:
 
 
 def source_tensors(src: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, from the index or the single weights file."""
-    index = src / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"model: {str(index)!r} is not a safetensors index ({err})") from None
-        files = {name: src / file for name, file in weight_map.items()}
-    elif (src / WEIGHTS_FILE).is_file():
-        with safe_open(src / WEIGHTS_FILE, framework="pt") as f:
-            files = dict.fromkeys(f.keys(), src / WEIGHTS_FILE)
-    else:
-        raise ValueError(f"model: {str(src)!r} holds neither {WEIGHTS_FILE} nor {INDEX_FILE}")
-    for path in set(files.values()):
-        if not path.is_file():
-            raise ValueError(f"model: the index names {path.name!r}, which is not in {str(src)!r}")
-    return files
+    """Tensor name -> the safetensors file holding it, every header and the index checked.
+
+    The single ``model.safetensors`` when there is one (as transformers loads it), else the shards of
+    ``model.safetensors.index.json``; see :func:`nirvana.tensorfile.check_folder` for what is refused.
+    """
+    return {name: path for name, (path, _) in check_folder(src, label="model").items()}
+
+
+def check_source(src: Path, model: nn.Module) -> dict[str, Path]:
+    """:func:`source_tensors`, after checking that they are exactly the tensors ``model`` (on meta) needs.
+
+    A tensor the architecture has but the checkpoint lacks, one of another shape, or one the
+    architecture does not have, is refused: the output would otherwise lack it (and loading would fill
+    it with random values) or carry something no model reads.
+    """
+    found = check_folder(src, label="model")
+    arch = type(model).__name__
+    check_tensors(expected_tensors(model), found, folder=src, what=f"the {arch} of its {CONFIG_FILE}")
+    return {name: path for name, (path, _) in found.items()}
 
 
 def gathers(model: nn.Module, plan: PruningPlan) -> dict[str, Gather]:
@@ -284,27 +293,86 @@ def _write_config(folder: Path, config, model: nn.Module, plan: PruningPlan, spe
     _rewrite_config(folder, sizes, block, base)
 
 
-def _copy_side_files(src: Path, folder: Path) -> None:
+def side_files(src: Path) -> list[Path]:
+    """The tokenizer and generation files of ``src`` that apply copies: regular files only.
+
+    Raises:
+        ValueError: one of them is a symbolic link (or not a regular file). Copying through a link would
+            publish the target's contents, which may live elsewhere and be private, under the link's name;
+            dropping it would silently lose a tokenizer file. The user replaces the link with a copy.
+    """
+    files = []
     for path in sorted(src.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in SIDE_FILES):
-            shutil.copyfile(path, folder / path.name)
+        if not any(fnmatch.fnmatch(path.name, p) for p in SIDE_FILES):
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise ValueError(
+                f"model: {str(path)!r} is a symbolic link (to {os.readlink(path)!r}); nirvana apply copies "
+                "only regular files beside the weights, so replace the link with a copy of its file"
+            )
+        if not stat.S_ISREG(mode):
+            if stat.S_ISDIR(mode):
+                continue  # a folder that happens to match a pattern is no tokenizer file
+            raise ValueError(f"model: {str(path)!r} is not a regular file; nirvana apply copies only regular files")
+        files.append(path)
+    return files
+
+
+def copy_file(path: Path, dest: Path) -> None:
+    """Copy the regular file ``path`` to new ``dest``: never through a link, mode no wider than the source's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if os.path.islink(path):  # swapped for a link since side_files looked
+            raise ValueError(
+                f"model: {str(path)!r} is a symbolic link; nirvana apply copies only regular files"
+            ) from None
+        raise err
+    with os.fdopen(fd, "rb") as source:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # checked on the open file, whatever the name pointed to before
+            raise ValueError(f"model: {str(path)!r} is not a regular file; nirvana apply copies only regular files")
+        # O_CREAT applies the umask to these bits, so the copy is as private as the source, or more.
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, stat.S_IMODE(mode) & 0o777)
+        with os.fdopen(out, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
 
 
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
-def _meta_model(src: Path):
+def check_method(plan: PruningPlan) -> None:
+    """Refuse a plan whose method changes weights beyond the plan's slices using calibration activations."""
+    method = plan.meta.get("method")
+    if isinstance(method, str) and method in NEEDS_ACTIVATIONS:
+        raise ValueError(
+            f"plan: made with method {method!r}, whose bias compensation needs calibration forwards that "
+            f"apply cannot run (it would drop the {method} biases); use nirvana prune --method {method} instead"
+        )
+
+
+def meta_model(src: Path):
+    """``(config, model)`` for the dense checkpoint folder ``src``, the model built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (src / CONFIG_FILE).is_file():
         raise ValueError(f"model: {str(src)!r} is not a checkpoint folder (no {CONFIG_FILE})")
-    if remote.BLOCK_KEY in json.loads((src / CONFIG_FILE).read_text()):
+    if remote.BLOCK_KEY in read_config(src, label="model"):
         raise ValueError(f"model: {str(src)!r} was pruned already (its config has a {remote.BLOCK_KEY} block)")
     config = AutoConfig.from_pretrained(src)
     get_adapter(config)  # names an unsupported architecture before any model is built
@@ -332,8 +400,9 @@ def apply_plan(
 
     Args:
         plan: a :class:`~nirvana.plan.PruningPlan`, a ``plan.json`` path, or a pruned folder holding one.
-        model: a local Hugging Face checkpoint folder with safetensors weights (one file, or shards
-            and ``model.safetensors.index.json``); never modified.
+        model: a local Hugging Face checkpoint folder with safetensors weights (``model.safetensors``,
+            which wins as it does for transformers, or shards and ``model.safetensors.index.json``);
+            never modified.
         out_dir: the new checkpoint folder; must not exist unless ``overwrite``, and must not be,
             contain or lie inside ``model`` (compared as real paths). Written to a temporary folder
             beside it and renamed into place (:func:`nirvana.output.staged`).
@@ -348,8 +417,10 @@ def apply_plan(
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: a bad argument, a plan made for another geometry or architecture, or a checkpoint
-            that is not a dense, supported safetensors model.
+        ValueError: a bad argument or device, a plan made for another geometry or architecture or by a
+            method that needs activations (FLAP), or a checkpoint that is not a dense, supported, complete
+            safetensors model (a malformed header or index, a missing, extra or misshapen tensor, a
+            shard outside the folder, a symbolic link among the side files).
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ValueError(f"model: expected a checkpoint folder, got {model!r}")
@@ -359,10 +430,12 @@ def apply_plan(
     max_bytes = parse_size(max_shard_size)
     dev = _device(device)
     plan = read_plan(plan)
+    check_method(plan)
     out = check_target(out_dir, sources=[src], overwrite=overwrite, name="out_dir")
-    config, meta = _meta_model(src)
+    config, meta = meta_model(src)
     _check_plan(meta, plan, get_adapter(meta))
-    specs = tensor_specs(source_tensors(src), meta, plan)
+    specs = tensor_specs(check_source(src, meta), meta, plan)
+    sides = side_files(src)
     shards = shard(specs, max_bytes)
     names = _shard_names(len(shards))
 
@@ -375,7 +448,8 @@ def apply_plan(
                 "weight_map": {s.name: name for name, group in zip(names, shards) for s in group},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(src, tmp)
+        for path in sides:
+            copy_file(path, tmp / path.name)
         _write_config(tmp, config, meta, plan, specs)
         plan.save(tmp / PLAN_FILE)
     return out
@@ -386,11 +460,16 @@ __all__ = [
     "Gather",
     "TensorSpec",
     "apply_plan",
+    "check_method",
+    "check_source",
+    "copy_file",
     "gathers",
+    "meta_model",
     "output_tensor",
     "parse_size",
     "read_plan",
     "shard",
+    "side_files",
     "source_tensors",
     "tensor_specs",
     "write_shard",

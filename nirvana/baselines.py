@@ -52,6 +52,9 @@ from .saliency import Scores, _device, _scoring_state, compute_scores, objective
 METHODS = ("nirvana", "magnitude", "random", "taylor", "wanda-sp", "flap")
 # The methods that need no calibration windows.
 DATA_FREE = ("magnitude", "random")
+# The methods whose result is more than the plan: FLAP's bias compensation is computed from calibration
+# activations, so only nirvana prune (which runs them) can produce it; nirvana apply refuses such plans.
+NEEDS_ACTIVATIONS = frozenset({"flap"})
 # What ActivationStats holds statistics of: the inputs of q/k/v, o_proj, gate/up and down_proj.
 INPUTS = ("attn", "o", "mlp", "down")
 STATS_FORMAT = "nirvana-activation-stats"
@@ -717,6 +720,7 @@ __all__ = [
     "DATA_FREE",
     "INPUTS",
     "METHODS",
+    "NEEDS_ACTIVATIONS",
     "ActivationStats",
     "activation_statistics",
     "apply_flap_compensation",

