@@ -140,23 +140,40 @@ def hub_reachable() -> bool:
         return False
 
 
+def hub_snapshot(name: str) -> Path | None:
+    """Where hub id ``name`` comes from: None when the hub is reachable, else its local-cache snapshot folder.
+
+    Probed first, since transformers retries an unreachable hub for about half a minute (printing each
+    retry) before giving up. Offline (``$HF_HUB_OFFLINE``, or no connection), a model already in the local
+    Hugging Face cache loads from its snapshot folder like any local folder, with the same checks.
+
+    Raises:
+        OSError: one line, when the hub cannot be reached and the cache does not hold ``name``.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE and hub_reachable():
+        return None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached, or not a valid repo id: huggingface_hub raises several unrelated types
+        raise OSError(
+            f"source: {name!r} is not a local folder or .gguf file, and the Hugging Face hub "
+            f"({constants.ENDPOINT}) could not be reached and it is not in the local cache"
+        ) from None
+
+
 def _load_from_hub(name: str, dtype: torch.dtype):
-    from huggingface_hub import constants
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Probe first: transformers retries an unreachable hub for about half a minute before giving up, and a
-    # model already in the local Hugging Face cache loads without the network.
-    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        why = (
-            f"the Hugging Face hub ({constants.ENDPOINT}) could not be reached and it is not in the local cache"
-            if offline
-            else f"the Hugging Face hub could not serve it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        )
-        raise OSError(f"source: {name!r} is not a local folder or .gguf file, and {why}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(
+            f"source: {name!r} is not a local folder or .gguf file, and the Hugging Face hub could not serve it ({why})"
+        ) from None
     return model, tokenizer
 
 
@@ -207,6 +224,8 @@ def load_model(source: str | os.PathLike = DEFAULT_MODEL, *, device="cpu", dtype
     path = Path(text).expanduser()
     if text == DEFAULT_MODEL:
         path = default_model_dir()
+    elif not path.exists() and not isinstance(source, os.PathLike) and not looks_like_path(text):
+        path = hub_snapshot(text) or path  # offline: the cached snapshot, a local folder from here on
     if device_map is not None and not path.is_dir():
         raise ValueError(f"device_map: {device_map!r} needs a model folder (or {DEFAULT_MODEL!r}), got {text!r}")
     if path.is_dir():
@@ -237,6 +256,7 @@ __all__ = [
     "cache_dir",
     "default_model_dir",
     "hub_reachable",
+    "hub_snapshot",
     "load_model",
     "looks_like_path",
     "smollm2_gguf",

@@ -139,9 +139,10 @@ def test_unreachable_hub_is_a_one_line_error(monkeypatch):
     message = str(info.value)
     assert "'nirvana-test-nonexistent/no-such-model'" in message and "could not be reached" in message
     assert "\n" not in message
-    # Failing fast means never asking the network (transformers would retry it for half a minute):
-    # with the probe negative, the load is local-only. Checked by behaviour, not by a stopwatch.
-    assert calls == [True]
+    # Failing fast means never asking the network (transformers would retry it for half a minute, a
+    # line per retry): with the probe negative and nothing cached, transformers is never called.
+    # Checked by behaviour, not by a stopwatch.
+    assert calls == []
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
@@ -243,3 +244,40 @@ def test_gguf_file_goes_through_the_gguf_loader(monkeypatch, tmp_path):
     model, _ = load_model(str(gguf_file), dtype="bfloat16")
     assert calls == [(gguf_file, torch.bfloat16)]
     assert model.dtype == torch.bfloat16 and not model.training
+
+
+def test_offline_a_cached_hub_model_loads_from_its_snapshot_folder(monkeypatch, tmp_path):
+    """The local Hugging Face cache's layout: refs/main names a snapshot whose files link into blobs."""
+    import huggingface_hub.constants as hf_constants
+    import transformers
+
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense, max_shard_size=30_000)
+    tiny_tokenizer().save_pretrained(dense)
+    repo = tmp_path / "hub" / "models--nirvana-test-org--tiny"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(dense.iterdir())):
+        file.rename(repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    asked = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda name, *a, **k: asked.append(str(name)) or real(name, *a, **k),
+    )
+    model, tokenizer = load_model("nirvana-test-org/tiny")
+    assert asked == [str(snapshot)], "the cached snapshot folder, not the hub id, is what loads"
+    want = tiny_model("llama")
+    for name, tensor in want.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert tokenizer("w1 w2").input_ids == tiny_tokenizer()("w1 w2").input_ids
