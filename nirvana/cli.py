@@ -226,22 +226,24 @@ def cmd_eval(args) -> int:
 
 def cmd_finetune(args) -> int:
     from .finetune import finetune
+    from .progress import library_bars
 
-    summary = finetune(
-        args.pruned_dir,
-        args.text,
-        steps=args.steps,
-        out=args.out,
-        full=args.full,
-        lr=args.lr,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lora_rank=args.lora_rank,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    with library_bars(not args.quiet):  # transformers' own bars (loading, saving) follow --quiet too
+        summary = finetune(
+            args.pruned_dir,
+            args.text,
+            steps=args.steps,
+            out=args.out,
+            full=args.full,
+            lr=args.lr,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lora_rank=args.lora_rank,
+            seed=args.seed,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

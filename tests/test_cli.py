@@ -92,6 +92,7 @@ def test_finetune_command(tiny_dir, calib, tmp_path, capsys):
     code, _, err = run(prune_args(tiny_dir, calib, src), capsys)
     assert code == 0, err
     out = tmp_path / "tuned"
+    transformers.utils.logging.enable_progress_bar()
     code, text, err = run(
         [
             "finetune",
@@ -114,6 +115,8 @@ def test_finetune_command(tiny_dir, calib, tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+    # prune --quiet turned transformers' bars off for the whole process; finetune --quiet must not rely on it.
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert json.loads(text)["steps"] == 3
     assert "finetune" in json.loads((out / "report.json").read_text())
     code, _, err = run(["finetune", src, "--text", calib, "--steps", "0", "--out", tmp_path / "t2"], capsys)
