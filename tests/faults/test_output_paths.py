@@ -162,7 +162,7 @@ def test_output_parent_problems_are_found_before_the_model_loads(
         raise AssertionError("the model was loaded before the output path was checked")
 
     monkeypatch.setattr(nirvana.models, "load_model", refuse)
-    monkeypatch.setattr(nirvana.apply, "_meta_model", refuse)
+    monkeypatch.setattr(nirvana.apply, "meta_model", refuse)
     monkeypatch.setattr(nirvana.finetune, "load_pruned", refuse)
     line = one_line_error(*run(argv, capsys)[::2])
     assert message in line
@@ -248,3 +248,22 @@ def test_sigkill_during_a_save_is_cleaned_up_by_the_next_run(name, tmp_path, den
     assert code == 0, err
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"], "the stale temporary folders are still there"
     assert tree_digest(src) == before and os.path.isfile(out / "config.json")
+
+
+def test_demo_refuses_a_foreign_output_before_it_loads_anything(tmp_path, capsys, monkeypatch):
+    """The demo replaces its own earlier output, never a folder nirvana did not write, and says so at once."""
+    import nirvana.models
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.tex").write_text("weeks of work")
+    before = tree_digest(foreign)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo loaded its model before checking its output folder")
+
+    monkeypatch.setattr(nirvana.models, "load_model", refuse)
+    monkeypatch.setattr(nirvana.models, "default_model_dir", refuse)
+    line = one_line_error(*run(["demo", "--out", foreign], capsys)[::2])
+    assert "was not written by nirvana; refusing to replace it" in line
+    assert tree_digest(foreign) == before
