@@ -44,3 +44,16 @@ def assert_bitwise_equal(actual, expected, *, name: str = "result") -> None:
             f"{name}: {int(bad.sum())} of {bad.numel()} elements differ bitwise\n"
             + _where(bad, actual.cpu(), expected.cpu())
         )
+
+
+def one_line_error(code, err: str, *needles: str, stdout: str | None = None) -> str:
+    """The CLI's contract for bad input: exit 2, one ``nirvana: error:`` line on stderr, no traceback,
+    no raw errno text, nothing on stdout (when given), and each of ``needles`` in that line. Returns the line."""
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit status {code}, expected 2; stderr:\n{err}"
+    assert len(lines) == 1 and lines[0].startswith("nirvana: error: "), f"expected one error line, got:\n{err}"
+    assert "Traceback" not in err and "Errno" not in err, err
+    assert stdout in (None, ""), f"stdout should be empty, got:\n{stdout}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} is not in the error line:\n{lines[0]}"
+    return lines[0]

@@ -16,6 +16,7 @@ import torch
 import nirvana.finetune
 import nirvana.models
 from nirvana.pruning import PruneSettings, prune
+from tests.helpers import one_line_error
 from tests.test_cli import prune_args, run
 from tests.test_pruning import write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
@@ -45,14 +46,6 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(nirvana.models, "load_model", refuse)
     monkeypatch.setattr(nirvana.finetune, "load_pruned", refuse)
-
-
-def assert_one_line(code, out, err, message):
-    assert code == 2, (code, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nirvana: error: "), err
-    assert message in lines[0], err
-    assert "Traceback" not in err and out == ""
 
 
 def _plan(**changes) -> dict:
@@ -126,7 +119,7 @@ def test_prune_refuses_in_one_line_before_loading(case, tmp_path, dense_dir, pru
     argv, message = PRUNE[case]
     calib = write_text(tmp_path / "calib.txt")
     code, out, err = run(argv(tmp_path, dense_dir, calib, pruned_dir), capsys)
-    assert_one_line(code, out, err, message)
+    one_line_error(code, err, message, stdout=out)
     assert not (tmp_path / "out").exists()
 
 
@@ -134,7 +127,7 @@ def test_a_hub_name_goes_to_the_hub_and_an_unreachable_hub_is_one_line(tmp_path,
     monkeypatch.setattr(nirvana.models, "hub_reachable", lambda: False)
     argv = prune_args("nirvana-test-org/no-such-model", write_text(tmp_path / "c.txt"), tmp_path / "out")
     code, out, err = run(argv, capsys)
-    assert_one_line(code, out, err, "source: 'nirvana-test-org/no-such-model' is not a local folder")
+    one_line_error(code, err, "source: 'nirvana-test-org/no-such-model' is not a local folder", stdout=out)
     assert "could not be reached" in err and "does not exist" not in err
 
 
@@ -155,7 +148,7 @@ def test_apply_refuses_a_bad_plan_naming_the_file(case, tmp_path, dense_dir, cap
     data, message = BAD_PLANS[case]
     plan = _file(tmp_path, "plan.json", data)
     code, out, err = run(["apply", plan, "--model", dense_dir, "--out", tmp_path / "out"], capsys)
-    assert_one_line(code, out, err, message)
+    one_line_error(code, err, message, stdout=out)
     assert repr(str(plan)) in err
     assert not (tmp_path / "out").exists()
 
@@ -168,7 +161,7 @@ def test_finetune_refuses_a_bad_device_before_loading(device, tmp_path, pruned_d
     argv = ["finetune", pruned_dir, "--text", text, "--steps", "1", "--out", tmp_path / "out", "--device", device]
     code, out, err = run(argv, capsys)
     expected = "no CUDA GPU is available" if device == "cuda" else f"must be cpu, cuda or cuda:N, got {device!r}"
-    assert_one_line(code, out, err, expected)
+    one_line_error(code, err, expected, stdout=out)
 
 
 def _report_copy(tmp, pruned, change):
@@ -201,6 +194,6 @@ def test_report_of_a_damaged_report_is_one_line(case, raw, tmp_path, pruned_dir,
     make, message = REPORTS[case]
     folder = make(tmp_path, pruned_dir)
     code, out, err = run(["report", folder, *(["--json"] if raw else [])], capsys)
-    assert_one_line(code, out, err, message)
+    one_line_error(code, err, message, stdout=out)
     if case.startswith("missing"):
         assert repr(str(folder / "report.json")) in err

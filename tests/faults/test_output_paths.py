@@ -17,6 +17,7 @@ import transformers
 
 from nirvana.output import MARKER_FILE, TEMP_INFIX
 from tests.conftest import tree_digest
+from tests.helpers import one_line_error
 from tests.test_apply import make_plan
 from tests.test_cli import prune_args, run
 from tests.test_pruning import write_text
@@ -59,14 +60,6 @@ def apply_args(plan, model, out, *extra):
 def finetune_args(src, calib, out, *extra):
     base = ["finetune", src, "--text", calib, "--steps", "1", "--seq-len", "16", "--batch-size", "1"]
     return [*base, "--full", "--device", "cpu", "--quiet", "--out", out, *extra]
-
-
-def one_line_error(code, err) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nirvana: error: "), err
-    assert "Traceback" not in err and "Errno" not in err, err
-    return lines[0]
 
 
 COMMANDS = ["prune", "apply", "finetune"]
