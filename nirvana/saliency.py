@@ -40,6 +40,7 @@ import nirvana_kernels
 
 from .adapters import LayerModules, attention_blocks, get_adapter
 from .plan import Geometry
+from .tensorfile import read_header
 
 OBJECTIVES = ("maxlogit", "ce")
 SALIENCIES = ("taylor", "adam", "magnitude", "random")
@@ -654,6 +655,7 @@ def load_scores(path: str | Path) -> Scores:
     file = _scores_path(path)
     if not file.is_file():
         raise ValueError(f"path: no scores file at {str(file)!r}")
+    read_header(file, label="path")  # a tampered header is named here, before the library parses it
     try:
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -194,8 +194,8 @@ def _truncated(path):
 
 NOT_SCORES = [
     ("missing", None, "is not a scores file or a folder holding scores.safetensors"),
-    ("text", _not_safetensors, "is not a readable safetensors file"),
-    ("truncated", _truncated, "is not a readable safetensors file"),
+    ("text", _not_safetensors, "is not a valid safetensors file"),
+    ("truncated", _truncated, "is not a valid safetensors file"),
     ("foreign", _foreign_tensors, "is not a nirvana scores file"),
     ("dtype", _wrong_dtype, "attention: dtype must be float32"),
     ("shape", _wrong_shape, "attention: shape (3, 7) does not match the geometry's (3, 8)"),
