@@ -30,12 +30,14 @@ import os
 import re
 import shutil
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from nirvana_kernels import compact_groups
 
@@ -262,8 +264,11 @@ def output_tensor(spec: TensorSpec, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def write_shard(path: Path, specs: list[TensorSpec], device: torch.device) -> None:
-    """Write one safetensors file: its header, then each tensor as soon as it is gathered."""
+def write_shard(path: Path, specs: list[TensorSpec], device: torch.device, bar=None) -> None:
+    """Write one safetensors file: its header, then each tensor as soon as it is gathered.
+
+    ``bar``: a tqdm bar counting bytes, advanced after each tensor (None: no progress shown).
+    """
     header, order = _header(specs)
     with open(path, "wb") as out:
         out.write(header)
@@ -272,6 +277,8 @@ def write_shard(path: Path, specs: list[TensorSpec], device: torch.device) -> No
             if spec.nbytes:
                 out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             del tensor  # freed before the next one is read
+            if bar is not None:
+                bar.update(spec.nbytes)
 
 
 def _shard_names(n: int) -> list[str]:
@@ -395,6 +402,7 @@ def apply_plan(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Compact the dense checkpoint folder ``model`` with ``plan`` into ``out_dir``, tensor by tensor.
 
@@ -411,6 +419,7 @@ def apply_plan(
         device: where to gather (``"cuda"``, ``"cpu"``); None picks the GPU when there is one.
             The output is the same bits either way.
         overwrite: replace an existing ``out_dir`` that nirvana wrote, only once the new one is complete.
+        progress: show a bar of the bytes written on stderr.
 
     Returns:
         The path of ``out_dir``.
@@ -439,12 +448,15 @@ def apply_plan(
     shards = shard(specs, max_bytes)
     names = _shard_names(len(shards))
 
-    with staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp, torch.no_grad():
+    total = sum(s.nbytes for s in specs)
+    # A 70B checkpoint takes minutes to write: a byte count on stderr, unless asked for quiet.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, file=sys.stderr)
+    with bar, staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp, torch.no_grad():
         for name, specs_in in zip(names, shards):
-            write_shard(tmp / name, specs_in, dev)
+            write_shard(tmp / name, specs_in, dev, bar)
         if len(shards) > 1:
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in specs)},
+                "metadata": {"total_size": total},
                 "weight_map": {s.name: name for name, group in zip(names, shards) for s in group},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-shard-size", default="5GB", help="most bytes per output shard, e.g. 5GB or 500MiB")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
@@ -203,6 +204,7 @@ def cmd_apply(args) -> int:
         max_shard_size=args.max_shard_size,
         device=args.device,
         overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     print(f"saved to {out}")
     return 0

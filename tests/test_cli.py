@@ -240,3 +240,13 @@ def test_warnings_are_one_line_each(tiny_dir, calib, tmp_path, capsys):
     assert "percentage points from the target 0.3" in warned[1] and "32-channel MLP blocks (round_to)" in warned[1]
     assert "RuntimeWarning" not in err and "warnings.warn" not in err
     assert "method: nirvana (taylor saliency, maxlogit objective)" in out
+
+
+def test_apply_shows_bytes_written_unless_quiet(tiny_dir, calib, tmp_path, capsys):
+    pruned = tmp_path / "pruned"
+    assert run(prune_args(tiny_dir, calib, pruned), capsys)[0] == 0
+    code, out, err = run(["apply", pruned, "--model", tiny_dir, "--out", tmp_path / "a", "--device", "cpu"], capsys)
+    assert code == 0 and "writing: 100%" in err, err
+    argv = ["apply", pruned, "--model", tiny_dir, "--out", tmp_path / "b", "--device", "cpu", "--quiet"]
+    code, out, err = run(argv, capsys)
+    assert code == 0 and err == "" and out.startswith("saved to "), (out, err)

@@ -189,7 +189,8 @@ def temporaries(folder: Path) -> list[str]:
 def test_two_concurrent_applies_to_one_output_exactly_one_wins(tmp_path, dense_dir, plan_file):
     parent = tmp_path / "outs"
     out, go = parent / "out", tmp_path / "go"
-    children = [stalled(go, apply_args(plan_file, dense_dir, out)) for _ in range(2)]
+    # --quiet: without it the loser's stderr also holds its finished progress bar above the error line.
+    children = [stalled(go, apply_args(plan_file, dense_dir, out, "--quiet")) for _ in range(2)]
     try:
         for child in children:
             wait_ready(child)  # both have written everything and are about to publish
