@@ -180,39 +180,46 @@ def _replace(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None 
 def _rows(weights: list[torch.Tensor], index: torch.Tensor, group_size: int) -> list[torch.Tensor]:
     # compact_many wants same-shaped tensors; a lone one takes the single-tensor launch.
     if len(weights) == 1:
-        return [compact_groups(weights[0], index, group_size=group_size, dim=0)]
-    return compact_many(weights, index, dim=0, group_size=group_size)
+        return [compact_groups(weights[0], index, group_size=group_size, dim=0, check_index=False)]
+    return compact_many(weights, index, dim=0, group_size=group_size, check_index=False)
+
+
+def _plan_index(keep: list[int]) -> torch.Tensor:
+    # A host tensor from the validated plan (_check_plan), so the kernels skip their value check:
+    # they copy it to the weights' device without blocking, and no launch waits for a read-back.
+    return torch.tensor(keep, dtype=torch.int64)
 
 
 def _compact_attention(lm: LayerModules, keep: list[int], g: Geometry, adapter: Adapter) -> None:
     if len(keep) == g.num_kv_heads:
         return
     d, qd = g.head_dim, g.group_size * g.head_dim
-    index = torch.tensor(keep, dtype=torch.int64, device=lm.q.weight.device)
-    q_b = compact_groups(lm.q.bias, index, group_size=qd, dim=0) if lm.q.bias is not None else None
-    _replace(lm.q, compact_groups(lm.q.weight, index, group_size=qd, dim=0), q_b)
-    k_w, v_w = compact_many([lm.k.weight, lm.v.weight], index, dim=0, group_size=d)
+    index = _plan_index(keep)
+    q_b = _rows([lm.q.bias], index, qd)[0] if lm.q.bias is not None else None
+    _replace(lm.q, _rows([lm.q.weight], index, qd)[0], q_b)
+    k_w, v_w = _rows([lm.k.weight, lm.v.weight], index, d)
     biases = [b for b in (lm.k.bias, lm.v.bias) if b is not None]
     kv_b = _rows(biases, index, d) if biases else []
     k_b = kv_b.pop(0) if lm.k.bias is not None else None
     v_b = kv_b.pop(0) if lm.v.bias is not None else None
     _replace(lm.k, k_w, k_b)
     _replace(lm.v, v_w, v_b)
-    _replace(lm.o, compact_groups(lm.o.weight, index, group_size=qd, dim=1))  # o's bias spans hidden: kept
+    o_w = compact_groups(lm.o.weight, index, group_size=qd, dim=1, check_index=False)
+    _replace(lm.o, o_w)  # o's bias spans hidden: kept
     adapter.set_kept_groups(lm, keep, g)
 
 
 def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
     if len(keep) == g.intermediate_size:
         return
-    index = torch.tensor(keep, dtype=torch.int64, device=lm.up.weight.device)
+    index = _plan_index(keep)
     linears = [lm.gate, lm.up] if lm.gate is not None else [lm.up]
     weights = _rows([m.weight for m in linears], index, 1)
     has_bias = [m.bias is not None for m in linears]
     biases = _rows([m.bias for m in linears if m.bias is not None], index, 1) if any(has_bias) else []
     for m, w, b in zip(linears, weights, [biases.pop(0) if hb else None for hb in has_bias]):
         _replace(m, w, b)
-    _replace(lm.down, compact(lm.down.weight, index, dim=1))  # down's bias spans hidden: kept
+    _replace(lm.down, compact(lm.down.weight, index, dim=1, check_index=False))  # down's bias spans hidden: kept
     if hasattr(lm.mlp, "intermediate_size"):
         lm.mlp.intermediate_size = len(keep)
 

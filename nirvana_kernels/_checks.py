@@ -55,11 +55,17 @@ def eps(value) -> float:
     return float(value)
 
 
-def index(name: str, value, *, extent: int, extent_name: str, device: torch.device) -> torch.Tensor:
+def index(
+    name: str, value, *, extent: int, extent_name: str, device: torch.device, check_values: bool = True
+) -> torch.Tensor:
     """A 1-D int32/int64 index, strictly increasing, inside ``[0, extent)``, moved to ``device``.
 
-    The order check needs the values, so on a GPU it costs one small synchronisation; an unsorted
-    or repeated index would silently duplicate or reorder units in a pruned model, which is worse.
+    Type, rank and dtype are always checked: they are metadata. The order and range need the values:
+    for a CPU index that costs nothing on any device, so it is checked there and then copied over
+    without blocking; a CUDA index costs one host synchronisation (an unsorted or repeated index would
+    silently duplicate or reorder units in a pruned model, which is worse). ``check_values=False``
+    skips the values, for callers that built the index from data they already validated; nothing on
+    this path reads a device tensor back, so a launch that follows stays free of syncs.
     """
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -67,10 +73,13 @@ def index(name: str, value, *, extent: int, extent_name: str, device: torch.devi
         raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(value.shape)}")
     if value.dtype not in INDEX_DTYPES:
         raise ValueError(f"{name}: dtype must be int32 or int64, got {value.dtype}")
-    value = value.to(device)
-    if value.numel() == 0:
-        return value
-    # One host synchronisation for all three facts; the details are looked up only on failure.
+    if check_values and value.numel():
+        _index_values(name, value, extent, extent_name)
+    return to_device(value, device)
+
+
+def _index_values(name: str, value: torch.Tensor, extent: int, extent_name: str) -> None:
+    # One read-back for all three facts (a sync only if value is on a GPU); details only on failure.
     lo, hi, unsorted = torch.stack(
         [value.min().long(), value.max().long(), (value[1:] <= value[:-1]).any().long()]
     ).tolist()
@@ -82,4 +91,13 @@ def index(name: str, value, *, extent: int, extent_name: str, device: torch.devi
         raise ValueError(
             f"{name}: must be strictly increasing, but {name}[{pos}] = {int(value[pos])} follows {int(value[pos - 1])}"
         )
-    return value
+
+
+def to_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``value`` on ``device``; a host tensor goes to a GPU through pinned memory, so the copy is
+    queued on the stream instead of making the host wait for it."""
+    if value.device == device:
+        return value
+    if value.device.type == "cpu" and device.type == "cuda":
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)

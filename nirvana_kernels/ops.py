@@ -80,8 +80,10 @@ def _(up_w, up_g, down_w, down_g, gate_w, gate_g, exp_avg_sq, eps):
 
 
 @torch.library.custom_op("nirvana::compact", mutates_args=())
-def compact_op(weight: torch.Tensor, index: torch.Tensor, dim: int, group_size: int) -> torch.Tensor:
-    return _compaction._compact_impl(weight, index, dim, group_size)
+def compact_op(
+    weight: torch.Tensor, index: torch.Tensor, dim: int, group_size: int, check_index: bool = True
+) -> torch.Tensor:
+    return _compaction._compact_impl(weight, index, dim, group_size, check_index)
 
 
 def _compact_shape(weight, index, dim, group_size):
@@ -92,17 +94,17 @@ def _compact_shape(weight, index, dim, group_size):
 
 
 @compact_op.register_fake
-def _(weight, index, dim, group_size):
+def _(weight, index, dim, group_size, check_index=True):
     return weight.new_empty(_compact_shape(weight, index, dim, group_size))
 
 
 @torch.library.custom_op("nirvana::compact_many", mutates_args=())
 def compact_many_op(
-    weights: Sequence[torch.Tensor], index: torch.Tensor, dim: int, group_size: int
+    weights: Sequence[torch.Tensor], index: torch.Tensor, dim: int, group_size: int, check_index: bool = True
 ) -> list[torch.Tensor]:
-    return _compaction._compact_many_impl(weights, index, dim, group_size)
+    return _compaction._compact_many_impl(weights, index, dim, group_size, check_index)
 
 
 @compact_many_op.register_fake
-def _(weights, index, dim, group_size):
+def _(weights, index, dim, group_size, check_index=True):
     return [w.new_empty(_compact_shape(w, index, dim, group_size)) for w in weights]

@@ -136,6 +136,19 @@ def llama_src(tmp_path_factory):
     return src, tmp / "plan.json"
 
 
+def test_apply_skips_the_kernels_index_check(llama_src, tmp_path, monkeypatch):
+    # The plan is validated once when read; the gathers then launch without reading an index back.
+    import nirvana_kernels._checks as checks
+
+    def refuse(*_a):
+        raise AssertionError("apply asked the kernels to check an index it built from the plan")
+
+    src, plan = llama_src
+    monkeypatch.setattr(checks, "_index_values", refuse)
+    apply_plan(plan, src, tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_overwrite_replaces_the_folder(llama_src, tmp_path):
     src, plan = llama_src
     out = tmp_path / "out"

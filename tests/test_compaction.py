@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nirvana.adapters import get_adapter
-from nirvana.compaction import compact_model, config_updates, layer_widths, mask_model
+from nirvana.compaction import compact_model, config_updates, layer_widths, mask_model, plan_widths
 from nirvana.plan import LayerPlan, PruningPlan
 from tests.helpers import assert_bitwise_equal, assert_close
 from tests.tiny_models import ARCHITECTURES, tiny_batch, tiny_model
@@ -116,6 +116,21 @@ def test_group_sizes(heads, kv_heads, kept_groups):
     with torch.no_grad():
         assert_close(pruned(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5, name="pruned logits")
     assert pruned.lm_head.weight is pruned.model.embed_tokens.weight
+
+
+def test_the_flow_skips_the_kernels_index_check(monkeypatch):
+    # The plan is validated once; checking its indices again in each launch would read a device
+    # index back (a host sync per tensor). qwen2 has k/v biases, so every launch of the flow runs.
+    import nirvana_kernels._checks as checks
+
+    def refuse(*_a):
+        raise AssertionError("the flow asked the kernels to check an index it built from the plan")
+
+    dense = tiny_model("qwen2")
+    plan = make_plan(dense, PLANS["drop-first-group"])
+    monkeypatch.setattr(checks, "_index_values", refuse)
+    pruned = compact_model(copy.deepcopy(dense), plan)
+    assert layer_widths(pruned) == plan_widths(plan)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCHITECTURES)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nirvana_kernels as nk
+from tests.conftest import requires_cuda
 from tests.helpers import assert_bitwise_equal
 from tests.kernels.conftest import LAYOUTS, make_matrix
 
@@ -173,3 +174,91 @@ def test_compact_rejects_bad_arguments():
         nk.compact_many([w] * 5, torch.tensor([0]), dim=0)
     with pytest.raises(ValueError, match="weights: expected a non-empty list"):
         nk.compact_many([], torch.tensor([0]), dim=0)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 7], ids=lambda c: f"{c}-parts")
+@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "cols"])
+def test_gather_kernel_has_no_part_limit(count, dim, gen):
+    # compact_many promises four tensors; the kernel itself takes a tuple of any length in one launch.
+    shape = (2 * RG + 1, 2 * CG + 1)
+    weights = [draw(*shape, torch.bfloat16, LAYOUTS[i % 3], gen) for i in range(count)]
+    index = random_index(shape[dim], shape[dim] // 2, gen)
+    outs = comp._launch(weights, index, dim, 1)
+    assert len(outs) == count
+    for i, (w, o) in enumerate(zip(weights, outs)):
+        assert_bitwise_equal(o, w.index_select(dim, index), name=f"part {i}")
+
+
+def test_compact_many_biases_over_several_tiles(gen):
+    # A bias is gathered as one row: several tiles along it, one part per grid slice.
+    block = comp._INTERP_BLOCKS["bias"][0]
+    biases = [torch.randn(3 * block + 5, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    biases[1] = torch.randn(2 * (3 * block + 5), generator=gen).to(torch.bfloat16)[::2]  # strided
+    index = random_index(3 * block + 5, 2 * block + 3, gen)
+    for b, o in zip(biases, nk.compact_many(biases, index, dim=0)):
+        assert_bitwise_equal(o, b[index])
+
+
+@pytest.mark.parametrize("case,index,message", BAD[:4], ids=[b[0] for b in BAD[:4]])
+def test_every_public_op_rejects_a_bad_index_value(case, index, message):
+    w = torch.zeros(4, 3)
+    for fn in (
+        lambda: nk.compact_groups(w, index, group_size=1, dim=0),
+        lambda: nk.compact_many([w, w.t().contiguous().t()], index, dim=0),
+        lambda: torch.ops.nirvana.compact(w, index, 0, 1),
+    ):
+        with pytest.raises(ValueError, match=message.replace("index", "(index|keep)")):
+            fn()
+
+
+def test_a_cpu_index_is_checked_once_on_the_host(monkeypatch):
+    calls = []
+    checks = importlib.import_module("nirvana_kernels._checks")
+    real = checks._index_values
+    monkeypatch.setattr(checks, "_index_values", lambda *a: calls.append(a[1].device) or real(*a))
+    w = torch.randn(6, 4)
+    nk.compact_many([w, w], torch.tensor([1, 4]), dim=0)
+    assert calls == [torch.device("cpu")]
+
+
+def test_the_unchecked_path_reads_nothing_back(monkeypatch):
+    # What the pruning flow calls with indices built from a validated plan. On a GPU, tolist/item
+    # of a device tensor is a host synchronisation; here any call of them, or of the value check, fails.
+    def refuse(*_a, **_k):
+        raise AssertionError("read back a tensor's values")
+
+    checks = importlib.import_module("nirvana_kernels._checks")
+    w = torch.randn(6, 8)
+    index = torch.tensor([0, 2, 5])
+    expected = w.index_select(0, index), w.index_select(1, index)
+    monkeypatch.setattr(checks, "_index_values", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    got = [
+        nk.compact(w, index, dim=0, check_index=False),
+        nk.compact_groups(w, index, group_size=1, dim=1, check_index=False),
+        *nk.compact_many([w, w], index, dim=0, check_index=False),
+    ]
+    monkeypatch.undo()
+    for g, e in zip(got, [expected[0], expected[1], expected[0], expected[0]]):
+        assert_bitwise_equal(g, e)
+
+
+def test_the_unchecked_path_still_checks_the_metadata():
+    with pytest.raises(ValueError, match="index: dtype must be int32 or int64"):
+        nk.compact(torch.zeros(4, 3), torch.tensor([0.0]), dim=0, check_index=False)
+    with pytest.raises(ValueError, match="index: expected a torch.Tensor"):
+        nk.compact(torch.zeros(4, 3), [0], dim=0, check_index=False)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_index_checks_and_host_index_copies():
+    w = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="index: must be strictly increasing"):
+        nk.compact(w, torch.tensor([3, 1], device="cuda"), dim=1)
+    with pytest.raises(ValueError, match="index: value 96 is out of range"):
+        nk.compact(w, torch.tensor([0, 96]), dim=1)
+    index = torch.tensor([1, 2, 3, 40, 95])
+    for check in (True, False):
+        assert_bitwise_equal(nk.compact(w, index, dim=1, check_index=check), w[:, index.cuda()])
