@@ -2,10 +2,11 @@
 
 One kernel family serves the three public ops. Every matrix is seen as a "part": a 2-D strided
 view with N outputs and K reduced elements per output, plus the number of consecutive outputs that
-make up one group (a KV group, an MLP channel, or ``group_size``). A launch takes up to four parts
-and gives each program one tile of one part: BLOCK_N outputs times one K-chunk. The program reduces
-its tile in fp32 and writes one partial per output into a ``[groups, slots]`` scratch buffer, at a
-slot fixed by (part, K-chunk, position in the group). A single ``sum(dim=1)`` then finishes the job.
+make up one group (a KV group, an MLP channel, or ``group_size``). One launch takes every part of
+a layer (tuples of any length: q, k, v, o and Qwen2's biases are seven) and gives each program one
+tile of one part: BLOCK_N outputs times one K-chunk. The program reduces its tile in fp32 and writes
+one partial per output into a ``[groups, slots]`` scratch buffer, at a slot fixed by (part, K-chunk,
+position in the group). A single ``sum(dim=1)`` then finishes the job.
 
 Determinism: tiles, chunks and the final sum all reduce in a fixed order, and no atomics are used,
 so the same inputs on the same device give the same bits on every run. For the same reason the
@@ -22,23 +23,23 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks
-from ._dispatch import HAS_TRITON, backend, empty, num_sms
+from ._dispatch import HAS_TRITON, INTERPRET, backend, empty, num_sms
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice
 
 # Reference path: rows per chunk are chosen so that one chunk holds about this many elements.
 _CHUNK_ELEMS = 1 << 22
 
-# (BLOCK_N, BLOCK_K) by which axis is contiguous in memory. Under the interpreter each program costs
-# about 0.5 ms per loop step, so it gets fewer, larger tiles; the tests read these to place shapes at
-# block edges.
-_GPU_BLOCKS = {"k_contiguous": (16, 256), "n_contiguous": (256, 16)}
-_INTERP_BLOCKS = {"k_contiguous": (8, 32), "n_contiguous": (32, 8)}
+# (BLOCK_N, BLOCK_K) by which axis is contiguous in memory; a "vector" part (K = 1, a bias) puts all
+# its lanes along N. Under the interpreter each program costs about 0.5 ms per loop step, so it gets
+# fewer, larger tiles; the tests read these to place shapes at block edges.
+_GPU_BLOCKS = {"k_contiguous": (16, 256), "n_contiguous": (256, 16), "vector": (1024, 1)}
+_INTERP_BLOCKS = {"k_contiguous": (8, 32), "n_contiguous": (32, 8), "vector": (32, 1)}
 # Under the interpreter every K-chunk is two K-blocks, so the split path is always exercised.
 _INTERP_CHUNK_BLOCKS = 2
-_MAX_PARTS = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,21 +94,8 @@ def attention_group_saliency_torch(
     v_bg=None,
 ) -> torch.Tensor:
     """PyTorch reference for :func:`attention_group_saliency`."""
-    parts = _attention_parts(
-        q_w,
-        q_g,
-        k_w,
-        k_g,
-        v_w,
-        v_g,
-        o_w,
-        o_g,
-        num_kv_heads,
-        head_dim,
-        exp_avg_sq,
-        eps,
-        (q_b, q_bg, k_b, k_bg, v_b, v_bg),
-    )
+    mats = ((q_w, q_g), (k_w, k_g), (v_w, v_g), (o_w, o_g))
+    parts = _attention_parts(mats, ((q_b, q_bg), (k_b, k_bg), (v_b, v_bg)), num_kv_heads, head_dim, exp_avg_sq, eps)
     return _parts_torch(parts, num_kv_heads, eps)
 
 
@@ -173,13 +161,14 @@ def _bias_2d(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.unsqueeze(1)
 
 
-def _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, exp_avg_sq, eps, biases):
+def _attention_parts(mats, given, num_kv_heads, head_dim, exp_avg_sq, eps) -> list[_Part]:
+    """Check one attention layer and describe it as parts: ``mats`` are the (weight, grad) pairs of
+    q, k, v and o, ``given`` the (bias, grad) pairs of q, k and v, each ``(None, None)`` if absent."""
     kv = _checks.positive_int("num_kv_heads", num_kv_heads)
     d = _checks.positive_int("head_dim", head_dim)
     _checks.eps(eps)
     names = ("q", "k", "v", "o")
     bias_names = ("q_b", "k_b", "v_b")
-    given = [(b, bg) for b, bg in zip(biases[0::2], biases[1::2])]
     for bname, (b, bg) in zip(bias_names, given):
         if (b is None) != (bg is None):
             raise ValueError(f"{bname}: a bias and its gradient ({bname}g) must be given together")
@@ -200,7 +189,7 @@ def _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_
         vs = list(exp_avg_sq) + [None] * (7 - len(exp_avg_sq))
         if any(v is None for v in vs[:4]):
             raise ValueError("exp_avg_sq: every entry for q, k, v and o must be a tensor")
-    mats = ((q_w, q_g), (k_w, k_g), (v_w, v_g), (o_w, o_g))
+    (q_w, _), (k_w, _), (v_w, _), (o_w, o_g) = mats
     for name, (w, g), v in zip(names, mats, vs):
         _check_pair(name, w, g, v)
     device = q_w.device
@@ -221,9 +210,9 @@ def _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_
         )
     rows = {"q_b": q_rows, "k_b": kv * d, "v_b": kv * d}
     parts = [
-        _Part(q_w, q_g, vs[0], q_rows // kv),
-        _Part(k_w, k_g, vs[1], d),
-        _Part(v_w, v_g, vs[2], d),
+        _Part(*mats[0], vs[0], q_rows // kv),
+        _Part(*mats[1], vs[1], d),
+        _Part(*mats[2], vs[2], d),
         _Part(o_w.t(), o_g.t(), _oriented(vs[3], 0), q_rows // kv),
     ]
     for bname, (b, bg), v in zip(bias_names, given, vs[4:]):
@@ -282,242 +271,155 @@ def _mlp_parts(up_w, up_g, down_w, down_g, gate_w, gate_g, exp_avg_sq, eps):
 # --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    if INTERPRET:
+        # The interpreter has no libdevice; its division (numpy's, exact) stands in.
+        @triton.jit
+        def _approx_div(x, y):
+            return x / y
+
+    else:
+        # div.approx.ftz: MUFU.RCP and a multiply, within 2 ulp while |y| < 2^126. Here y = sqrt(V) + eps
+        # stays below 2^64 for any finite V; the flush to zero only drops terms under 1.2e-38.
+        @triton.jit
+        def _approx_div(x, y):
+            return libdevice.fast_dividef(x, y)
+
+    @triton.jit
+    def _scores(w_ptr, g_ptr, v_ptr, w_offs, g_offs, v_offs, mask, eps):
+        """fp32 ``|W * G|``, or ``|W * G| / (sqrt(V) + eps)`` when ``v_ptr`` is given, at the offsets."""
+        # Widen straight after the load: the interpreter mishandles bf16 arithmetic, and the product
+        # of two bf16/fp16 values is exact in fp32, which keeps us bit-close to the reference.
+        w = tl.load(w_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.abs(w * g)
+        if v_ptr is not None:
+            # other=1 keeps masked lanes at 0 / (1 + eps) even when eps is 0.
+            v = tl.load(v_ptr + v_offs, mask=mask, other=1.0).to(tl.float32)
+            # Approximate sqrt and division (a few ulp, far inside the fp32 summation error the result
+            # is held to): the IEEE forms cost about 40 instructions per element.
+            s = _approx_div(s, tl.sqrt(v) + eps)
+        return s
 
     @triton.jit
     def _part_tile(
-        pid,
-        w_ptr,
-        g_ptr,
-        v_ptr,
-        out_ptr,
-        slots,
-        eps,
-        N,
-        K,
+        tile,  # this program's tile within its part: K-split major, N-tile minor
+        partial_ptr,  # [groups, slots] fp32 scratch, one partial per (group, slot)
+        w_ptr,  # [N, K] fp32/fp16/bf16 weight
+        g_ptr,  # [N, K] gradient, the weight's dtype
+        v_ptr,  # [N, K] Adam second moment, any float dtype; None for plain |W * G|
+        n_size,
+        k_size,
         k_chunk,
         tiles_n,
         group,
         slot_base,
-        s_wn,
-        s_wk,
-        s_gn,
-        s_gk,
-        s_vn,
-        s_vk,
-        HAS_V: tl.constexpr,
+        slots,
+        eps,
+        w_stride_n,
+        w_stride_k,
+        g_stride_n,
+        g_stride_k,
+        v_stride_n,
+        v_stride_k,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_n = pid % tiles_n
-        pid_s = pid // tiles_n
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        k_start = pid_s.to(tl.int64) * k_chunk
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k_chunk, BLOCK_K):
-            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
-            mask = mask_n[:, None] & (offs_k < K)[None, :]
-            # Widen straight after the load: the interpreter mishandles bf16 arithmetic, and the
-            # product of two bf16/fp16 values is exact in fp32, which keeps us bit-close to the
-            # reference.
-            w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk, mask=mask, other=0.0)
-            g = tl.load(g_ptr + offs_n[:, None] * s_gn + offs_k[None, :] * s_gk, mask=mask, other=0.0)
-            s = tl.abs(w.to(tl.float32) * g.to(tl.float32))
-            if HAS_V:
-                # other=1 keeps masked lanes at 0 / (1 + eps) even when eps is 0.
-                v = tl.load(v_ptr + offs_n[:, None] * s_vn + offs_k[None, :] * s_vk, mask=mask, other=1.0)
-                s = tl.div_rn(s, tl.sqrt_rn(v.to(tl.float32)) + eps)
-            acc += s
-        row = tl.sum(acc, axis=1)
+        tile_n = tile % tiles_n
+        split = tile // tiles_n
+        offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_size
+        if BLOCK_K == 1:
+            # A vector part (K = 1, a bias): one element per output, the lanes along N. With no K
+            # offset in the address, a contiguous bias gets vector loads.
+            row = _scores(
+                w_ptr, g_ptr, v_ptr, offs_n * w_stride_n, offs_n * g_stride_n, offs_n * v_stride_n, mask_n, eps
+            )
+        else:
+            k_start = split.to(tl.int64) * k_chunk
+            # The last split stops at K rather than running the rest of its chunk masked. Its bound
+            # is in int32 (split * k_chunk < K), which keeps the loop counter 32-bit.
+            k_len = tl.minimum(k_size - split * k_chunk, k_chunk)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, k_len, BLOCK_K):
+                offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+                mask = mask_n[:, None] & (offs_k < k_size)[None, :]
+                acc += _scores(
+                    w_ptr,
+                    g_ptr,
+                    v_ptr,
+                    offs_n[:, None] * w_stride_n + offs_k[None, :] * w_stride_k,
+                    offs_n[:, None] * g_stride_n + offs_k[None, :] * g_stride_k,
+                    offs_n[:, None] * v_stride_n + offs_k[None, :] * v_stride_k,
+                    mask,
+                    eps,
+                )
+            row = tl.sum(acc, axis=1)
         grp = offs_n // group
-        dst = grp * slots + slot_base + pid_s.to(tl.int64) * group + (offs_n - grp * group)
-        tl.store(out_ptr + dst, row, mask=mask_n)
+        dst = grp * slots + slot_base + split.to(tl.int64) * group + (offs_n - grp * group)
+        tl.store(partial_ptr + dst, row, mask=mask_n)
 
     @triton.jit
     def _saliency_kernel(
-        out_ptr,
+        partial_ptr,  # [groups, slots] fp32 scratch
+        w_ptrs,  # per part: [N, K] fp32/fp16/bf16 weight
+        g_ptrs,  # per part: [N, K] gradient, the weight's dtype
+        v_ptrs,  # per part: [N, K] Adam second moment; None for plain |W * G|
+        n_sizes,  # outputs per part
+        k_sizes,  # reduced elements per output
+        k_chunks,  # K elements per split
+        tiles_n,  # N tiles per split
+        group_sizes,  # consecutive outputs per group
+        slot_bases,  # first partial slot of each part
+        program_ends,  # cumulative programs: part i owns [program_ends[i-1], program_ends[i])
+        w_strides,  # per part: (stride along N, stride along K)
+        g_strides,
+        v_strides,  # None with v_ptrs
         slots,
         eps,
-        w0,
-        g0,
-        v0,
-        N0,
-        K0,
-        kc0,
-        tn0,
-        grp0,
-        sb0,
-        s0_wn,
-        s0_wk,
-        s0_gn,
-        s0_gk,
-        s0_vn,
-        s0_vk,
-        end0,
-        w1,
-        g1,
-        v1,
-        N1,
-        K1,
-        kc1,
-        tn1,
-        grp1,
-        sb1,
-        s1_wn,
-        s1_wk,
-        s1_gn,
-        s1_gk,
-        s1_vn,
-        s1_vk,
-        end1,
-        w2,
-        g2,
-        v2,
-        N2,
-        K2,
-        kc2,
-        tn2,
-        grp2,
-        sb2,
-        s2_wn,
-        s2_wk,
-        s2_gn,
-        s2_gk,
-        s2_vn,
-        s2_vk,
-        end2,
-        w3,
-        g3,
-        v3,
-        N3,
-        K3,
-        kc3,
-        tn3,
-        grp3,
-        sb3,
-        s3_wn,
-        s3_wk,
-        s3_gn,
-        s3_gk,
-        s3_vn,
-        s3_vk,
-        NUM_PARTS: tl.constexpr,
-        HAS_V: tl.constexpr,
-        BN0: tl.constexpr,
-        BK0: tl.constexpr,
-        BN1: tl.constexpr,
-        BK1: tl.constexpr,
-        BN2: tl.constexpr,
-        BK2: tl.constexpr,
-        BN3: tl.constexpr,
-        BK3: tl.constexpr,
+        BLOCK_N: tl.constexpr,  # per part
+        BLOCK_K: tl.constexpr,  # per part
     ):
-        # Parts are laid end to end along one grid axis, so one launch covers q, k, v and o (or
-        # gate, up and down) and the short k/v parts overlap with the long ones.
+        # Parts are laid end to end along one grid axis, so one launch covers a whole layer (q, k, v,
+        # o and the biases, or gate, up and down) and the short parts overlap with the long ones.
         pid = tl.program_id(0)
-        if pid < end0:
-            _part_tile(
-                pid,
-                w0,
-                g0,
-                v0,
-                out_ptr,
-                slots,
-                eps,
-                N0,
-                K0,
-                kc0,
-                tn0,
-                grp0,
-                sb0,
-                s0_wn,
-                s0_wk,
-                s0_gn,
-                s0_gk,
-                s0_vn,
-                s0_vk,
-                HAS_V,
-                BN0,
-                BK0,
-            )
-        if NUM_PARTS > 1:
-            if (pid >= end0) & (pid < end1):
+        start = 0
+        for i in tl.static_range(len(w_ptrs)):
+            end = program_ends[i]
+            if (pid >= start) & (pid < end):
+                block_n: tl.constexpr = BLOCK_N[i]
+                block_k: tl.constexpr = BLOCK_K[i]
+                if v_ptrs is None:
+                    v_ptr = None
+                    v_stride_n = 0
+                    v_stride_k = 0
+                else:
+                    v_ptr = v_ptrs[i]
+                    v_stride_n = v_strides[i][0]
+                    v_stride_k = v_strides[i][1]
                 _part_tile(
-                    pid - end0,
-                    w1,
-                    g1,
-                    v1,
-                    out_ptr,
+                    pid - start,
+                    partial_ptr,
+                    w_ptrs[i],
+                    g_ptrs[i],
+                    v_ptr,
+                    n_sizes[i],
+                    k_sizes[i],
+                    k_chunks[i],
+                    tiles_n[i],
+                    group_sizes[i],
+                    slot_bases[i],
                     slots,
                     eps,
-                    N1,
-                    K1,
-                    kc1,
-                    tn1,
-                    grp1,
-                    sb1,
-                    s1_wn,
-                    s1_wk,
-                    s1_gn,
-                    s1_gk,
-                    s1_vn,
-                    s1_vk,
-                    HAS_V,
-                    BN1,
-                    BK1,
+                    w_strides[i][0],
+                    w_strides[i][1],
+                    g_strides[i][0],
+                    g_strides[i][1],
+                    v_stride_n,
+                    v_stride_k,
+                    block_n,
+                    block_k,
                 )
-        if NUM_PARTS > 2:
-            if (pid >= end1) & (pid < end2):
-                _part_tile(
-                    pid - end1,
-                    w2,
-                    g2,
-                    v2,
-                    out_ptr,
-                    slots,
-                    eps,
-                    N2,
-                    K2,
-                    kc2,
-                    tn2,
-                    grp2,
-                    sb2,
-                    s2_wn,
-                    s2_wk,
-                    s2_gn,
-                    s2_gk,
-                    s2_vn,
-                    s2_vk,
-                    HAS_V,
-                    BN2,
-                    BK2,
-                )
-        if NUM_PARTS > 3:
-            if pid >= end2:
-                _part_tile(
-                    pid - end2,
-                    w3,
-                    g3,
-                    v3,
-                    out_ptr,
-                    slots,
-                    eps,
-                    N3,
-                    K3,
-                    kc3,
-                    tn3,
-                    grp3,
-                    sb3,
-                    s3_wn,
-                    s3_wk,
-                    s3_gn,
-                    s3_gk,
-                    s3_vn,
-                    s3_vk,
-                    HAS_V,
-                    BN3,
-                    BK3,
-                )
+            start = end
 
 
 @dataclass
@@ -534,10 +436,16 @@ class _Tiling:
         return self.tiles_n * self.splits
 
 
+def _layout(w: torch.Tensor) -> str:
+    if w.shape[1] == 1:
+        # A bias (or any one-column part): nothing to reduce, so its lanes go along N.
+        return "vector"
+    return "n_contiguous" if w.stride(0) == 1 and w.stride(1) != 1 else "k_contiguous"
+
+
 def _tile(part: _Part, elems_per_program: int, interpret: bool) -> _Tiling:
     n, k = part.w.shape
-    orient = "n_contiguous" if part.w.stride(0) == 1 and part.w.stride(1) != 1 else "k_contiguous"
-    block_n, block_k = (_INTERP_BLOCKS if interpret else _GPU_BLOCKS)[orient]
+    block_n, block_k = (_INTERP_BLOCKS if interpret else _GPU_BLOCKS)[_layout(part.w)]
     k_blocks = max(1, triton.cdiv(k, block_k))
     if interpret:
         chunk_blocks = _INTERP_CHUNK_BLOCKS
@@ -558,88 +466,65 @@ def _launch(parts: Sequence[_Part], groups: int, eps: float) -> torch.Tensor:
     total = sum(p.w.numel() for p in parts)
     elems = max(1 << 16, triton.cdiv(total, 8 * num_sms(device)))
     tilings = [_tile(p, elems, interpret) for p in parts]
-    slots = 0
+    slots, ends = 0, []
     for p, t in zip(parts, tilings):
         t.slot_base = slots
         slots += t.splits * p.group
+        ends.append((ends[-1] if ends else 0) + t.programs)
     partial = empty((groups, slots), dtype=torch.float32, device=device)
     has_v = parts[0].v is not None
+
+    def per_part(fn):
+        return tuple(fn(p, t) for p, t in zip(parts, tilings))
+
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for i in range(0, len(parts), _MAX_PARTS):
-            _launch_group(parts[i : i + _MAX_PARTS], tilings[i : i + _MAX_PARTS], partial, slots, eps, has_v)
+        _saliency_kernel[(ends[-1],)](
+            partial,
+            per_part(lambda p, t: p.w),
+            per_part(lambda p, t: p.g),
+            per_part(lambda p, t: p.v) if has_v else None,
+            per_part(lambda p, t: p.w.shape[0]),
+            per_part(lambda p, t: p.w.shape[1]),
+            per_part(lambda p, t: t.k_chunk),
+            per_part(lambda p, t: t.tiles_n),
+            per_part(lambda p, t: p.group),
+            per_part(lambda p, t: t.slot_base),
+            tuple(ends),
+            per_part(lambda p, t: p.w.stride()),
+            per_part(lambda p, t: p.g.stride()),
+            per_part(lambda p, t: p.v.stride()) if has_v else None,
+            slots,
+            eps,
+            BLOCK_N=per_part(lambda p, t: t.block_n),
+            BLOCK_K=per_part(lambda p, t: t.block_k),
+        )
     return partial.sum(dim=1)
 
 
-def _launch_group(parts, tilings, partial, slots, eps, has_v) -> None:
-    args, consts, end = [], {}, 0
-    for i in range(_MAX_PARTS):
-        if i < len(parts):
-            p, t = parts[i], tilings[i]
-            v = p.v if has_v else p.w  # an unused pointer, never read when HAS_V is false
-            end += t.programs
-            args += [
-                p.w,
-                p.g,
-                v,
-                p.w.shape[0],
-                p.w.shape[1],
-                t.k_chunk,
-                t.tiles_n,
-                p.group,
-                t.slot_base,
-                p.w.stride(0),
-                p.w.stride(1),
-                p.g.stride(0),
-                p.g.stride(1),
-                v.stride(0),
-                v.stride(1),
-            ]
-            consts[f"BN{i}"], consts[f"BK{i}"] = t.block_n, t.block_k
-        else:
-            p = parts[0]
-            args += [p.w, p.w, p.w] + [1] * 12
-            consts[f"BN{i}"], consts[f"BK{i}"] = 1, 1
-        if i < _MAX_PARTS - 1:
-            args.append(end)
-    _saliency_kernel[(end,)](partial, slots, eps, *args, NUM_PARTS=len(parts), HAS_V=has_v, **consts)
-
-
 # --------------------------------------------------------------------------------------------------
-# Implementations behind the torch.library ops (see ops.py) and the public launchers
+# The implementation behind the torch.library op (see ops.py) and the public launchers
 # --------------------------------------------------------------------------------------------------
 
 
-def _run(parts: Sequence[_Part], groups: int, eps: float) -> torch.Tensor:
+def _parts_impl(weights, grads, exp_avg_sq, group_sizes, groups: int, eps: float) -> torch.Tensor:
+    """Grouped saliency of parts that the public launchers have already checked and oriented."""
+    vs = exp_avg_sq if len(exp_avg_sq) else [None] * len(weights)
+    parts = [_Part(w, g, v, n) for w, g, v, n in zip(weights, grads, vs, group_sizes)]
     if backend(parts[0].w) == "torch":
         return _parts_torch(parts, groups, eps)
     return _launch(parts, groups, eps)
 
 
-def _saliency_impl(weight, grad, dim, group_size, exp_avg_sq, eps) -> torch.Tensor:
-    _check_saliency(weight, grad, dim, group_size, exp_avg_sq, eps)
-    n = weight.shape[0] if dim == 1 else weight.shape[1]
-    part = _Part(_oriented(weight, dim), _oriented(grad, dim), _oriented(exp_avg_sq, dim), group_size)
-    return _run([part], n // group_size, eps)
-
-
-def _attention_impl(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, biases, exp_avg_sq, eps):
-    vs = None if exp_avg_sq is None or all(v is None for v in exp_avg_sq) else _trim(exp_avg_sq)
-    parts = _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, vs, eps, tuple(biases))
-    return _run(parts, num_kv_heads, eps)
-
-
-def _mlp_impl(up_w, up_g, down_w, down_g, gate_w, gate_g, exp_avg_sq, eps):
-    vs = None if exp_avg_sq is None or all(v is None for v in exp_avg_sq) else _trim(exp_avg_sq)
-    parts = _mlp_parts(up_w, up_g, down_w, down_g, gate_w, gate_g, vs, eps)
-    return _run(parts, up_w.shape[0], eps)
-
-
-def _trim(vs):
-    # The op schema carries a fixed-length list of optional tensors; drop the unused tail.
-    vs = list(vs)
-    while vs and vs[-1] is None:
-        vs.pop()
-    return vs
+def _call(parts: Sequence[_Part], groups: int, eps: float) -> torch.Tensor:
+    has_v = parts[0].v is not None
+    return torch.ops.nirvana.grouped_saliency(
+        [p.w for p in parts],
+        [p.g for p in parts],
+        [p.v for p in parts] if has_v else [],
+        [p.group for p in parts],
+        groups,
+        eps,
+    )
 
 
 def saliency(
@@ -667,8 +552,10 @@ def saliency(
         float32 ``[n // group_size]`` on the input's device, ``n`` being rows (dim=1) or columns.
         NaN or Inf in an input propagates into its group's score (checking would cost a second read).
     """
-    _check_saliency(weight, grad, dim, group_size, exp_avg_sq, eps)  # clear errors before the op's schema casts
-    return torch.ops.nirvana.saliency(weight, grad, dim, group_size, exp_avg_sq, eps)
+    _check_saliency(weight, grad, dim, group_size, exp_avg_sq, eps)
+    n = weight.shape[0] if dim == 1 else weight.shape[1]
+    part = _Part(_oriented(weight, dim), _oriented(grad, dim), _oriented(exp_avg_sq, dim), group_size)
+    return _call([part], n // group_size, eps)
 
 
 def attention_group_saliency(
@@ -710,12 +597,10 @@ def attention_group_saliency(
     Returns:
         float32 ``[num_kv_heads]`` on the input's device.
     """
-    biases = [q_b, q_bg, k_b, k_bg, v_b, v_bg]
-    vs = [None] * 7 if exp_avg_sq is None else _padded(exp_avg_sq, 7, "exp_avg_sq")
-    _attention_parts(q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, _trim(vs) or None, eps, biases)
-    return torch.ops.nirvana.attention_group_saliency(
-        q_w, q_g, k_w, k_g, v_w, v_g, o_w, o_g, num_kv_heads, head_dim, biases, vs, eps
-    )
+    mats = ((q_w, q_g), (k_w, k_g), (v_w, v_g), (o_w, o_g))
+    vs = None if exp_avg_sq is None else _entries(exp_avg_sq, 7, "exp_avg_sq")
+    parts = _attention_parts(mats, ((q_b, q_bg), (k_b, k_bg), (v_b, v_bg)), num_kv_heads, head_dim, vs, eps)
+    return _call(parts, num_kv_heads, eps)
 
 
 def mlp_channel_saliency(
@@ -739,18 +624,19 @@ def mlp_channel_saliency(
     Returns:
         float32 ``[intermediate]`` on the input's device.
     """
-    vs = [None] * 3 if exp_avg_sq is None else _padded(exp_avg_sq, 3, "exp_avg_sq")
-    if exp_avg_sq is not None and gate_w is None and len(exp_avg_sq) != 2:
-        raise ValueError(f"exp_avg_sq: expected a 2-tuple (up, down) without a gate, got {len(exp_avg_sq)}")
-    _mlp_parts(up_w, up_g, down_w, down_g, gate_w, gate_g, _trim(vs) or None, eps)
-    return torch.ops.nirvana.mlp_channel_saliency(up_w, up_g, down_w, down_g, gate_w, gate_g, vs, eps)
+    vs = None if exp_avg_sq is None else _entries(exp_avg_sq, 3, "exp_avg_sq")
+    if vs is not None and gate_w is None and len(vs) != 2:
+        raise ValueError(f"exp_avg_sq: expected a 2-tuple (up, down) without a gate, got {len(vs)}")
+    parts = _mlp_parts(up_w, up_g, down_w, down_g, gate_w, gate_g, vs, eps)
+    return _call(parts, up_w.shape[0], eps)
 
 
-def _padded(vs, n: int, name: str) -> list:
+def _entries(vs, n: int, name: str) -> list | None:
+    """The public launchers' reading of ``exp_avg_sq``: a tuple of up to ``n`` tensors; empty means none."""
     if not isinstance(vs, (tuple, list)):
         raise ValueError(f"{name}: expected a tuple of tensors, got {type(vs).__name__}")
     if len(vs) > n:
         raise ValueError(f"{name}: expected at most {n} entries, got {len(vs)}")
     if any(v is None for v in vs):
         raise ValueError(f"{name}: every entry must be a tensor")
-    return list(vs) + [None] * (n - len(vs))
+    return list(vs) or None

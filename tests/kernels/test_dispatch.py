@@ -66,14 +66,15 @@ def _opcheck_cases():
     up, down = torch.randn(9, hidden, generator=g), torch.randn(hidden, 9, generator=g)
     ops = torch.ops.nirvana
     return [
-        ("saliency", ops.saliency.default, (w, gr, 1, 3, None, 1e-8)),
-        ("saliency-adam-T", ops.saliency.default, (w.t(), gr.t(), 0, 2, v.t(), 1e-8)),
+        # The saliency launchers all call one op with their checked, oriented parts.
+        ("saliency", ops.grouped_saliency.default, ([w], [gr], [], [3], 4, 1e-8)),
+        ("saliency-adam-T", ops.grouped_saliency.default, ([w.t()], [gr.t()], [v.t()], [2], 10, 1e-8)),
         (
             "attention",
-            ops.attention_group_saliency.default,
-            (q, q, k, k, k, k, o, o, kv, d, [b, b, None, None, None, None], [None] * 7, 1e-8),
+            ops.grouped_saliency.default,
+            ([q, k, k, o.t(), b[:, None]], [q, k, k, o.t(), b[:, None]], [], [8, 4, 4, 8, 8], kv, 1e-8),
         ),
-        ("mlp", ops.mlp_channel_saliency.default, (up, up, down, down, up, up, [None] * 3, 1e-8)),
+        ("mlp", ops.grouped_saliency.default, ([up, up, down.t()], [up, up, down.t()], [], [1, 1, 1], 9, 1e-8)),
         ("compact", ops.compact.default, (w, torch.tensor([0, 5, 7]), 0, 1)),
         ("compact-groups", ops.compact.default, (w.t(), torch.tensor([1, 2]), 1, 4)),
         ("compact-many", ops.compact_many.default, ([w, w.t().contiguous().t()], torch.tensor([2]), 1, 5)),

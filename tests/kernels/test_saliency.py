@@ -207,6 +207,67 @@ def test_attention_dtypes_and_layouts(dtype, layout, gen):
     assert_close(got, attention_f64(t, extra, None, kv), rtol=fp32_rtol(4 * G * d * hidden))
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Every launch of the saliency kernel during the test, as a dict of its named arguments."""
+    kernel = sal._saliency_kernel
+    run, calls = kernel.run, []
+
+    def spy(*args, grid, warmup, **kwargs):
+        calls.append({"grid": grid, **dict(zip(kernel.arg_names, args)), **kwargs})
+        return run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(kernel, "run", spy)
+    return calls
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["taylor", "adam"])
+def test_attention_with_biases_is_one_launch(adam, launches, gen):
+    # Qwen2: q, k, v, o and three biases, seven parts, one launch; an absent V is None, not a dummy.
+    kv, G, d, hidden = 2, 2, 64, 12
+    t, extra, vs = attention_inputs(kv, G, d, hidden, torch.bfloat16, gen, adam=adam, bias=True)
+    got = nk.attention_group_saliency(**t, num_kv_heads=kv, head_dim=d, exp_avg_sq=vs, **extra)
+    assert len(launches) == 1
+    (launch,) = launches
+    assert len(launch["w_ptrs"]) == 7
+    assert (launch["v_ptrs"] is None) == (not adam) and (launch["v_strides"] is None) == (not adam)
+    # The biases are laid along N: one K element, no K blocks.
+    assert launch["BLOCK_K"][4:] == (1, 1, 1)
+    assert_close(got, attention_f64(t, extra, vs, kv), rtol=fp32_rtol(4 * G * d * hidden))
+
+
+@pytest.mark.parametrize("adam", [False, True], ids=["taylor", "adam"])
+def test_any_number_of_parts_in_one_launch(adam, launches, gen):
+    # Nine parts (more than the four one launch used to take) of mixed layouts, dtypes, K = 1
+    # vectors and tile-edge sizes, through the op itself.
+    groups = 3
+    specs = [
+        (3 * (BN + 1), CHUNK + 1, torch.bfloat16, "contiguous"),
+        (3 * CN, CK + 1, torch.float16, "transposed"),
+        (3, 2 * CHUNK + 1, torch.float32, "sliced"),
+        (3 * 33, 1, torch.bfloat16, "contiguous"),
+        (3 * 5, 1, torch.float32, "sliced"),
+        (3 * 7, 37, torch.bfloat16, "transposed"),
+        (3, 1, torch.float16, "contiguous"),
+        (3 * 2, CN + 1, torch.float32, "contiguous"),
+        (3 * 11, 3, torch.bfloat16, "sliced"),
+    ]
+    ws, gs, vs = [], [], []
+    for n, k, dtype, layout in specs:
+        ws.append(make_matrix(n, k, dtype, layout, gen=gen))
+        gs.append(make_matrix(n, k, dtype, layout, gen=gen))
+        vs.append(make_matrix(n, k, torch.float32, layout, gen=gen, positive=True))
+    vs = vs if adam else []
+    got = torch.ops.nirvana.grouped_saliency(ws, gs, vs, [w.shape[0] // groups for w in ws], groups, 1e-8)
+    assert len(launches) == 1 and len(launches[0]["w_ptrs"]) == len(specs)
+    assert (launches[0]["v_ptrs"] is None) == (not adam)
+    expect = sum(
+        f64_scores(w, g, v, dim=1, group_size=w.shape[0] // groups, eps=1e-8)
+        for w, g, v in zip(ws, gs, vs or [None] * len(ws))
+    )
+    assert_close(got, expect, rtol=fp32_rtol(sum(w.numel() for w in ws)))
+
+
 def mlp_f64(up_w, up_g, down_w, down_g, gate_w=None, gate_g=None, vs=None, eps=1e-8):
     def part(w, g, v, dim):
         s = (w.double() * g.double()).abs()
