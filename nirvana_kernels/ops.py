@@ -1,7 +1,9 @@
 """``torch.library`` registrations (namespace ``nirvana``), so the kernels work under torch.compile.
 
 Each op has a fake implementation that only computes the output's shape, dtype and device; the
-real implementation validates its arguments and dispatches to Triton or the PyTorch reference.
+real implementation dispatches to Triton or the PyTorch reference. The saliency op checks nothing:
+the public launchers (``nirvana_kernels.saliency``) check and orient its parts once per call. The
+compaction ops check their index (its values too, unless ``check_index=False``).
 """
 
 from __future__ import annotations
