@@ -7,10 +7,13 @@ is read back with the ``cuobjdump`` shipped in the Triton wheel. Nothing runs on
 
 How a launch is captured, without a GPU and without copying Triton's rules:
 
-* The inputs are tensors that report ``device="cuda"`` (``_CudaView``, a wrapper subclass over a meta
-  tensor, or a real CPU tensor for indices), so the launchers take their GPU path with their GPU block
-  sizes. A dispatch mode runs every torch op on the wrapped tensors and routes the ``nirvana::`` ops to
-  their real implementations, so the launchers' own checks and views run as they would on a GPU.
+* The inputs are tensors that report ``device="cuda"`` (``_CudaView``: a wrapper subclass over a meta
+  tensor, so a 70B layer takes no memory), so the launchers take their GPU path with their GPU block
+  sizes. Indices are given on the host, as the pruning flow builds them; a copy to "cuda" keeps its
+  values on the CPU for the launchers' checks. A dispatch mode runs every torch op on the wrapped
+  tensors and routes the ``nirvana::`` ops to their real implementations, so the launchers' own checks
+  and views run as they would on a GPU. Each value read back to the host from a "cuda" tensor
+  (``.tolist()``, ``.item()``) is counted as a host synchronisation.
 * ``JITFunction.run`` is wrapped: each launch's arguments and grid are recorded, nothing is launched.
 * Each recorded launch is replayed as ``JITFunction.run(*args, grid=grid, warmup=True)`` under a
   stand-in active driver (``triton.runtime.driver.set_active``) that reports ``GPUTarget("cuda", 90,
@@ -41,6 +44,19 @@ What is computed per launch (the formulas, so a reader can check them):
 * ``floor us`` = max(minimum, sector floor) / 4.3 TB/s, the H200 copy bandwidth until a device measures it.
 * ``instr/elem`` (saliency): SASS instructions in the hottest K loop per element of W, counted as loop
   instructions * (2 bytes * inputs per element) / global bytes the loop loads per thread.
+* ``masked iters``: fully masked iterations / all iterations of the K loop on the worst part's last
+  split, from the launch's arguments (``K<i>``, ``kc<i>``, ``BK<i>`` as named today; "-" otherwise).
+
+The checks (``check_row``; CI runs them at the 70B shapes on both archs, tests/kernels/test_static_compile.py):
+compiles; no local memory or stack; 128-bit loads (saliency: every global load is 128-bit; gathers of
+whole rows or of whole runs of columns: 128-bit loads and nothing narrower than the 64-bit index loads;
+gathers of single columns, which no vector load can serve: no shared-memory layout conversion and
+128-bit stores); saliency: <= 128 registers, <= 20 instructions per element, no K loop bounded by the
+chunk argument as passed while a split has fully masked iterations, one launch per call; compaction:
+no host synchronisation; >= 4 programs per SM at once (the least of ``resident`` and grid / 132,
+rounded up); tiling bytes <= 1.01x the minimum, or the sector floor for column gathers. Tiling bytes
+count no reuse through L2, so a sector shared by two column tiles is paid twice: the narrower the tile
+along the gathered axis, the more that costs.
 
 Usage::
 
@@ -652,6 +668,7 @@ def cases(model: shapes.Model) -> list[Case]:
                     "n_out": n_out,
                     "dim": dim,
                     "index_bytes": index.numel() * 8,
+                    "group": group,
                 },
             )
         )
@@ -724,6 +741,7 @@ def analyse(case: Case, launches: list[Launch], index: int, arch: int) -> dict:
         "grid": list(launch.grid),
         "programs": launch.programs,
         "constexprs": {k: v for k, v in launch.constexprs().items()},
+        "group": case.gather.get("group", 1),
     }
     t0 = time.perf_counter()
     try:
@@ -782,7 +800,7 @@ def check_row(row: dict) -> dict[str, str]:
     narrow = {w: n for w, n in loads.items() if w < 128}
     if row["kind"] == "saliency":
         res["128-bit loads"] = f"loads by width {loads}" if narrow or not loads.get(128) else ""
-    elif row["kind"] == "rows" or row["constexprs"].get("RUNS"):
+    elif row["kind"] == "rows" or row.get("group", 1) > 1:
         bad = {w: n for w, n in loads.items() if w < 64}
         res["128-bit loads"] = f"loads by width {loads}" if bad or not loads.get(128) else ""
     else:
