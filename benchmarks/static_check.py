@@ -38,25 +38,25 @@ What is computed per launch (the formulas, so a reader can check them):
 * ``tiling bytes``: what this launch's tiling moves to and from DRAM at 32-byte sector granularity.
   Saliency: the inputs once (the tiles cover every element exactly once; masked lanes fetch nothing)
   plus the fp32 scratch that the kernel writes and the final sum reads back, plus the scores.
-  Compaction: for each tile of ``BLOCK_G`` consecutive output positions along the gathered axis (the
-  launch's constexpr), the source sectors that tile touches, summed over tiles (a sector shared by two
-  tiles is counted twice), plus the output and the index once.
+  Compaction: the kept rows whole, or for column gathers the source sectors each tile of
+  ``BLOCK_G`` (``BLOCK_C``) consecutive output columns touches, summed over tiles; a sector shared by
+  two neighbouring tiles counts once when their program ids are closer than the programs the GPU holds
+  at once (they run together, the second read hits L2), twice otherwise. Plus the output and the index.
 * ``floor us`` = max(minimum, sector floor) / 4.3 TB/s, the H200 copy bandwidth until a device measures it.
 * ``instr/elem`` (saliency): SASS instructions in the hottest K loop per element of W, counted as loop
   instructions * (2 bytes * inputs per element) / global bytes the loop loads per thread.
 * ``masked iters``: fully masked iterations / all iterations of the K loop on the worst part's last
   split, from the launch's arguments (``K<i>``, ``kc<i>``, ``BK<i>`` as named today; "-" otherwise).
 
-The checks (``check_row``; CI runs them at the 70B shapes on both archs, tests/kernels/test_static_compile.py):
-compiles; no local memory or stack; 128-bit loads (saliency: every global load is 128-bit; gathers of
-whole rows or of whole runs of columns: 128-bit loads and nothing narrower than the 64-bit index loads;
-gathers of single columns, which no vector load can serve: no shared-memory layout conversion and
-128-bit stores); saliency: <= 128 registers, <= 20 instructions per element, no K loop bounded by the
-chunk argument as passed while a split has fully masked iterations, one launch per call; compaction:
-no host synchronisation; >= 4 programs per SM at once (the least of ``resident`` and grid / 132,
-rounded up); tiling bytes <= 1.01x the minimum, or the sector floor for column gathers. Tiling bytes
-count no reuse through L2, so a sector shared by two column tiles is paid twice: the narrower the tile
-along the gathered axis, the more that costs.
+The checks (``check_row``; CI runs them at the 70B shapes on both archs, in
+tests/kernels/test_static_compile.py): it compiles; no local memory or stack; 128-bit loads (saliency:
+every global load is 128-bit; gathers of whole rows or of whole runs of columns: 128-bit loads and
+nothing narrower than the 64-bit index loads; gathers of single columns, which no vector load can
+serve: no layout conversion of a data tile in the TTGIR, so no shared-memory transpose, and 128-bit
+stores); saliency: <= 128 registers, <= 20 instructions per element, no K loop bounded by the chunk
+argument as passed while a split has fully masked iterations, one launch per call; compaction: no host
+synchronisation; >= 4 programs per SM at once (the least of ``resident`` and grid / 132, rounded up);
+tiling bytes <= 1.01x the minimum, or the sector floor for column gathers.
 
 Usage::
 
@@ -165,6 +165,10 @@ def _run_op(func, args, kwargs):
             return target
         return x
 
+    name = func.overloadpacket.__name__
+    if name in ("pin_memory", "_pin_memory", "is_pinned"):
+        # Page-locking host memory needs a CUDA runtime; an unpinned copy reads the same here.
+        return False if name == "is_pinned" else args[0]
     a, k = tree_map(unwrap, args), tree_map(unwrap, kwargs)
     if not seen:
         return func(*a, **k)
@@ -502,6 +506,20 @@ def bare_loop_bounds(ttir: str) -> list[str]:
     return [ub for ub in _FOR_RE.findall(ttir) if ub in params]
 
 
+_CVT_RE = re.compile(r"ttg\.convert_layout %\S+ : tensor<((?:\d+x)+)(bf16|f16|f32)\b")
+
+
+def tile_conversions(ttgir: str) -> int:
+    """Bytes of data tiles (2-D or more, float) that change layout through shared memory; an index
+    vector's conversion to a slice of the tile's layout is not counted."""
+    total = 0
+    for dims, ty in _CVT_RE.findall(ttgir):
+        shape = [int(d) for d in dims.rstrip("x").split("x")]
+        if len(shape) >= 2:
+            total += math.prod(shape) * {"bf16": 2, "f16": 2, "f32": 4}[ty]
+    return total
+
+
 def masked_iterations(launch: Launch) -> tuple[int, int] | None:
     """(fully masked, total) K-loop iterations of the worst part's last split, read from the launch's
     arguments when they are named like today's kernel (``K<i>``, ``kc<i>``, ``BK<i>``); else None."""
@@ -694,8 +712,26 @@ def _share(launches: list[Launch], index: int) -> float:
     return own[index] / sum(own) if sum(own) else 1.0
 
 
-def tiling_bytes(case: Case, launches: list[Launch], index: int) -> int:
-    """Bytes the launch's tiling moves at sector granularity (see the module docstring)."""
+def gathered_block(launch: Launch, n_gather: int, dim: int) -> tuple[int, int] | None:
+    """(tile length along the gathered axis, grid axis that walks it), or None when neither is found.
+
+    The length is the launch's ``BLOCK_G`` constexpr (``BLOCK_C`` / ``BLOCK_R`` for a column / row
+    gather); the grid axis is the one with cdiv(n_gather, length) programs.
+    """
+    names = ("BLOCK_G", "BLOCK_C" if dim == 1 else "BLOCK_R")
+    block = next((launch.kwargs[n] for n in names if isinstance(launch.kwargs.get(n), int)), None)
+    if block is None:
+        return None
+    axis = next((d for d, g in enumerate(launch.grid) if g == -(-n_gather // block)), None)
+    return None if axis is None else (block, axis)
+
+
+def tiling_bytes(case: Case, launches: list[Launch], index: int, co_resident: int) -> int:
+    """Bytes the launch's tiling moves at sector granularity (see the module docstring).
+
+    ``co_resident``: programs the GPU holds at once (132 SMs x resident CTAs), within which a sector
+    two tiles share is read from DRAM once and then from L2.
+    """
     launch = launches[index]
     # Launcher-made float tensors are outputs or scratch; an index copied to the device is counted apart.
     created = sum(a.nbytes for a in _unique(launch, created=True) if a.dtype.is_floating_point)
@@ -705,15 +741,21 @@ def tiling_bytes(case: Case, launches: list[Launch], index: int) -> int:
         inputs = sum(-(-a.nbytes // SECTOR) * SECTOR for a in _unique(launch, created=False))
         return inputs + round(_share(launches, index) * (2 * created + 4 * case.n_scores))
     g = case.gather
-    block_g = next((v for k, v in launch.kwargs.items() if "BLOCK_G" in k.upper() and isinstance(v, int)), None)
     src = g["src_cols"]
     if g["dim"] == 0:
         # Each kept row is read whole; rows are contiguous, so sectors only round the row length.
         row = -(-g["other"] * 2 // SECTOR) * SECTOR
         reads = src.numel() * row * g["n_out"]
     else:
-        block = block_g or src.numel()
-        per_row = sum(_sectors_touched(src[j : j + block]) for j in range(0, src.numel(), block))
+        found = gathered_block(launch, src.numel(), 1)
+        # Neighbouring tiles along the gathered axis are this many program ids apart; closer than the
+        # co-resident programs, the sector they share comes from L2 the second time.
+        apart = math.prod(launch.grid[: found[1]]) if found else 0
+        if found and apart >= co_resident:
+            block = found[0]
+            per_row = sum(_sectors_touched(src[j : j + block]) for j in range(0, src.numel(), block))
+        else:
+            per_row = _sectors_touched(src)
         reads = per_row * SECTOR * g["other"] * g["n_out"]
     return reads + created + g["index_bytes"]
 
@@ -770,6 +812,7 @@ def analyse(case: Case, launches: list[Launch], index: int, arch: int) -> dict:
         concurrent=min(resident, math.ceil(launch.programs / H200_SMS)),
     )
     row["syncs"] = case.syncs
+    row["tile_conversion_bytes"] = tile_conversions(kernel.asm["ttgir"])
     if case.kind == "saliency":
         row["bare_loop_bounds"] = bare_loop_bounds(kernel.asm["ttir"])
         masked = masked_iterations(launch)
@@ -784,7 +827,7 @@ def analyse(case: Case, launches: list[Launch], index: int, arch: int) -> dict:
     share = _share(launches, index)
     row["min_bytes"] = round(case.min_bytes * share)
     row["sector_floor"] = round((case.sector_floor or case.min_bytes) * share)
-    row["tiling_bytes"] = tiling_bytes(case, launches, index)
+    row["tiling_bytes"] = tiling_bytes(case, launches, index, H200_SMS * max(resident, 1))
     row["floor_us"] = round(max(case.min_bytes, case.sector_floor) / COPY_BYTES_PER_S * 1e6, 2)
     return row
 
@@ -807,8 +850,8 @@ def check_row(row: dict) -> dict[str, str]:
         # Random single columns cannot be loaded as vectors; the output rows can be stored as such,
         # and lanes laid along the gathered axis need no shared-memory transpose.
         why = []
-        if row["shared"]:
-            why.append(f"{row['shared']} B shared-memory layout conversion")
+        if row.get("tile_conversion_bytes"):
+            why.append(f"{row['tile_conversion_bytes']} B tile layout conversion through shared memory")
         if {w: n for w, n in stores.items() if w < 128}:
             why.append(f"stores by width {stores}")
         res["128-bit loads"] = "; ".join(why)
@@ -990,8 +1033,9 @@ def headline(rows: list[dict]) -> dict[str, str]:
     l70, q72 = shapes.LLAMA_70B.name, shapes.QWEN_72B.name
     for r in pick(l70, "compact cols (down)")[:1]:
         ratio = r["tiling_bytes"] / r["sector_floor"]
-        out["1. compact cols (down), 70B: loads; shared; tiling / sector floor; floor"] = (
-            f"{_loads(r['loads'])}; {r['shared']} B; {ratio:.3f}x; {r['floor_us']:g} us"
+        out["1. compact cols (down), 70B: loads; tile layout conversion; stores; tiling / sector floor; floor"] = (
+            f"{_loads(r['loads'])}; {r.get('tile_conversion_bytes', '-')} B; {_loads(r['stores'])}; "
+            f"{ratio:.3f}x; {r['floor_us']:g} us"
         )
     syncs = [r["syncs"] for c in ("compact rows (up)", "compact cols (down)", "compact_groups rows (k)",
              "compact_groups cols (o)", "compact_many rows (gate+up)") for r in pick(l70, c)[:1]]  # fmt: skip

@@ -36,7 +36,6 @@ _ITEM4 = "issue 10 item 4: the K loop runs the whole k_chunk on the last split"
 _ITEM5 = "issue 10 item 5: bias parts are K-contiguous (scalar loads) and take a second launch"
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("compact cols (down)", "128-bit loads"): _ITEM1,
-    ("compact cols (down)", "bytes <= 1.01x"): _ITEM1,
     ("compact rows (up)", "no host sync"): _ITEM2,
     ("compact cols (down)", "no host sync"): _ITEM2,
     ("compact_groups rows (k)", "no host sync"): _ITEM2,
