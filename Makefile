@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_PKGS := torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test bench quality lint setup clean
+.PHONY: demo test bench quality static lint setup clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ bench: $(PY)
 # Hours on a 2-core CPU, minutes on a GPU: every method x sparsity x seed on SmolLM2, two held-out texts.
 quality: $(PY)
 	$(PY) benchmarks/quality.py --recover 50
+
+# Seconds, no GPU: every launch compiled for sm_90a and sm_80, read from the cubin; before figures beside.
+static: $(PY)
+	env -u TRITON_INTERPRET $(PY) benchmarks/static_check.py --out benchmarks/results/static-sm90.md \
+		--json benchmarks/results/static-sm90.json --before benchmarks/results/static-sm90-before.json
 
 lint: $(PY)
 	$(VENV)/bin/ruff check .

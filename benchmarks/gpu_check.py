@@ -20,6 +20,7 @@ table says PASS or FAIL for each.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -32,6 +33,23 @@ import measure
 import shapes
 import torch
 import triton
+
+# The ahead-of-time compile check's figures (make static), printed beside each measured time.
+RESULTS = Path(__file__).resolve().parent / "results"
+STATIC_JSON = (RESULTS / "static-sm90.json", RESULTS / "static-sm90-before.json")
+# gpu_check op -> static_check call; Qwen2's attention carries its q/k/v biases in both.
+STATIC_CASES = {
+    "attention_group_saliency": "attention",
+    "attention_group_saliency_adam": "attention+adam",
+    "mlp_channel_saliency": "mlp",
+    "saliency_dim0": "saliency dim0",
+    "saliency_dim1": "saliency dim1",
+    "compact_rows": "compact rows (up)",
+    "compact_cols": "compact cols (down)",
+    "compact_groups_k_rows": "compact_groups rows (k)",
+    "compact_groups_o_cols": "compact_groups cols (o)",
+    "compact_many": "compact_many rows (gate+up)",
+}
 
 # shapes.py imports the package, falling back to this checkout's copy when it is not installed.
 nk = shapes.nk
@@ -63,6 +81,8 @@ class Row:
     ok: bool = False
     skipped: bool = False
     detail: str = ""
+    floor_us: float | None = None  # the static check's time floor (bytes at 4.3 TB/s), compiled not run
+    static_gb_per_s: float | None = None  # bytes over the floor time, what the compile predicts at best
 
     @property
     def gb_per_s(self) -> float | None:
@@ -74,6 +94,36 @@ class Row:
 
     def speedup(self, other_ms: float | None) -> float | None:
         return None if self.triton_ms is None or other_ms is None else other_ms / self.triton_ms
+
+
+def load_static(paths=STATIC_JSON) -> list[dict]:
+    """The committed static-check rows (the first file that exists), or [] when there is none."""
+    for path in paths:
+        path = Path(path)
+        if path.exists():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return []
+    return []
+
+
+def static_prediction(rows: list[dict], model: str, op: str, qkv_bias: bool = False) -> tuple[float, float] | None:
+    """(floor us, predicted GB/s) for one (model, op) from the static rows at sm_90, or None."""
+    case = STATIC_CASES.get(op)
+    if case is None:
+        return None
+    if qkv_bias and case.startswith("attention"):
+        case = case.replace("attention", "attention+bias")
+    mine = [r for r in rows if r.get("model") == model and r.get("case") == case and r.get("arch") == 90]
+    mine = [r for r in mine if "floor_us" in r]
+    if not mine:
+        return None
+    floor_us = mine[0]["floor_us"]
+    nbytes = sum(max(r["min_bytes"], r["sector_floor"]) for r in mine)
+    tiling = sum(r["tiling_bytes"] for r in mine)
+    # Predicted at best: the bytes the op must move, over the time the tiling's own bytes take at copy speed.
+    return floor_us, nbytes / (tiling / 4.3e12) / 1e9 if tiling else None
 
 
 def _error(err: BaseException) -> str:
@@ -188,10 +238,13 @@ def render(rows: list[Row], header: str, copy_bytes_per_s: float, budget: Budget
     """The report: header line, targets, one markdown table, and a summary."""
     cols = [
         "model", "op", "shape", "dtype", "triton ms", "GB/s", "% copy BW", "eager ms", "compile ms",
-        "vs eager", "vs compile", "ok", "target",
+        "vs eager", "vs compile", "ok", "target", "static floor us", "predicted GB/s", "measured / floor",
     ]  # fmt: skip
     lines = [
         header,
+        "",
+        "Static columns: the time floor and best-case GB/s that the ahead-of-time compile check predicts "
+        "(benchmarks/results/static-sm90.json: compiled for sm_90a, not run).",
         "",
         f"Targets at {', '.join(targets)}: saliency >= {MIN_PCT_OF_COPY[shapes.SALIENCY]:.0f}% and "
         f"compaction >= {MIN_PCT_OF_COPY[shapes.COMPACTION]:.0f}% of the copy bandwidth, both >= "
@@ -215,6 +268,9 @@ def render(rows: list[Row], header: str, copy_bytes_per_s: float, budget: Budget
             _cell(r.speedup(r.compile_ms), "x"),
             ("skipped" if r.skipped else "ok" if r.ok else "FAIL") + f" ({r.detail})",
             target_verdict(r, copy_bytes_per_s, targets),
+            _cell(r.floor_us),
+            _cell(r.static_gb_per_s),
+            _cell(None if r.floor_us is None or r.triton_ms is None else r.triton_ms * 1e3 / r.floor_us, "x"),
         ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     verdicts = [target_verdict(r, copy_bytes_per_s, targets) for r in rows if r.model in targets]
@@ -288,12 +344,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header, flush=True)
     rows = []
+    static = load_static()
     for model in models:
         for op in shapes.ops():
             row = check_case(op, model, device, args, budget)
+            pred = static_prediction(static, model.name, op, model.qkv_bias)
+            if pred is not None:
+                row.floor_us, row.static_gb_per_s = pred
             rows.append(row)
             status = "skipped" if row.skipped else "ok" if row.ok else "FAIL"
-            print(f"  {model.name} {op}: {status} ({row.detail}) [{budget.elapsed():.0f} s]", flush=True)
+            floor = f", static floor {row.floor_us:g} us" if row.floor_us is not None else ""
+            measured = f", {row.triton_ms * 1e3:.1f} us" if row.triton_ms is not None else ""
+            print(
+                f"  {model.name} {op}: {status} ({row.detail}){measured}{floor} [{budget.elapsed():.0f} s]", flush=True
+            )
     report = render(rows, header, copy_bw, budget, targets)
     print()
     print(report, end="")

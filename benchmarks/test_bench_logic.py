@@ -190,3 +190,29 @@ def test_quality_render_lists_every_run():
     assert "| magnitude | uniform | 1 | 20.00% | 80.00M | 900.00 | 1800.00 | 9.00 |" in text
     assert "| 20% | 1 | 40.00 | 35.00 ± 5.00 | 80.00 | 70.00 ± 10.00 |" in text  # the selected seed's run
     assert "| 20% | 1 * | 20.00% | 50.00 | 100.00 | 0.5000 |" in text  # gamma 1, auto's pick
+
+
+# --------------------------------------------------------------------------------------------------
+# gpu_check reads the static compile check's committed figures (no GPU needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_static_prediction_from_the_committed_json():
+    rows = gpu_check.load_static()
+    assert rows, "benchmarks/results/static-sm90*.json is missing: run `make static`"
+    for op in shapes.ops():
+        floor_us, gb_per_s = gpu_check.static_prediction(rows, "llama-3.1-70b", op)
+        assert floor_us > 0 and 0 < gb_per_s <= 4300.001, op
+    # Qwen2's attention is scored with its biases: the prediction sums the call's launches.
+    assert gpu_check.static_prediction(rows, "qwen2.5-72b", "attention_group_saliency", qkv_bias=True)
+    assert gpu_check.static_prediction(rows, "llama-3.1-70b", "nope") is None
+    assert gpu_check.load_static(["/nonexistent.json"]) == []
+
+
+def test_render_shows_the_static_floor():
+    row = _row()
+    row.floor_us, row.static_gb_per_s = 200.0, 4000.0
+    table = [
+        line for line in gpu_check.render([row], "h", 1e12, gpu_check.Budget(1, 1), ()).splitlines() if "|" in line
+    ]
+    assert table[2].endswith("| 200 | 4000 | 5x |")  # 1 ms measured against a 200 us floor
