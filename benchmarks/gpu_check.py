@@ -3,8 +3,9 @@
 For each model in ``shapes.GPU_MODELS`` and each op in ``shapes.OPS`` this checks the Triton kernel
 against the eager reference (compaction bit-exact, saliency within 1e-4 relative error), then times
 the kernel, the eager reference and ``torch.compile(reference)`` (median, after warmup). The table
-gives GB/s from the bytes each op must move and the percentage of the device's measured copy
-bandwidth, and marks the targets at the target shapes (``shapes.TARGET_MODELS``) PASS or FAIL.
+gives GB/s from the bytes each op must move (for ``compact_cols``, a gather of single columns: the
+32-byte source sectors its kept columns touch, plus the output) and the percentage of the device's
+measured copy bandwidth, and marks the targets at the target shapes (``shapes.TARGET_MODELS``) PASS or FAIL.
 
 Usage (``benchmarks/gpu_check.sh`` wraps the first):
     python benchmarks/gpu_check.py                             # CUDA, real shapes
@@ -245,6 +246,10 @@ def render(rows: list[Row], header: str, copy_bytes_per_s: float, budget: Budget
         "",
         "Static columns: the time floor and best-case GB/s that the ahead-of-time compile check predicts "
         "(benchmarks/results/static-sm90.json: compiled for sm_90a, not run).",
+        "",
+        "Bytes: what each op must move. compact_cols gathers single columns, so it is counted at sector "
+        "granularity: every 32-byte sector of the source its kept columns touch (nearly all, for a random half), "
+        "plus the output written.",
         "",
         f"Targets at {', '.join(targets)}: saliency >= {MIN_PCT_OF_COPY[shapes.SALIENCY]:.0f}% and "
         f"compaction >= {MIN_PCT_OF_COPY[shapes.COMPACTION]:.0f}% of the copy bandwidth, both >= "

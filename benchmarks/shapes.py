@@ -120,6 +120,19 @@ def compaction_bytes(kept_shapes: list[tuple[int, ...]], dtype: torch.dtype) -> 
     return sum(2 * math.prod(shape) for shape in kept_shapes) * dtype.itemsize
 
 
+SECTOR_BYTES = 32  # what DRAM hands the L2 per request: a gather pays for whole sectors
+
+
+def column_gather_bytes(index: torch.Tensor, rows: int, dtype: torch.dtype) -> int:
+    """A single-column gather counted at sector granularity: every 32-byte sector of a source row that a kept
+    column touches is read (a random half of the columns touches nearly all of them), and the output is written.
+
+    Rows are assumed to start on a sector boundary (every real row is a multiple of 32 bytes).
+    """
+    sectors = torch.unique(index.cpu() * dtype.itemsize // SECTOR_BYTES).numel()
+    return rows * (sectors * SECTOR_BYTES + index.numel() * dtype.itemsize)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
@@ -249,7 +262,8 @@ def _compact(m: Model, d: _Draw, *, dim: int) -> Workload:
         args=(w, index),
         kwargs={"dim": dim},
         out_shapes=[kept],
-        bytes_moved=compaction_bytes([kept], d.dtype),
+        # Rows: the kept bytes, read and written. Single columns: the source sectors they touch, then the output.
+        bytes_moved=compaction_bytes([kept], d.dtype) if dim == 0 else column_gather_bytes(index, shape[0], d.dtype),
     )
 
 
