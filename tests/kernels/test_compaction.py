@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import nirvana_kernels as nk
 from tests.conftest import requires_cuda
 from tests.helpers import assert_bitwise_equal
-from tests.kernels.conftest import LAYOUTS, make_matrix
+from tests.kernels.conftest import DEVICE, LAYOUTS, Axis, make_matrix, pairwise
 
 comp = importlib.import_module("nirvana_kernels.compaction")
 RG, RO = comp._INTERP_BLOCKS["rows"]
@@ -44,39 +44,48 @@ def draw(rows, cols, dtype, layout, gen):
     return with_special_values(make_matrix(rows, cols, dtype, layout, gen=gen))
 
 
-def random_index(n: int, k: int, gen, dtype=torch.int64) -> torch.Tensor:
-    return torch.randperm(n, generator=gen)[:k].sort().values.to(dtype)
+def random_index(n: int, k: int, gen, dtype=torch.int64, device="cpu") -> torch.Tensor:
+    return torch.randperm(n, generator=gen)[:k].sort().values.to(device, dtype)
 
 
-SHAPES = [(1, 1), (RG - 1, RO - 1), (RG, RO), (RG + 1, RO + 1), (CO + 1, CG - 1), (CO, CG), (CO - 1, CG + 1), (37, 53)]
+ROW_EDGES = [(RG - 1, RO - 1), (RG, RO), (RG + 1, RO + 1)]
+COL_EDGES = [(CO + 1, CG - 1), (CO, CG), (CO - 1, CG + 1)]
+SHAPES = [(1, 1), *ROW_EDGES, *COL_EDGES, (37, 53)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
-@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "cols"])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+@pairwise(
+    index_dtype=Axis([torch.int32, torch.int64], ["i32", "i64"]),
+    dim=Axis([0, 1], ["rows", "cols"]),
+    shape=Axis(SHAPES, [f"{r}x{c}" for r, c in SHAPES]),
+    layout=Axis(LAYOUTS),
+    dtype=Axis(DTYPES, DTYPE_IDS),
+    # The edge shapes gathered along the axis whose tile they straddle, with both index dtypes.
+    must=[dict(shape=s, dim=0, index_dtype=i) for s in ROW_EDGES for i in (torch.int32, torch.int64)]
+    + [dict(shape=s, dim=1, index_dtype=i) for s in COL_EDGES for i in (torch.int32, torch.int64)],
+)
 def test_compact_is_index_select(dtype, layout, shape, dim, index_dtype, gen):
     w = draw(*shape, dtype, layout, gen)
     n = shape[dim]
     for k in sorted({1, max(1, n // 2), n}):
-        index = random_index(n, k, gen, index_dtype)
+        index = random_index(n, k, gen, index_dtype, DEVICE)
         got = nk.compact(w, index, dim=dim)
         assert got.is_contiguous()
         assert_bitwise_equal(got, w.index_select(dim, index.long()), name=f"k={k}")
         assert_bitwise_equal(got, nk.compact_torch(w, index, dim=dim), name=f"reference k={k}")
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 3, RG, 2 * RG, CG], ids=lambda g: f"gs{g}")
-@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "cols"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pairwise(
+    layout=Axis(LAYOUTS),
+    dim=Axis([0, 1], ["rows", "cols"]),
+    group_size=Axis([1, 2, 3, RG, 2 * RG, CG], lambda g: f"gs{g}"),
+)
 def test_compact_groups(group_size, dim, layout, gen):
     # Group sizes that are multiples of the gathered block take the contiguous-runs path.
     groups = 5
     shape = (groups * group_size, 19) if dim == 0 else (19, groups * group_size)
     w = draw(*shape, torch.bfloat16, layout, gen)
-    keep = torch.tensor([0, 2, 3], dtype=torch.int32)
-    rows = (keep.long()[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+    keep = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEVICE)
+    rows = (keep.long()[:, None] * group_size + torch.arange(group_size, device=DEVICE)).reshape(-1)
     got = nk.compact_groups(w, keep, group_size=group_size, dim=dim)
     assert_bitwise_equal(got, w.index_select(dim, rows))
     assert_bitwise_equal(got, nk.compact_groups_torch(w, keep, group_size=group_size, dim=dim), name="reference")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import nirvana_kernels as nk
 from tests.helpers import assert_bitwise_equal, assert_close
-from tests.kernels.conftest import DTYPE_IDS, DTYPES, LAYOUTS, make_matrix
+from tests.kernels.conftest import DEVICE, DTYPE_IDS, DTYPES, KERNEL_BACKEND, LAYOUTS, Axis, make_matrix, pairwise
 
 sal = importlib.import_module("nirvana_kernels.saliency")
 
@@ -36,6 +36,15 @@ SHAPES = [
     (37, 53),
     (2 * BN + 1, 2 * CHUNK + 1),
 ]
+# The edge shapes in the orientation whose tile they straddle: row sums (dim 1) of a row-major or sliced
+# matrix run the K-contiguous tile, column sums (dim 0) of a row-major one the N-contiguous tile.
+K_EDGES = [(BN - 1, CHUNK - 1), (BN, CHUNK), (BN + 1, CHUNK + 1)]
+N_EDGES = [(CK + 1, CN - 1), (CK, CN), (CK - 1, CN + 1)]
+EDGE_CASES = [
+    *(dict(shape=s, dim=1, layout="contiguous", adam=a) for s in K_EDGES for a in (False, True)),
+    *(dict(shape=s, dim=1, layout="sliced") for s in K_EDGES),
+    *(dict(shape=s, dim=0, layout="contiguous", adam=a) for s in N_EDGES for a in (False, True)),
+]
 
 
 def f64_scores(w, g, v, *, dim, group_size, eps):
@@ -52,17 +61,20 @@ def fp32_rtol(k: int) -> float:
     return max(1e-5, (k + 4) * 2.0**-24)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
-@pytest.mark.parametrize("dim", [0, 1], ids=["dim0", "dim1"])
-@pytest.mark.parametrize("adam", [False, True], ids=["taylor", "adam"])
+@pairwise(
+    adam=Axis([False, True], ["taylor", "adam"]),
+    dim=Axis([0, 1], ["dim0", "dim1"]),
+    shape=Axis(SHAPES, [f"{r}x{c}" for r, c in SHAPES]),
+    layout=Axis(LAYOUTS),
+    dtype=Axis(DTYPES, DTYPE_IDS),
+    must=EDGE_CASES,
+)
 def test_saliency_matches_reference_and_float64(dtype, layout, shape, dim, adam, gen):
     rows, cols = shape
     w = make_matrix(rows, cols, dtype, layout, gen=gen)
     g = make_matrix(rows, cols, dtype, layout, gen=gen)
     v = make_matrix(rows, cols, dtype, layout, gen=gen, positive=True) if adam else None
-    assert nk.backend(w) == "triton-interpreter"
+    assert nk.backend(w) == KERNEL_BACKEND
     got = nk.saliency(w, g, dim=dim, exp_avg_sq=v)
     ref = nk.saliency_torch(w, g, dim=dim, exp_avg_sq=v)
     assert got.dtype == torch.float32 and got.device == w.device
@@ -158,10 +170,10 @@ def attention_inputs(kv, G, d, hidden, dtype, gen, *, layout="contiguous", adam=
     vs = [make_matrix(r, c, dtype, layout, gen=gen, positive=True) for r, c in shapes.values()] if adam else None
     if bias:
         for name, n in (("q", q_rows), ("k", kv * d), ("v", kv * d)):
-            extra[name + "_b"] = torch.randn(2 * n, generator=gen).to(dtype)[::2]  # a strided 1-D view
-            extra[name + "_bg"] = torch.randn(n, generator=gen).to(dtype)
+            extra[name + "_b"] = torch.randn(2 * n, generator=gen).to(DEVICE, dtype)[::2]  # a strided 1-D view
+            extra[name + "_bg"] = torch.randn(n, generator=gen).to(DEVICE, dtype)
         if adam:
-            vs += [torch.rand(n, generator=gen).to(dtype) + 0.05 for n in (q_rows, kv * d, kv * d)]
+            vs += [torch.rand(n, generator=gen).to(DEVICE, dtype) + 0.05 for n in (q_rows, kv * d, kv * d)]
     return t, extra, vs
 
 
@@ -181,12 +193,14 @@ def attention_f64(t, extra, vs, kv, eps=1e-8):
     return total
 
 
-GQA = [(1, 8), (2, 8), (3, 8), (4, 8), (1, 64), (2, 64), (3, 64), (4, 64)]
-
-
-@pytest.mark.parametrize("G,d", GQA, ids=[f"G{G}-d{d}" for G, d in GQA])
-@pytest.mark.parametrize("adam", [False, True], ids=["taylor", "adam"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pairwise(
+    bias=Axis([False, True], ["nobias", "bias"]),
+    adam=Axis([False, True], ["taylor", "adam"]),
+    G=Axis([1, 2, 3, 4], lambda G: f"G{G}"),
+    d=Axis([8, 64], lambda d: f"d{d}"),
+    # Qwen2 (seven parts with their V) and the plainest case, at both head sizes.
+    must=[dict(bias=True, adam=True, G=4, d=64), dict(bias=False, adam=False, G=1, d=8)],
+)
 def test_attention_group_saliency(G, d, adam, bias, gen):
     kv, hidden = (3, 20) if d == 8 else (2, 12)
     t, extra, vs = attention_inputs(kv, G, d, hidden, torch.bfloat16, gen, adam=adam, bias=bias)
@@ -282,10 +296,12 @@ def mlp_f64(up_w, up_g, down_w, down_g, gate_w=None, gate_g=None, vs=None, eps=1
     return total
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("adam", [False, True], ids=["taylor", "adam"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pairwise(
+    layout=Axis(LAYOUTS),
+    adam=Axis([False, True], ["taylor", "adam"]),
+    gated=Axis([True, False], ["gated", "plain"]),
+    dtype=Axis(DTYPES, DTYPE_IDS),
+)
 def test_mlp_channel_saliency(dtype, gated, adam, layout, gen):
     inter, hidden = 2 * CN + 1, CHUNK + 1
     m = {k: make_matrix(inter, hidden, dtype, layout, gen=gen) for k in ("up_w", "up_g", "gate_w", "gate_g")}
