@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import LayerModules, get_adapter
-from .compaction import check_dense, text_config
+from .adapters import LayerModules, architecture_names, get_adapter, text_config
+from .compaction import check_dense
 from .plan import Geometry, PruningPlan
 from .saliency import Scores, _device, _scoring_state, compute_scores, objective_value, prunable_parameters
 
@@ -215,7 +215,7 @@ def _dense_layers(model: nn.Module) -> tuple[Geometry, list[LayerModules]]:
 
 
 def _base_meta(model: nn.Module, method: str) -> dict:
-    names = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    names = ", ".join(architecture_names(model))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return {"method": method, "architecture": names, "model_dtype": dtype}
 

@@ -27,7 +27,7 @@ from torch import nn
 from nirvana_kernels import compact, compact_groups, compact_many
 
 from . import _remote_modeling as remote
-from .adapters import Adapter, LayerModules, get_adapter
+from .adapters import Adapter, LayerModules, get_adapter, text_config
 from .plan import Geometry, LayerPlan, PruningPlan
 
 
@@ -121,11 +121,6 @@ def _valid_with(config, sizes: dict) -> bool:
     except Exception:
         return False
     return True
-
-
-def text_config(config):
-    """The config that holds the decoder's sizes (a multimodal wrapper keeps them in ``text_config``)."""
-    return getattr(config, "text_config", None) or config
 
 
 def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:

@@ -42,7 +42,7 @@ from torch import nn
 
 import nirvana_kernels
 
-from .adapters import get_adapter
+from .adapters import architecture_names, get_adapter
 from .plan import Geometry, PruningPlan
 from .saliency import (
     Scores,
@@ -281,7 +281,7 @@ def fsdp_scores(
     geometry = adapter.geometry(model.config)
     layers = adapter.layers(model)
     _check_dense(layers, geometry)
-    names = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    names = ", ".join(architecture_names(model))
     dtype = next(model.parameters()).dtype
     world = dist.get_world_size()
     meta: dict = {

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import _remote_modeling as remote
 from . import baselines, calibration, replan, selection
-from .adapters import get_adapter
+from .adapters import architecture_names, get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
@@ -272,7 +272,7 @@ def prune(
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     _check_encoder_decoder(settings, geometry)
-    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    architecture = architecture_names(model)[0]
     params_before = count_params(model)
 
     seeds = [settings.seed + k for k in range(settings.select_calib)]

@@ -38,7 +38,7 @@ from torch import nn
 
 import nirvana_kernels
 
-from .adapters import LayerModules, attention_blocks, get_adapter
+from .adapters import LayerModules, architecture_names, attention_blocks, get_adapter, text_config
 from .plan import Geometry
 from .tensorfile import read_header
 
@@ -116,17 +116,13 @@ class GradientSums:
 # --------------------------------------------------------------------------------------------------
 
 
-def _text_config(config):
-    return getattr(config, "text_config", None) or config
-
-
 def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
     """The base model (hidden states), the lm_head and the final logit soft-cap of a causal LM."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     if head is None or base is None or base is model:
         raise ValueError(f"model: {type(model).__name__} is not a causal LM with a separate lm_head")
-    cap = getattr(_text_config(model.config), "final_logit_softcapping", None)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
     return base, head, cap
 
 
@@ -529,7 +525,7 @@ def compute_scores(
     geometry = adapter.geometry(model.config)
     layers = adapter.layers(model)
     _check_dense(layers, geometry)
-    names = ", ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+    names = ", ".join(architecture_names(model))
     meta: dict = {"architecture": names, "saliency": saliency, "model_dtype": str(_dtype(model)).removeprefix("torch.")}
 
     if saliency == "random":

@@ -41,6 +41,17 @@ class LayerModules:
     cross: AttentionModules | None = None
 
 
+def text_config(config):
+    """The config that holds the decoder's sizes (a multimodal wrapper, e.g. Gemma 3, keeps them in ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+def architecture_names(model_or_config) -> list[str]:
+    """The config's ``architectures`` names, or the object's class name when the config lists none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return list(getattr(config, "architectures", None) or []) or [type(model_or_config).__name__]
+
+
 def attention_blocks(layers: list[LayerModules]) -> list:
     """The attention blocks in the order of the attention score rows: every layer's self-attention
     (the LayerModules itself), then every cross-attention (see :class:`nirvana.plan.Geometry`)."""

@@ -10,12 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..plan import Geometry
-from .base import Adapter, LayerModules
-
-
-def _text_config(config):
-    # Multimodal wrappers (Gemma 3) keep the decoder's settings in a text sub-config.
-    return getattr(config, "text_config", None) or config
+from .base import Adapter, LayerModules, text_config
 
 
 class LlamaLikeAdapter(Adapter):
@@ -30,7 +25,7 @@ class LlamaLikeAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 
     def geometry(self, config) -> Geometry:
-        c = _text_config(config)
+        c = text_config(config)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         return Geometry(
