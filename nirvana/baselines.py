@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .adapters import LayerModules, architecture_names, get_adapter, text_config
-from .compaction import check_dense
+from .compaction import check_dense, pruned_indices
 from .plan import Geometry, PruningPlan
 from .saliency import Scores, _device, _scoring_state, compute_scores, objective_value, prunable_parameters
 
@@ -624,12 +624,6 @@ def method_scores(
 # --------------------------------------------------------------------------------------------------
 
 
-def _removed_columns(kept: list[int], total: int, width: int) -> torch.Tensor:
-    dropped = sorted(set(range(total)) - set(kept))
-    units = torch.tensor(dropped, dtype=torch.int64)
-    return (units[:, None] * width + torch.arange(width)).reshape(-1)
-
-
 def _new_bias(linear: nn.Linear, value: torch.Tensor) -> None:
     # A new Parameter rather than an in-place add: a copy that shares its tensors with the dense model
     # (selection.pruned_copy) must leave the dense model's biases alone.
@@ -700,7 +694,7 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
             bias = torch.zeros(linear.out_features, dtype=torch.float64)
             if linear.bias is not None:
                 bias += linear.bias.detach().to("cpu", torch.float64)
-            cols = _removed_columns(kept, total, width)
+            cols = pruned_indices(kept, total, width)
             if cols.numel():
                 w = linear.weight.detach()
                 removed = w.index_select(1, cols.to(w.device)).to(torch.float64)

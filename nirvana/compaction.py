@@ -319,8 +319,11 @@ def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
-def _pruned_rows(kept: list[int], total: int, group_size: int, device: torch.device) -> torch.Tensor:
-    """Row (or column) numbers of every unit not in ``kept``, each unit spanning ``group_size`` of them."""
+def pruned_indices(
+    kept: list[int], total: int, group_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Row (or column) numbers, ascending, of every unit of ``total`` not in ``kept``, each unit
+    spanning ``group_size`` consecutive rows; an int64 tensor on ``device`` (the default device if None)."""
     dropped = sorted(set(range(total)) - set(kept))
     units = torch.tensor(dropped, dtype=torch.int64, device=device)
     return (units[:, None] * group_size + torch.arange(group_size, device=device)).reshape(-1)
@@ -350,8 +353,8 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     for lm, lp in zip(layers, plan.layers):
         for block, keep in zip((lm, lm.cross), lp.attention_blocks()):
             dev = block.q.weight.device
-            q_rows = _pruned_rows(keep, g.num_kv_heads, qd, dev)
-            kv_rows = _pruned_rows(keep, g.num_kv_heads, g.head_dim, dev)
+            q_rows = pruned_indices(keep, g.num_kv_heads, qd, dev)
+            kv_rows = pruned_indices(keep, g.num_kv_heads, g.head_dim, dev)
             for t, dim, rows in (
                 (block.q.weight, 0, q_rows),
                 (block.q.bias, 0, q_rows),
@@ -362,7 +365,7 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
                 (block.o.weight, 1, q_rows),
             ):
                 _zero(t, dim, rows)
-        ch = _pruned_rows(lp.mlp_channels_kept, g.intermediate_size, 1, lm.up.weight.device)
+        ch = pruned_indices(lp.mlp_channels_kept, g.intermediate_size, 1, lm.up.weight.device)
         for m in (lm.gate, lm.up):
             if m is not None:
                 _zero(m.weight, 0, ch)
@@ -405,4 +408,5 @@ __all__ = [
     "mask_model",
     "model_config_updates",
     "plan_widths",
+    "pruned_indices",
 ]
