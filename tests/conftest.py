@@ -16,6 +16,21 @@ import torch  # noqa: E402
 # on the real model raise this for themselves.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread, and the count it found comes back after it.
+
+    These models are tiny: handing matmuls to a second thread costs more than it saves, and on a busy
+    2-core machine the spinning threads make each forward ~50x slower. A test on the real model raises
+    the count for itself; restoring it here keeps that from leaking into every later test.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 
 

@@ -497,7 +497,7 @@ def test_real_smollm2_flap_compensation_lowers_heldout_perplexity():
     from nirvana.evaluation import perplexity
     from nirvana.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)  # the real model gains from a second thread; conftest.one_thread restores the count
     model, tok = load_model("smollm2", device="cpu")
     ids = calibration.calibration_windows("austen", tok, num_samples=4, seq_len=128, seed=0, model=model)
     text = corpus.read_book(corpus.HELDOUT_BOOK)

@@ -34,16 +34,6 @@ ROUND_TRIP_ARCHS = ("llama", "qwen2", "qwen3", "gemma2")
 EAGER = {"attn_implementation": "eager"}  # as tiny_model uses, so logits can be compared bit for bit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: handing matmuls to a second thread costs more than it saves, and on a
-    # busy 2-core machine the spinning threads make each forward ~50x slower. Restored after the test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_plan(model, layers, **meta) -> PruningPlan:
     geometry = get_adapter(model).geometry(model.config)
     kept = [LayerPlan(list(g), list(c)) for g, c in layers]

@@ -37,16 +37,6 @@ PLANS = {
 UNIFORM = [([1], list(range(0, 48, 2))), ([0], list(range(1, 48, 2)))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: handing matmuls to a second thread costs more than it saves, and on a
-    # busy 2-core machine the spinning threads make each forward ~50x slower. Restored after the test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_plan(model, layers) -> PruningPlan:
     geometry = get_adapter(model).geometry(model.config)
     return PruningPlan(model.config.architectures[0], geometry, [LayerPlan(list(g), list(c)) for g, c in layers])

@@ -26,15 +26,6 @@ from tests.tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 WIDE = dict(num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=8, intermediate_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and the two CI cores stay free for the rest of the suite.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_text(path, n_words=3000, seed=0):
     rng = random.Random(seed)
     words = ["the", "lady", "of", "bath", "walked", "and", "said", "that", "it", "was", "a", "fine", "day"]

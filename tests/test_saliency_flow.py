@@ -29,16 +29,6 @@ from .tiny_models import ARCHITECTURES, tiny_batch, tiny_model
 N_WINDOWS, SEQ = 5, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These matrices are tiny: intra-op threads only add spin-waits, which cost seconds on a busy
-    # 2-core runner. The previous setting comes back for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def windows(seed: int = 0) -> torch.Tensor:
     return tiny_batch(N_WINDOWS, SEQ, seed=seed)
 
