@@ -44,8 +44,8 @@ from nirvana_kernels import compact_groups
 from . import _remote_modeling as remote
 from .adapters import get_adapter
 from .baselines import NEEDS_ACTIVATIONS
-from .checkpoint import CONFIG_FILE, PLAN_FILE, _rewrite_config
-from .compaction import _check_plan, base_architecture, config_updates, plan_widths
+from .checkpoint import CONFIG_FILE, PLAN_FILE, rewrite_config
+from .compaction import base_architecture, check_plan, config_updates, plan_widths
 from .output import check_target, real_path, staged
 from .plan import PruningPlan
 from .tensorfile import INDEX_FILE, WEIGHTS_FILE, check_folder, check_tensors, expected_tensors, read_config
@@ -299,7 +299,7 @@ def _write_config(folder: Path, config, model: nn.Module, plan: PruningPlan, spe
     base = base_architecture(model)
     sizes, block = config_updates(config, plan_widths(plan), base, plan.geometry.head_dim)
     config.save_pretrained(folder)
-    _rewrite_config(folder, sizes, block, base)
+    rewrite_config(folder, sizes, block, base)
 
 
 def side_files(src: Path) -> list[Path]:
@@ -444,7 +444,7 @@ def apply_plan(
     check_method(plan)
     out = check_target(out_dir, sources=[src], overwrite=overwrite, name="out_dir")
     config, meta = meta_model(src)
-    _check_plan(meta, plan, get_adapter(meta))
+    check_plan(meta, plan, get_adapter(meta))
     specs = tensor_specs(check_source(src, meta), meta, plan)
     sides = side_files(src)
     shards = shard(specs, max_bytes)

@@ -47,7 +47,7 @@ from torch import nn
 from .adapters import LayerModules, architecture_names, get_adapter, text_config
 from .compaction import check_dense, pruned_indices
 from .plan import Geometry, PruningPlan
-from .saliency import Scores, _device, _scoring_state, compute_scores, objective_value, prunable_parameters
+from .saliency import Scores, compute_scores, model_device, objective_value, prunable_parameters, scoring_state
 
 METHODS = ("nirvana", "magnitude", "random", "taylor", "wanda-sp", "flap")
 # The methods that need no calibration windows.
@@ -318,10 +318,10 @@ def activation_statistics(
 
         return hook
 
-    device = _device(model)
+    device = model_device(model)
     starts = range(0, windows.shape[0], mbs)
     bar = _progress(len(starts), progress, "activation statistics")
-    with _scoring_state(model, ()), torch.no_grad(), _hooks() as handles:
+    with scoring_state(model, ()), torch.no_grad(), _hooks() as handles:
         for i, lm in enumerate(layers):
             for name, module in (("attn", lm.q), ("o", lm.o), ("mlp", lm.up), ("down", lm.down)):
                 zeros = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
@@ -517,10 +517,10 @@ def taylor_scores(
         embedded.append(output)
         return output
 
-    device = _device(model)
+    device = model_device(model)
     starts = range(0, windows.shape[0], mbs)
     bar = _progress(len(starts), progress, "taylor")
-    with _scoring_state(model, ()), torch.enable_grad(), _hooks() as handles:
+    with scoring_state(model, ()), torch.enable_grad(), _hooks() as handles:
         handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
         handles += [m.register_forward_hook(keep_input) for m, _ in scored]
         for s in starts:

@@ -100,7 +100,7 @@ def _check_extra_files(extra_files) -> dict[str, object]:
     return dict(extra_files)
 
 
-def _rewrite_config(folder: Path, sizes: dict, block: dict | None, base: str) -> None:
+def rewrite_config(folder: Path, sizes: dict, block: dict | None, base: str) -> None:
     """Make the saved config.json describe the per-layer widths, with remote code only when needed."""
     path = folder / CONFIG_FILE
     config = json.loads(path.read_text())
@@ -211,7 +211,7 @@ def save_pruned(
         # safetensors save_file refuses.
         with _gguf_as_plain_weights(model):
             model.save_pretrained(tmp)
-        _rewrite_config(tmp, sizes, block, base)
+        rewrite_config(tmp, sizes, block, base)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / PLAN_FILE)
@@ -311,4 +311,4 @@ def load_plan(path: str | os.PathLike) -> PruningPlan:
     return PruningPlan.load(Path(path) / PLAN_FILE)
 
 
-__all__ = ["load_plan", "load_pruned", "save_pruned"]
+__all__ = ["load_plan", "load_pruned", "rewrite_config", "save_pruned"]

@@ -123,7 +123,8 @@ def _valid_with(config, sizes: dict) -> bool:
     return True
 
 
-def _check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:
+def check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:
+    """The model's layers, once ``plan`` is known to fit the dense model; a ValueError naming what does not."""
     if not isinstance(plan, PruningPlan):
         # The house rule makes every bad argument a ValueError, wrong types included.
         raise ValueError(f"plan: expected a PruningPlan, got {type(plan).__name__}")
@@ -180,7 +181,7 @@ def _rows(weights: list[torch.Tensor], index: torch.Tensor, group_size: int) -> 
 
 
 def _plan_index(keep: list[int]) -> torch.Tensor:
-    # A host tensor from the validated plan (_check_plan), so the kernels skip their value check:
+    # A host tensor from the validated plan (check_plan), so the kernels skip their value check:
     # they copy it to the weights' device without blocking, and no launch waits for a read-back.
     return torch.tensor(keep, dtype=torch.int64)
 
@@ -309,7 +310,7 @@ def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
         ValueError: if ``plan`` does not fit the model, or the model was compacted already.
     """
     adapter = get_adapter(model)
-    layers = _check_plan(model, plan, adapter)
+    layers = check_plan(model, plan, adapter)
     g = plan.geometry
     for lm, lp in zip(layers, plan.layers):
         for block, keep in zip((lm, lm.cross), lp.attention_blocks()):
@@ -347,7 +348,7 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     the masked model's parameters match a pruned model padded with zeros.
     """
     adapter = get_adapter(model)
-    layers = _check_plan(model, plan, adapter)
+    layers = check_plan(model, plan, adapter)
     g = plan.geometry
     qd = g.group_size * g.head_dim
     for lm, lp in zip(layers, plan.layers):
@@ -399,6 +400,7 @@ def plan_widths(plan: PruningPlan) -> list[dict]:
 __all__ = [
     "apply_config",
     "base_architecture",
+    "check_plan",
     "compact_model",
     "config_updates",
     "check_dense",

@@ -46,17 +46,17 @@ from .adapters import architecture_names, get_adapter
 from .plan import Geometry, PruningPlan
 from .saliency import (
     Scores,
-    _as_grad_dtype,
-    _check_dense,
-    _check_finite,
-    _check_micro_batch,
-    _check_objective,
-    _check_windows,
-    _objective_sum,
-    _ones_like,
-    _progress,
-    _scoring_state,
+    as_grad_dtype,
+    check_dense_layers,
+    check_finite_scores,
+    check_micro_batch,
+    check_objective,
+    check_windows,
+    objective_sum,
+    ones_view,
+    progress_bar,
     prunable_parameters,
+    scoring_state,
 )
 
 STRATEGIES = ("fsdp",)
@@ -124,7 +124,7 @@ def init(device: str | None = None) -> RankInfo:
 class _Objective(nn.Module):
     """The FSDP root: its forward is the calibration objective's sum over a batch.
 
-    The objective calls the base model and lm_head directly (see ``saliency._objective_sum``); as the
+    The objective calls the base model and lm_head directly (see ``saliency.objective_sum``); as the
     root's forward, it runs after FSDP has gathered the root unit (embeddings, final norm, lm_head, tied
     or not) and before it reshards it.
     """
@@ -134,7 +134,7 @@ class _Objective(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
-        return _objective_sum(self.lm, input_ids, objective)
+        return objective_sum(self.lm, input_ids, objective)
 
 
 def shard_for_scoring(model: nn.Module, device: torch.device | None = None) -> nn.Module:
@@ -269,18 +269,18 @@ def fsdp_scores(
         windows: integer ``[N, T]`` token ids, identical on every rank; ``None`` for magnitude/random.
         saliency: ``"taylor"``, ``"magnitude"`` or ``"random"`` (see :data:`DISTRIBUTED_SALIENCIES`).
     """
-    _check_objective(objective)
+    check_objective(objective)
     if saliency not in DISTRIBUTED_SALIENCIES:
         raise ValueError(
             f"saliency: must be one of {DISTRIBUTED_SALIENCIES} under --distributed, got {saliency!r} "
             "(Adam scaling needs each micro-batch's own gradient; score it on one process)"
         )
-    mbs = _check_micro_batch(micro_batch_size)
+    mbs = check_micro_batch(micro_batch_size)
     model = sharded.lm
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     layers = adapter.layers(model)
-    _check_dense(layers, geometry)
+    check_dense_layers(layers, geometry)
     names = ", ".join(architecture_names(model))
     dtype = next(model.parameters()).dtype
     world = dist.get_world_size()
@@ -300,7 +300,7 @@ def fsdp_scores(
     flat = [p for aw, mw in per_layer for p in (*aw, *mw)]
     value, steps = 0.0, 0
     if saliency == "taylor":
-        windows = _check_windows(model, windows, objective)
+        windows = check_windows(model, windows, objective)
         grads, value, steps = _sharded_gradients(sharded, windows, flat, objective, mbs, progress)
     with torch.no_grad():
         att_rows, mlp_rows, pos = [], [], 0
@@ -309,8 +309,8 @@ def fsdp_scores(
             triples = []
             for i in range(pos, end):
                 start, w = local_rows(flat[i].detach())
-                g = _ones_like(w) if saliency == "magnitude" else grads[i]
-                triples.append((start, _as_grad_dtype(w, g), g))
+                g = ones_view(w) if saliency == "magnitude" else grads[i]
+                triples.append((start, as_grad_dtype(w, g), g))
             a, m = layer_partial_scores(geometry, triples[: len(aw)], triples[len(aw) :])
             att_rows.append(a)
             mlp_rows.append(m)
@@ -327,7 +327,7 @@ def fsdp_scores(
         total = total.cpu()
     attention = total[: L * kv].view(L, kv).clone()
     mlp = total[L * kv : -1].view(L, geometry.intermediate_size).clone()
-    _check_finite(attention, mlp)
+    check_finite_scores(attention, mlp)
     if saliency == "taylor":
         meta.update(
             objective=objective,
@@ -360,8 +360,8 @@ def _sharded_gradients(
     device = local_rows(params[0].detach())[1].device
     sums: list[torch.Tensor | None] = [None] * len(params)
     value = 0.0
-    bar = _progress(steps, progress and rank == 0)
-    with _scoring_state(sharded, params):
+    bar = progress_bar(steps, progress and rank == 0)
+    with scoring_state(sharded, params):
         for s in range(steps):
             ids = mine[s * mbs : (s + 1) * mbs]
             weight = 1.0 / n

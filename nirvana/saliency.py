@@ -153,7 +153,7 @@ def split_window(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.T
 
 
 def _seq2seq_objective_sum(model: nn.Module, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
-    """:func:`_objective_sum` of an encoder-decoder, over the decoder's positions (see the module docstring).
+    """:func:`objective_sum` of an encoder-decoder, over the decoder's positions (see the module docstring).
 
     The model's own forward computes the logits (T5 scales the decoder output before its lm_head),
     without labels, so no loss is computed; a micro-batch holds its ``[B, T - T // 2, V]`` logits.
@@ -167,7 +167,7 @@ def _seq2seq_objective_sum(model: nn.Module, input_ids: torch.Tensor, objective:
     return logits.max(dim=1).values.float().sum() / logits.shape[-1]
 
 
-def _objective_sum(model: nn.Module, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
+def objective_sum(model: nn.Module, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
     """Sum over the batch's samples of each sample's objective, as a float32 0-d tensor.
 
     The base model and lm_head are called directly, so transformers computes no loss and keeps no
@@ -212,8 +212,8 @@ def objective_value(model: nn.Module, input_ids: torch.Tensor, objective: str = 
         input_ids: int64 ``[B, T]`` token ids on the model's device (``T >= 2`` for ``"ce"`` and for
             encoder-decoders).
     """
-    _check_objective(objective)
-    return _objective_sum(model, input_ids, objective) / input_ids.shape[0]
+    check_objective(objective)
+    return objective_sum(model, input_ids, objective) / input_ids.shape[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def attention_parameters(block) -> list[nn.Parameter]:
 
 
 @contextlib.contextmanager
-def _scoring_state(model: nn.Module, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
+def scoring_state(model: nn.Module, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
     """Only ``trainable`` requires grad, every module is in eval mode; both restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
@@ -259,19 +259,23 @@ def _scoring_state(model: nn.Module, trainable: Sequence[nn.Parameter]) -> Itera
             m.training = mode
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's input embeddings (else its first parameter) live on: where windows go."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is not None:
         return emb.weight.device
     return next(model.parameters()).device
 
 
-def _check_objective(objective) -> None:
+def check_objective(objective) -> None:
+    """A ValueError unless ``objective`` is one of :data:`OBJECTIVES`."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: must be one of {OBJECTIVES}, got {objective!r}")
 
 
-def _check_windows(model: nn.Module, windows, objective: str) -> torch.Tensor:
+def check_windows(model: nn.Module, windows, objective: str) -> torch.Tensor:
+    """``windows`` as int64 token ids; a ValueError unless it is a non-empty integer [N, T] tensor of
+    ids inside the model's vocabulary, with T >= 2 where the objective or the model needs a target."""
     if not isinstance(windows, torch.Tensor):
         raise ValueError(f"windows: expected a torch.Tensor of token ids, got {type(windows).__name__}")  # noqa: TRY004
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
@@ -289,7 +293,8 @@ def _check_windows(model: nn.Module, windows, objective: str) -> torch.Tensor:
     return windows.long()
 
 
-def _check_micro_batch(micro_batch_size) -> int:
+def check_micro_batch(micro_batch_size) -> int:
+    """``micro_batch_size``; a ValueError unless it is a positive integer."""
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size: must be a positive integer, got {micro_batch_size!r}")
     return micro_batch_size
@@ -320,24 +325,24 @@ def accumulate_gradients(
     Returns:
         :class:`GradientSums`; memory is one float32 copy of ``params`` (two with ``second_moment``).
     """
-    _check_objective(objective)
-    mbs = _check_micro_batch(micro_batch_size)
-    windows = _check_windows(model, windows, objective)
+    check_objective(objective)
+    mbs = check_micro_batch(micro_batch_size)
+    windows = check_windows(model, windows, objective)
     params = list(params)
     if not params:
         raise ValueError("params: at least one parameter is needed")
-    device = _device(model)
+    device = model_device(model)
     n = windows.shape[0]
     grads: list[torch.Tensor | None] = [None] * len(params)
     moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
     value = 0.0
     starts = range(0, n, mbs)
-    bar = _progress(len(starts), progress)
-    with _scoring_state(model, params):
+    bar = progress_bar(len(starts), progress)
+    with scoring_state(model, params):
         for s in starts:
             ids = windows[s : s + mbs].to(device, non_blocking=True)
             share = ids.shape[0] / n
-            scaled = _objective_sum(model, ids, objective) / n
+            scaled = objective_sum(model, ids, objective) / n
             value += float(scaled.detach())
             mb_grads = torch.autograd.grad(scaled, params)
             del scaled
@@ -354,7 +359,8 @@ def accumulate_gradients(
     return GradientSums(grads, moments, value, len(starts))
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar over ``total`` saliency micro-batches, hidden unless ``enabled``."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="saliency", unit="micro-batch", disable=not enabled)
@@ -365,7 +371,8 @@ def _progress(total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_dense(layers: list[LayerModules], geometry: Geometry) -> None:
+def check_dense_layers(layers: list[LayerModules], geometry: Geometry) -> None:
+    """A ValueError naming the first layer whose k_proj rows or MLP channels are not the dense ``geometry``'s."""
     kv_rows = geometry.num_kv_heads * geometry.head_dim
     for i, layer in enumerate(layers):
         k_rows, channels = layer.k.weight.shape[0], layer.up.weight.shape[0]
@@ -447,21 +454,26 @@ def _mlp_scores(
 def _with_grads(
     weights: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(_as_grad_dtype(w, g), g) for w, g in zip(weights, grads)]
+    return [(as_grad_dtype(w, g), g) for w, g in zip(weights, grads)]
 
 
-def _as_grad_dtype(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # The kernels want a weight and its gradient in one dtype; gradients are summed in float32, so a
-    # half-precision layer is widened (one layer at a time, exactly) rather than its gradient rounded.
+def as_grad_dtype(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``w`` detached, in the dtype of its gradient ``g``: the kernels want both in one dtype.
+
+    Gradients are summed in float32, so a half-precision layer is widened (one layer at a time,
+    exactly) rather than its gradient rounded.
+    """
     return w.detach() if w.dtype == g.dtype else w.detach().to(g.dtype)
 
 
-def _ones_like(w: torch.Tensor) -> torch.Tensor:
-    # A stride-0 view: |W * 1| through the same kernels, with no gradient-sized allocation.
+def ones_view(w: torch.Tensor) -> torch.Tensor:
+    """Ones shaped like ``w``, as a stride-0 view: the "gradient" that makes the taylor kernels score
+    magnitude (``|W * 1|``), with no gradient-sized allocation."""
     return torch.ones((), dtype=w.dtype, device=w.device).expand_as(w)
 
 
-def _check_finite(attention: torch.Tensor, mlp: torch.Tensor) -> None:
+def check_finite_scores(attention: torch.Tensor, mlp: torch.Tensor) -> None:
+    """A ValueError naming the first layer with a NaN or infinite attention or MLP score."""
     for name, t in (("attention", attention), ("mlp", mlp)):
         bad = (~torch.isfinite(t)).any(dim=1)
         if bad.any():
@@ -513,10 +525,10 @@ def compute_scores(
     Raises:
         ValueError: a bad argument (named), a pruned model, or a non-finite score (naming the layer).
     """
-    _check_objective(objective)
+    check_objective(objective)
     if saliency not in SALIENCIES:
         raise ValueError(f"saliency: must be one of {SALIENCIES}, got {saliency!r}")
-    _check_micro_batch(micro_batch_size)
+    check_micro_batch(micro_batch_size)
     if optimizer is not None and saliency != "adam":
         raise ValueError(f"optimizer: only used with saliency='adam', got saliency={saliency!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -524,7 +536,7 @@ def compute_scores(
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     layers = adapter.layers(model)
-    _check_dense(layers, geometry)
+    check_dense_layers(layers, geometry)
     names = ", ".join(architecture_names(model))
     meta: dict = {"architecture": names, "saliency": saliency, "model_dtype": str(_dtype(model)).removeprefix("torch.")}
 
@@ -545,7 +557,7 @@ def compute_scores(
     if saliency == "magnitude":
         with torch.no_grad():
             for kind, params in blocks:
-                rows[kind].append(score(kind, [(w.detach(), _ones_like(w)) for w in params]))
+                rows[kind].append(score(kind, [(w.detach(), ones_view(w)) for w in params]))
         return _finish(rows["attention"], rows["mlp"], geometry, meta)
 
     flat = [p for _, params in blocks for p in params]
@@ -601,7 +613,7 @@ def _finish(att_rows: list[torch.Tensor], mlp_rows: list[torch.Tensor], geometry
     # Rows come back one by one: under a device_map each layer is scored on its own GPU.
     attention = torch.stack([r.cpu() for r in att_rows])
     mlp = torch.stack([r.cpu() for r in mlp_rows])
-    _check_finite(attention, mlp)
+    check_finite_scores(attention, mlp)
     return Scores(attention, mlp, geometry, meta)
 
 
@@ -679,3 +691,35 @@ def load_scores(path: str | Path) -> Scores:
         return Scores(attention, mlp, geometry, meta)
     except ValueError as e:
         raise ValueError(f"path: {str(file)!r}: {e}") from None
+
+
+__all__ = [
+    "ADAM_EPS",
+    "GradientSums",
+    "OBJECTIVES",
+    "SALIENCIES",
+    "SCORES_FILE",
+    "SCORES_FORMAT",
+    "SCORES_VERSION",
+    "Scores",
+    "accumulate_gradients",
+    "as_grad_dtype",
+    "attention_parameters",
+    "check_dense_layers",
+    "check_finite_scores",
+    "check_micro_batch",
+    "check_objective",
+    "check_windows",
+    "compute_scores",
+    "is_encoder_decoder",
+    "load_scores",
+    "model_device",
+    "objective_sum",
+    "objective_value",
+    "ones_view",
+    "progress_bar",
+    "prunable_parameters",
+    "save_scores",
+    "scoring_state",
+    "split_window",
+]
