@@ -1,0 +1,80 @@
+"""The one interface every scorer implements, so that ``prune()`` runs any of them the same way."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..plan import PruningPlan
+from ..saliency import Scores
+
+# What a method reads, from the cheapest source to the dearest.
+WEIGHTS_ONLY = "weights only"
+ACTIVATIONS = "activations"
+GRADIENTS = "gradients"
+PER_WINDOW_GRADIENTS = "per-window gradients"
+NEEDS = (WEIGHTS_ONLY, ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS)
+
+
+class Method:
+    """A named scorer: dense model (and calibration windows) in, :class:`Scores` out.
+
+    Class attributes:
+        name: the ``--method`` name.
+        needs: one of :data:`NEEDS`, what it reads from the model and the windows.
+        settings: the :class:`nirvana.pruning.PruneSettings` fields :meth:`scores` takes as keywords.
+        uses_statistics: it scores from activation statistics (:meth:`statistics` gathers them).
+        compensates: :meth:`compensate` changes the model beyond the plan's slices, from the statistics,
+            so a plan alone does not reproduce its result (``nirvana apply`` refuses such plans).
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[str]
+    settings: ClassVar[tuple[str, ...]] = ()
+    uses_statistics: ClassVar[bool] = False
+    compensates: ClassVar[bool] = False
+
+    @property
+    def data_free(self) -> bool:
+        """Whether it scores without calibration windows."""
+        return self.needs == WEIGHTS_ONLY
+
+    def statistics(self, model: nn.Module, windows: torch.Tensor, *, micro_batch_size: int, progress: bool):
+        """The activation statistics that :meth:`scores` and :meth:`compensate` read, or None if it reads none."""
+        if not self.uses_statistics:
+            return None
+        from .activations import activation_statistics
+
+        return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+
+    def scores(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor | None,
+        *,
+        micro_batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = True,
+        stats=None,
+        **settings,
+    ) -> Scores:
+        """Every KV group's and MLP channel's score (``stats``: from :meth:`statistics`, gathered if None)."""
+        raise NotImplementedError
+
+    def compensate(self, model: nn.Module, plan: PruningPlan, stats) -> nn.Module:
+        """Change the DENSE model for ``plan`` before compaction; by default nothing. Returns ``model``."""
+        return model
+
+    def check_settings(self, settings: dict) -> None:
+        """A ValueError naming the first keyword this method does not take."""
+        for key in settings:
+            if key not in self.settings:
+                raise ValueError(f"{key}: method {self.name!r} takes no such setting (it takes {list(self.settings)})")
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r}: needs {self.needs}>"
+
+
+__all__ = ["ACTIVATIONS", "GRADIENTS", "NEEDS", "PER_WINDOW_GRADIENTS", "WEIGHTS_ONLY", "Method"]

@@ -1,0 +1,83 @@
+"""``wanda-sp``: each weight's magnitude times the 2-norm of the input channel it reads, summed per unit."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..saliency import Scores
+from .activations import INPUTS, ActivationStats, check_stats
+from .base import ACTIVATIONS, Method
+from .common import base_meta, dense_layers, finish, group_attention, group_mlp, with_window_meta
+
+
+def _weighted_row_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
+    """float32 ``[out_features]``: ``sum_c |W[r, c]| * norms[c]`` for every row ``r``."""
+    w = linear.weight.detach().float()
+    return w.abs() @ norms.to(w.device, torch.float32)
+
+
+def _weighted_col_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
+    """float64 ``[in_features]``: ``norms[c] * sum_i |W[i, c]|`` for every column ``c``."""
+    w = linear.weight.detach().float()
+    return w.abs().sum(dim=0).double() * norms.to(w.device)
+
+
+def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> Scores:
+    """Wanda-SP: each weight's magnitude times the 2-norm of the input channel it reads, summed per unit.
+
+    KV group ``j``::
+
+        sum_{r in Q_j} sum_c |Wq[r, c]| ||X^attn_c|| + sum_{r in K_j} sum_c (|Wk[r, c]| + |Wv[r, c]|) ||X^attn_c||
+          + sum_{c in Q_j} sum_i |Wo[i, c]| ||X^o_c||
+
+    MLP channel ``c``::
+
+        sum_k (|Wgate[c, k]| + |Wup[c, k]|) ||X^mlp_k|| + sum_i |Wdown[i, c]| ||X^down_c||
+
+    with ``||X_c|| = sqrt(sum_t x_{t,c}^2)`` over all calibration tokens. The q/k/v biases (Qwen2) read
+    no input channel and are left out. This is Wanda's ``|W| * ||X||`` summed over every weight the
+    unit owns (Wanda-SP as FLAP's authors released it scores the o_proj / down_proj columns only and
+    averages over rows; summing all the unit's weights makes it comparable with the other methods).
+    Row contributions are float32 matrix-vector products ``|W| @ ||X||``, grouped in float64.
+
+    The raw scores scale with each layer's activations, so they rank units within a layer but not
+    across layers: FLAP's authors prune Wanda-SP layer-uniformly, and ``allocation="uniform"`` is the
+    faithful setting (on SmolLM2 at 20%, held-out perplexity 74 uniform against 13000 global).
+    """
+    geometry, layers = dense_layers(model)
+    stats = check_stats(stats, geometry)
+    n_attn, n_o, n_mlp, n_down = (stats.norm(k) for k in INPUTS)
+    att_rows, mlp_rows = [], []
+    rows, cols = _weighted_row_sums, _weighted_col_sums
+    with torch.no_grad():
+        for i, lm in enumerate(layers):
+            att_rows.append(
+                group_attention(
+                    geometry, rows(lm.q, n_attn[i]), rows(lm.k, n_attn[i]), rows(lm.v, n_attn[i]), cols(lm.o, n_o[i])
+                )
+            )
+            gate = rows(lm.gate, n_mlp[i]) if lm.gate is not None else None
+            mlp_rows.append(group_mlp(rows(lm.up, n_mlp[i]), cols(lm.down, n_down[i]), gate))
+    meta = base_meta(model, "wanda-sp") | {"tokens": stats.tokens}
+    return finish(att_rows, mlp_rows, geometry, meta)
+
+
+class WandaSP(Method):
+    """:func:`wanda_sp_scores` from the calibration windows' activation statistics."""
+
+    name = "wanda-sp"
+    needs = ACTIVATIONS
+    uses_statistics = True
+
+    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
+        """:func:`wanda_sp_scores`, gathering the statistics first unless ``stats`` holds them."""
+        self.check_settings(settings)
+        if stats is None:
+            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+        return with_window_meta(wanda_sp_scores(model, stats), windows, micro_batch_size)
+
+
+METHOD = WandaSP()
+
+__all__ = ["METHOD", "WandaSP", "wanda_sp_scores"]
