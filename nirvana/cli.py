@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .baselines import METHODS
     from .distributed import STRATEGIES
+    from .methods import METHODS
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
 
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")

@@ -20,15 +20,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _remote_modeling as remote
-from . import baselines, calibration, replan, selection
+from . import calibration, replan, selection
 from .adapters import architecture_names, get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
+from .methods import METHODS, get_method
 from .output import check_target, scratch
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
-from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, compute_scores, save_scores
+from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, save_scores
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
@@ -91,7 +92,7 @@ class PruneSettings:
             if self.gamma <= 0:
                 raise ValueError(f"gamma: must be > 0, got {self.gamma!r}")
         choices_by_name = (
-            ("method", baselines.METHODS),
+            ("method", METHODS),
             ("saliency", SALIENCIES),
             ("objective", OBJECTIVES),
             ("allocation", ALLOCATIONS),
@@ -282,7 +283,8 @@ def prune(
         seed = settings.seed if saved.seed is None else saved.seed
         seeds, precomputed_scores = [seed], {seed: saved.scores}
     candidates = []
-    flap_stats: dict[int, object] = {}  # calibration seed -> FLAP's activation statistics
+    method = get_method(settings.method)
+    method_stats: dict[int, object] = {}  # calibration seed -> the method's activation statistics, if any
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         if precomputed_scores is not None:
             scores = precomputed_scores[seed]
@@ -290,7 +292,7 @@ def prune(
             with timer.stage("calibration"):
                 windows = settings.calibration_windows(tokenizer, seed, model, progress=progress)
             with timer.stage("saliency"):
-                scores = _method_scores(settings, model, windows, seed, progress, flap_stats)
+                scores = _method_scores(settings, method, model, windows, seed, progress, method_stats)
         if saved is None:
             # What made these scores, so that `prune --scores` can check it (and report.json say it) later.
             scores.meta.setdefault("method", settings.method)
@@ -320,7 +322,7 @@ def prune(
                 allocation=settings.allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
-                prepare=_flap_prepare(flap_stats) if settings.method == "flap" else None,
+                prepare=_compensation(method, method_stats) if method.compensates else None,
                 progress=progress,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
@@ -341,8 +343,7 @@ def prune(
     plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": calib})
 
     with timer.stage("compaction"):
-        if settings.method == "flap":
-            baselines.apply_flap_compensation(model, plan, flap_stats[best.seed])
+        method.compensate(model, plan, method_stats.get(best.seed))
         compact_model(model, plan)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -399,26 +400,22 @@ def _check_encoder_decoder(settings: PruneSettings, geometry) -> None:
         raise ValueError("select_calib: KL selection (--select-calib > 1, --gamma auto) supports decoder-only models")
 
 
-def _method_scores(settings: PruneSettings, model, windows, seed: int, progress: bool, flap_stats: dict) -> Scores:
-    """One calibration set's scores by ``settings.method``; FLAP keeps its statistics for compensation."""
-    if settings.method == "nirvana":
-        return compute_scores(
-            model, windows, objective=settings.objective, saliency=settings.saliency,
-            micro_batch_size=settings.micro_batch_size, progress=progress, seed=seed,
-        )  # fmt: skip
-    if settings.method == "flap":
-        flap_stats[seed] = baselines.activation_statistics(
-            model, windows, micro_batch_size=settings.micro_batch_size, progress=progress
-        )
-        return baselines.flap_scores(model, flap_stats[seed])
-    return baselines.method_scores(
-        model, windows, settings.method, micro_batch_size=settings.micro_batch_size, seed=seed, progress=progress
-    )
+def _method_scores(settings: PruneSettings, method, model, windows, seed: int, progress: bool, kept: dict) -> Scores:
+    """One calibration set's scores by ``method``, keeping its activation statistics (if it reads any) in
+    ``kept[seed]`` for its compensation."""
+    mbs = settings.micro_batch_size
+    stats = method.statistics(model, windows, micro_batch_size=mbs, progress=progress)
+    if stats is not None:
+        kept[seed] = stats
+    options = {name: getattr(settings, name) for name in method.settings}
+    return method.scores(model, windows, micro_batch_size=mbs, seed=seed, progress=progress, stats=stats, **options)
 
 
-def _flap_prepare(flap_stats: dict):
+def _compensation(method, kept: dict):
+    """KL selection's ``prepare`` hook: the method's compensation of each candidate's dense copy."""
+
     def prepare(copy, plan, candidate):
-        baselines.apply_flap_compensation(copy, plan, flap_stats[candidate.seed])
+        method.compensate(copy, plan, kept[candidate.seed])
 
     return prepare
 
