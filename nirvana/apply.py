@@ -43,8 +43,8 @@ from nirvana_kernels import compact_groups
 
 from . import _remote_modeling as remote
 from .adapters import get_adapter
-from .checkpoint import CONFIG_FILE, PLAN_FILE, rewrite_config
-from .compaction import base_architecture, check_plan, config_updates, plan_widths
+from .checkpoint import CONFIG_FILE, PLAN_FILE, base_architecture, config_updates, plan_widths, rewrite_config
+from .compaction import check_plan
 from .methods import NEEDS_ACTIVATIONS
 from .output import check_target, real_path, staged
 from .plan import PruningPlan

@@ -17,110 +17,14 @@ owns row ``c`` of gate/up and column ``c`` of down.
 
 from __future__ import annotations
 
-import copy
-import json
-
 import torch
-import transformers
 from torch import nn
 
 from nirvana_kernels import compact, compact_groups, compact_many
 
-from . import _remote_modeling as remote
 from .adapters import Adapter, LayerModules, get_adapter, text_config
+from .checkpoint import apply_config, base_architecture, layer_widths, plan_widths
 from .plan import Geometry, LayerPlan, PruningPlan
-
-
-def base_architecture(model: nn.Module) -> str:
-    """The transformers class the model is (or derives from), e.g. ``"LlamaForCausalLM"``.
-
-    A model loaded through the per-layer-width subclass (``NirvanaLlamaForCausalLM``) names its base.
-    """
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.") and cls.__name__.endswith(("ForCausalLM", "Generation")):
-            return cls.__name__
-    names = list(getattr(getattr(model, "config", None), "architectures", None) or [])
-    if names:
-        return names[0].removeprefix(remote.CLASS_PREFIX)
-    raise ValueError(f"model: cannot tell which transformers architecture {type(model).__name__} is")
-
-
-def layer_widths(model: nn.Module, adapter: Adapter | None = None) -> list[dict]:
-    """Each layer's ``num_heads``, ``num_kv_heads`` and ``intermediate_size``, read from its linears.
-
-    An encoder-decoder's layers also name the dense heads they keep: ``heads`` (self-attention) and,
-    for a layer with a cross-attention, ``cross_heads`` (see :func:`plan_widths`).
-    """
-    adapter = adapter or get_adapter(model)
-    g = adapter.geometry(model.config)
-    out = []
-    for lm in adapter.layers(model):
-        w = {
-            "num_heads": lm.q.out_features // g.head_dim,
-            "num_kv_heads": lm.k.out_features // g.head_dim,
-            "intermediate_size": lm.down.in_features,
-        }
-        if _names_heads(g):
-            w["heads"] = adapter.kept_heads(lm)
-            if lm.cross is not None:
-                w["cross_heads"] = adapter.kept_heads(lm.cross)
-        out.append(w)
-    return out
-
-
-def _names_heads(g: Geometry) -> bool:
-    # T5 shares one position bias across its layers, so its widths must say which heads remain.
-    return bool(g.encoder_layers or g.cross_attention_layers)
-
-
-def config_updates(
-    config, widths: list[dict], base: str, head_dim: int, biases: list[str] | tuple[str, ...] = ()
-) -> tuple[dict, dict | None]:
-    """The config values that describe a model of these per-layer widths (and extra biases).
-
-    Returns ``(sizes, block)``, to set on the decoder's config and as ``config.nirvana``:
-
-    - all layers alike, and a stock config of those sizes passes transformers' own validation:
-      ``sizes`` holds the smaller ``num_attention_heads``, ``num_key_value_heads`` and
-      ``intermediate_size``, and ``block`` is None, so stock ``from_pretrained`` loads the model;
-    - otherwise ``sizes`` leaves the global sizes as they are (the dense model's) and ``block`` lists
-      every layer's widths. Dense sizes always pass validation, which a smaller head count may not
-      (Llama's config insists that ``hidden_size % num_attention_heads == 0``, ``head_dim`` or not).
-
-    ``biases`` lists linears (paths inside a decoder layer, see :func:`extra_biases`) that carry a bias
-    the stock class builds without; they go into the block as ``"bias"``, and force a block even for
-    uniform widths, since a stock config cannot say them.
-
-    ``head_dim`` is always set explicitly, since ``hidden_size // num_attention_heads`` stops giving it.
-    """
-    if not widths:
-        raise ValueError("widths: a model needs at least one layer")
-    if not biases and len({json.dumps(w, sort_keys=True) for w in widths}) == 1:
-        sizes = get_adapter(config).uniform_sizes(config, widths[0], head_dim)
-        if sizes is not None and _valid_with(config, sizes):
-            return sizes, None
-    block = {"version": remote.BLOCK_VERSION, "base_architecture": base, "layers": [dict(w) for w in widths]}
-    if biases:
-        block["bias"] = list(biases)
-    return {"head_dim": head_dim}, block
-
-
-def _valid_with(config, sizes: dict) -> bool:
-    """Whether the config's class accepts these sizes (transformers >= 5 validates configs)."""
-    trial = copy.deepcopy(config)
-    target = text_config(trial)
-    for key, value in sizes.items():
-        setattr(target, key, value)
-    validate = getattr(trial, "validate", None)
-    if validate is None:
-        return True
-    try:
-        validate()
-    # huggingface_hub's StrictDataclassClassValidationError derives from Exception only; any
-    # refusal means the same here: these sizes cannot be a stock config.
-    except Exception:
-        return False
-    return True
 
 
 def check_plan(model: nn.Module, plan: PruningPlan, adapter: Adapter) -> list[LayerModules]:
@@ -220,73 +124,6 @@ def _compact_mlp(lm: LayerModules, keep: list[int], g: Geometry) -> None:
         lm.mlp.intermediate_size = len(keep)
 
 
-def _stock_model(model: nn.Module) -> nn.Module:
-    """The stock transformers class built from the model's config on the meta device (no memory)."""
-    cls = getattr(transformers, base_architecture(model))
-    config = copy.deepcopy(model.config)
-    if hasattr(config, remote.BLOCK_KEY):
-        delattr(config, remote.BLOCK_KEY)
-    with torch.device("meta"):
-        return cls(config)
-
-
-def _path_in(layer: nn.Module, module: nn.Module) -> str:
-    return next(name for name, m in layer.named_modules() if m is module)
-
-
-def extra_biases(model: nn.Module, adapter: Adapter | None = None) -> list[str]:
-    """Paths, inside a decoder layer, of the o/down linears that carry a bias the stock class builds without.
-
-    FLAP's compensation (:func:`nirvana.baselines.apply_flap_compensation`) gives every layer's
-    o_proj and down_proj a bias; Mistral, Qwen and Gemma build those linears bias-free whatever the
-    config says, so the checkpoint must list them for the loader to add. Only models that carry such a
-    bias pay for building the stock model (on the meta device) to compare against.
-
-    Raises:
-        ValueError: some layers carry such a bias and others do not (a loader adds it to every layer).
-    """
-    adapter = adapter or get_adapter(model)
-    layers = adapter.layers(model)
-    roles = ("o", "down")
-    if not any(getattr(lm, r).bias is not None for lm in layers for r in roles):
-        return []
-    stock = adapter.layers(_stock_model(model))
-    blocks = remote.decoder_layers(model)
-    paths = []
-    for role in roles:
-        extra = [getattr(lm, role).bias is not None and getattr(s, role).bias is None for lm, s in zip(layers, stock)]
-        if any(extra) and not all(extra):
-            i, j = extra.index(True), extra.index(False)
-            raise ValueError(
-                f"model: layer {i}'s {role} linear carries a bias the stock class lacks, layer {j}'s has none; "
-                "a checkpoint lists such biases for every layer (give the others a zero bias)"
-            )
-        if all(extra):
-            paths.append(_path_in(blocks[0], getattr(layers[0], role)))
-    return paths
-
-
-def model_config_updates(model: nn.Module, adapter: Adapter | None = None) -> tuple[dict, dict | None]:
-    """:func:`config_updates` for the model's current per-layer widths and extra biases."""
-    adapter = adapter or get_adapter(model)
-    head_dim = adapter.geometry(model.config).head_dim
-    widths = layer_widths(model, adapter)
-    biases = extra_biases(model, adapter)
-    return config_updates(model.config, widths, base_architecture(model), head_dim, biases)
-
-
-def apply_config(model: nn.Module, adapter: Adapter | None = None) -> None:
-    """Make ``model.config`` describe the model's current per-layer widths (see :func:`config_updates`)."""
-    sizes, block = model_config_updates(model, adapter)
-    target = text_config(model.config)
-    for key, value in sizes.items():
-        setattr(target, key, value)
-    if block is not None:
-        setattr(model.config, remote.BLOCK_KEY, block)
-    elif hasattr(model.config, remote.BLOCK_KEY):
-        delattr(model.config, remote.BLOCK_KEY)
-
-
 @torch.no_grad()
 def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Prune ``model`` in place to the KV groups and MLP channels ``plan`` keeps; returns ``model``.
@@ -299,7 +136,7 @@ def compact_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     plan a stock config (smaller ``num_attention_heads``, ``num_key_value_heads``,
     ``intermediate_size``, explicit ``head_dim``); otherwise (or when transformers refuses those
     sizes) the dense sizes plus a ``config.nirvana`` block with every layer's widths, which
-    :mod:`nirvana.checkpoint` saves. See :func:`config_updates`.
+    :mod:`nirvana.checkpoint` saves. See :func:`nirvana.checkpoint.config_updates`.
 
     Args:
         model: a dense Hugging Face causal LM that :func:`nirvana.adapters.get_adapter` serves; pass a
@@ -375,40 +212,11 @@ def mask_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
-def _heads(groups: list[int], group_size: int) -> list[int]:
-    return [j * group_size + t for j in groups for t in range(group_size)]
-
-
-def plan_widths(plan: PruningPlan) -> list[dict]:
-    """The per-layer widths a model compacted with ``plan`` has (what :func:`layer_widths` reads)."""
-    g = plan.geometry
-    out = []
-    for lp in plan.layers:
-        w = {
-            "num_heads": len(lp.kv_groups_kept) * g.group_size,
-            "num_kv_heads": len(lp.kv_groups_kept),
-            "intermediate_size": len(lp.mlp_channels_kept),
-        }
-        if _names_heads(g):
-            w["heads"] = _heads(lp.kv_groups_kept, g.group_size)
-            if lp.cross_kv_groups_kept is not None:
-                w["cross_heads"] = _heads(lp.cross_kv_groups_kept, g.group_size)
-        out.append(w)
-    return out
-
-
 __all__ = [
-    "apply_config",
-    "base_architecture",
+    "check_dense",
     "check_plan",
     "compact_model",
-    "config_updates",
-    "check_dense",
     "dense_plan",
-    "extra_biases",
-    "layer_widths",
     "mask_model",
-    "model_config_updates",
-    "plan_widths",
     "pruned_indices",
 ]

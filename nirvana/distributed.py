@@ -23,7 +23,9 @@ The sums run in a different order than on one process, so scores agree to float3
 bit. After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on
 ``--device``, default the CPU, since a model that needs FSDP does not fit one GPU), allocates, compacts
 and saves through the ordinary single-process flow with the scores it already has, then broadcasts the
-plan; the other ranks wait for that broadcast and exit.
+plan; the other ranks wait for that broadcast and exit. This module only scores and shares the plan
+(:func:`score_on_ranks`, :func:`share_plan`); :func:`nirvana.pruning.prune` runs the rest, so nothing
+here calls back into the flow.
 """
 
 from __future__ import annotations
@@ -386,20 +388,30 @@ def _sharded_gradients(
 
 
 # --------------------------------------------------------------------------------------------------
-# The prune flow
+# A prune run's scores, on every rank
 # --------------------------------------------------------------------------------------------------
 
 
-def prune_distributed(settings, *, progress: bool = True, extra_report: dict | None = None):
-    """``nirvana prune --distributed fsdp``: score on all ranks, then allocate, compact and save on rank 0.
+@dataclass
+class RankScores:
+    """What every rank holds once the calibration sets of a ``--distributed`` run are scored."""
 
-    Every rank returns a :class:`nirvana.pruning.PruneResult` holding the chosen scores and the plan;
-    only rank 0's has the model, report and output folder (the others hold ``None`` there).
+    info: RankInfo
+    owned: bool  # this run initialised the process group, so share_plan destroys it
+    tokenizer: object
+    scores: dict[int, Scores]  # calibration seed -> the full scores (equal on every rank)
+    settings: object  # what rank 0 finishes with in one process: the same, placed on --device or the CPU
+    report: dict  # the report's "distributed" entry
+
+
+def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
+    """Score every calibration set of ``settings`` (checked :class:`nirvana.pruning.PruneSettings`) on all ranks.
+
+    Each rank loads the model on the CPU, shards it and takes part in :func:`fsdp_scores`; the sharded
+    model is dropped before this returns. Initialises the process group when nobody has.
     """
     from .models import load_model
-    from .pruning import PruneResult, prune
 
-    settings.check()
     owned = not dist.is_initialized()
     info = init(settings.device)
     show = progress and info.rank == 0
@@ -438,32 +450,32 @@ def prune_distributed(settings, *, progress: bool = True, extra_report: dict | N
     gc.collect()
     if info.device.type == "cuda":
         torch.cuda.empty_cache()
+    report = {
+        "strategy": settings.distributed,
+        "world_size": info.world_size,
+        "scoring_device": info.device.type,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    single = replace(
+        settings,
+        device=settings.device if settings.device == "cuda" else "cpu",
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    return RankScores(info, owned, tokenizer, scores, single, report)
 
-    shared = [None]
-    result = None
-    if info.rank == 0:
-        extra = dict(extra_report or {})
-        extra["distributed"] = {
-            "strategy": settings.distributed,
-            "world_size": info.world_size,
-            "scoring_device": info.device.type,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        }
-        single = replace(
-            settings,
-            device=settings.device if settings.device == "cuda" else "cpu",
-            dtype=str(dtype).removeprefix("torch."),
-        )
-        result = prune(single, progress=progress, extra_report=extra, precomputed_scores=scores)
-        shared = [(result.plan.meta["calibration_seed"], result.plan.to_dict())]
-    # Doubles as the barrier: the other ranks wait here until rank 0 has saved.
+
+def share_plan(run: RankScores, plan: PruningPlan | None) -> tuple[int, PruningPlan]:
+    """Rank 0's ``plan`` and its calibration seed, on every rank (the others pass None).
+
+    The broadcast doubles as the barrier: the other ranks wait in it until rank 0 has saved. Destroys
+    the process group if :func:`score_on_ranks` initialised it.
+    """
+    shared = [None] if plan is None else [(plan.meta["calibration_seed"], plan.to_dict())]
     dist.broadcast_object_list(shared, src=0)
-    if owned:
+    if run.owned:
         dist.destroy_process_group()
-    if result is not None:
-        return result
-    seed, plan = shared[0]
-    return PruneResult(None, tokenizer, PruningPlan.from_dict(plan), scores[seed], {}, None)
+    seed, plan_dict = shared[0]
+    return seed, plan if plan is not None else PruningPlan.from_dict(plan_dict)
 
 
 __all__ = [
@@ -471,11 +483,13 @@ __all__ = [
     "LAUNCH_ENV",
     "STRATEGIES",
     "RankInfo",
+    "RankScores",
     "check_launch",
     "fsdp_scores",
     "init",
     "layer_partial_scores",
     "local_rows",
-    "prune_distributed",
+    "score_on_ranks",
     "shard_for_scoring",
+    "share_plan",
 ]

@@ -248,16 +248,14 @@ def prune(
     The model is compacted in place. With ``settings.out``, the checkpoint (weights, config, tokenizer,
     plan.json, report.json, scores.safetensors and the per-layer plot) is written atomically there.
     ``precomputed_scores`` maps each calibration seed to its scores, which are then not computed again
-    (how rank 0 finishes a ``settings.distributed`` run; see ``nirvana.distributed``).
+    (how rank 0 finishes a ``settings.distributed`` run, whose ranks score with ``nirvana.distributed``).
     """
     from .models import load_model
 
     if settings.distributed is not None and precomputed_scores is None:
-        from .distributed import prune_distributed
-
         if model is not None:
             raise ValueError("model: under distributed each rank loads settings.model itself; pass no model")
-        return prune_distributed(settings, progress=progress, extra_report=extra_report)
+        return _prune_distributed(settings, progress=progress, extra_report=extra_report)
     settings.check()
     timer = _Timer()
     device = settings.torch_device
@@ -376,6 +374,26 @@ def prune(
             out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)
+
+
+def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report: dict | None) -> PruneResult:
+    """``nirvana prune --distributed fsdp``: score on all ranks, then allocate, compact and save on rank 0.
+
+    Every rank returns a :class:`PruneResult` holding the chosen scores and the plan; only rank 0's
+    has the model, report and output folder (the others hold ``None`` there).
+    """
+    from . import distributed
+
+    settings.check()
+    run = distributed.score_on_ranks(settings, progress=progress)
+    result = None
+    if run.info.rank == 0:
+        extra = {**(extra_report or {}), "distributed": run.report}
+        result = prune(run.settings, progress=progress, extra_report=extra, precomputed_scores=run.scores)
+    seed, plan = distributed.share_plan(run, None if result is None else result.plan)
+    if result is not None:
+        return result
+    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {}, None)
 
 
 def _warn_past_positions(settings: PruneSettings, config) -> None:

@@ -31,8 +31,8 @@ from nirvana.baselines import (
     taylor_scores,
     wanda_sp_scores,
 )
-from nirvana.checkpoint import load_pruned, save_pruned
-from nirvana.compaction import compact_model, extra_biases, model_config_updates
+from nirvana.checkpoint import extra_biases, load_pruned, model_config_updates, save_pruned
+from nirvana.compaction import compact_model
 from nirvana.saliency import compute_scores
 
 from .helpers import assert_bitwise_equal, assert_close

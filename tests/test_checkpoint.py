@@ -20,8 +20,8 @@ from tokenizers import models, pre_tokenizers
 import nirvana.checkpoint as checkpoint
 from nirvana import _remote_modeling, output
 from nirvana.adapters import get_adapter
-from nirvana.checkpoint import load_plan, load_pruned, save_pruned
-from nirvana.compaction import compact_model, layer_widths
+from nirvana.checkpoint import layer_widths, load_plan, load_pruned, save_pruned
+from nirvana.compaction import compact_model
 from nirvana.plan import LayerPlan, PruningPlan
 from tests.conftest import tree_digest
 from tests.helpers import assert_bitwise_equal

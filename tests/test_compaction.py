@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nirvana.adapters import get_adapter
-from nirvana.compaction import compact_model, config_updates, layer_widths, mask_model, plan_widths
+from nirvana.checkpoint import config_updates, layer_widths, plan_widths
+from nirvana.compaction import compact_model, mask_model
 from nirvana.plan import LayerPlan, PruningPlan
 from tests.helpers import assert_bitwise_equal, assert_close
 from tests.tiny_models import ARCHITECTURES, tiny_batch, tiny_model

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from nirvana.adapters import get_adapter
-from nirvana.checkpoint import load_plan, load_pruned, save_pruned
-from nirvana.compaction import compact_model, layer_widths
+from nirvana.checkpoint import layer_widths, load_plan, load_pruned, save_pruned
+from nirvana.compaction import compact_model
 from nirvana.finetune import finetune
 from nirvana.plan import LayerPlan, PruningPlan
 from tests.tiny_models import tiny_model, tiny_tokenizer

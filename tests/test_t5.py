@@ -14,8 +14,8 @@ import transformers
 from nirvana import _remote_modeling, cli
 from nirvana.adapters import attention_blocks, get_adapter
 from nirvana.allocation import allocate
-from nirvana.checkpoint import load_plan, load_pruned, save_pruned
-from nirvana.compaction import compact_model, layer_widths, mask_model
+from nirvana.checkpoint import layer_widths, load_plan, load_pruned, save_pruned
+from nirvana.compaction import compact_model, mask_model
 from nirvana.plan import Geometry, LayerPlan, PruningPlan
 from nirvana.saliency import compute_scores, load_scores, objective_value, save_scores, split_window
 from tests.test_pruning import write_text

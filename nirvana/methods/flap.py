@@ -100,7 +100,7 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
     checkpoint is one that stock ``from_pretrained`` (and :func:`nirvana.checkpoint.load_pruned`) build
     with every bias in place. Other architectures' stock classes build o_proj/down_proj without a bias
     whatever the config says; the checkpoint's ``nirvana`` block then lists those biases
-    (:func:`nirvana.compaction.extra_biases`), and ``load_pruned`` or ``trust_remote_code`` loading
+    (:func:`nirvana.checkpoint.extra_biases`), and ``load_pruned`` or ``trust_remote_code`` loading
     adds them before the weights load.
 
     New bias Parameters are created (no tensor is modified in place), so the function is safe on a
