@@ -27,6 +27,8 @@ setup(
         "tqdm",
         "matplotlib",
     ],
+    # PEP 561: both packages ship their annotations for the type checkers of libraries that call them.
+    package_data={"nirvana": ["py.typed"], "nirvana_kernels": ["py.typed"]},
     entry_points={"console_scripts": ["nirvana = nirvana.cli:main"]},
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft"],
