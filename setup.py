@@ -36,5 +36,7 @@ setup(
         "data": ["datasets", "lm-eval"],
         "finetune": ["peft"],  # LoRA recovery; --full needs nothing extra
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft", "ruff>=0.6"],
+        # nirvana.integrations.torch_pruning; needs only torch>=2.0 and numpy.
+        "torch-pruning": ["torch-pruning==1.6.1"],
     },
 )
