@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..plan import PruningPlan
-from ..saliency import Scores
+from ..saliency import Scores, compute_scores
 
 # What a method reads, from the cheapest source to the dearest.
 WEIGHTS_ONLY = "weights only"
@@ -18,7 +19,7 @@ PER_WINDOW_GRADIENTS = "per-window gradients"
 NEEDS = (WEIGHTS_ONLY, ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS)
 
 
-class Method:
+class Method(abc.ABC):
     """A named scorer: dense model (and calibration windows) in, :class:`Scores` out.
 
     Class attributes:
@@ -49,6 +50,7 @@ class Method:
 
         return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
 
+    @abc.abstractmethod
     def scores(
         self,
         model: nn.Module,
@@ -61,7 +63,6 @@ class Method:
         **settings,
     ) -> Scores:
         """Every KV group's and MLP channel's score (``stats``: from :meth:`statistics`, gathered if None)."""
-        raise NotImplementedError
 
     def compensate(self, model: nn.Module, plan: PruningPlan, stats) -> nn.Module:
         """Change the DENSE model for ``plan`` before compaction; by default nothing. Returns ``model``."""
@@ -77,4 +78,25 @@ class Method:
         return f"<method {self.name!r}: needs {self.needs}>"
 
 
-__all__ = ["ACTIVATIONS", "GRADIENTS", "NEEDS", "PER_WINDOW_GRADIENTS", "WEIGHTS_ONLY", "Method"]
+class WeightsOnly(Method):
+    """A data-free method: :func:`~nirvana.saliency.compute_scores` with its own ``saliency``; windows may be None."""
+
+    needs = WEIGHTS_ONLY
+    saliency: ClassVar[str]
+
+    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
+        self.check_settings(settings)
+        scores = compute_scores(
+            model,
+            windows,
+            objective="maxlogit",
+            saliency=self.saliency,
+            micro_batch_size=micro_batch_size,
+            progress=progress,
+            seed=int(seed),
+        )
+        scores.meta["method"] = self.name
+        return scores
+
+
+__all__ = ["ACTIVATIONS", "GRADIENTS", "NEEDS", "PER_WINDOW_GRADIENTS", "WEIGHTS_ONLY", "Method", "WeightsOnly"]
