@@ -7,6 +7,7 @@ hook is removed and every flag restored afterwards, also on error.
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from ..plan import Geometry
-from ..saliency import model_device, scoring_state
-from .common import check_micro_batch, check_windows, dense_layers, hooks, progress_bar
+from ..saliency import Scores, model_device, scoring_state
+from .base import ACTIVATIONS, Method
+from .common import check_micro_batch, check_windows, dense_layers, hooks, progress_bar, with_window_meta
 
 # What ActivationStats holds statistics of: the inputs of q/k/v, o_proj, gate/up and down_proj.
 INPUTS = ("attn", "o", "mlp", "down")
@@ -204,7 +206,30 @@ def check_stats(stats, geometry: Geometry) -> ActivationStats:
     return stats
 
 
+class FromStatistics(Method):
+    """A method that scores from activation statistics: :meth:`from_statistics` is its formula."""
+
+    needs = ACTIVATIONS
+    uses_statistics = True
+
+    def statistics(self, model: nn.Module, windows: torch.Tensor, *, micro_batch_size: int, progress: bool):
+        """This method's :class:`ActivationStats` of ``windows``."""
+        return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+
+    @abc.abstractmethod
+    def from_statistics(self, model: nn.Module, stats) -> Scores:
+        """The scores from ``stats`` (an :class:`~nirvana.methods.activations.ActivationStats`)."""
+
+    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
+        """:meth:`from_statistics`, gathering the statistics first unless ``stats`` holds them."""
+        self.check_settings(settings)
+        if stats is None:
+            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+        return with_window_meta(self.from_statistics(model, stats), windows, micro_batch_size)
+
+
 __all__ = [
+    "FromStatistics",
     "INPUTS",
     "STATS_FORMAT",
     "STATS_VERSION",

@@ -43,12 +43,8 @@ class Method(abc.ABC):
         return self.needs == WEIGHTS_ONLY
 
     def statistics(self, model: nn.Module, windows: torch.Tensor, *, micro_batch_size: int, progress: bool):
-        """The activation statistics that :meth:`scores` and :meth:`compensate` read, or None if it reads none."""
-        if not self.uses_statistics:
-            return None
-        from .activations import activation_statistics
-
-        return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+        """The activation statistics that :meth:`scores` and :meth:`compensate` read; None for most methods."""
+        return None
 
     @abc.abstractmethod
     def scores(

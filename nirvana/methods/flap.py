@@ -9,9 +9,8 @@ from ..adapters import text_config
 from ..compaction import pruned_indices
 from ..plan import PruningPlan
 from ..saliency import Scores
-from .activations import ActivationStats, check_stats
-from .base import ACTIVATIONS, Method
-from .common import base_meta, dense_layers, finish, with_window_meta
+from .activations import ActivationStats, FromStatistics, check_stats
+from .common import base_meta, dense_layers, finish
 
 
 def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
@@ -146,20 +145,14 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
     return model
 
 
-class Flap(Method):
+class Flap(FromStatistics):
     """:func:`flap_scores` from the activation statistics, then :func:`apply_flap_compensation` from the same."""
 
     name = "flap"
-    needs = ACTIVATIONS
-    uses_statistics = True
     compensates = True
 
-    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
-        """:func:`flap_scores`, gathering the statistics first unless ``stats`` holds them."""
-        self.check_settings(settings)
-        if stats is None:
-            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
-        return with_window_meta(flap_scores(model, stats), windows, micro_batch_size)
+    def from_statistics(self, model: nn.Module, stats) -> Scores:
+        return flap_scores(model, stats)
 
     def compensate(self, model: nn.Module, plan: PruningPlan, stats) -> nn.Module:
         """:func:`apply_flap_compensation`."""

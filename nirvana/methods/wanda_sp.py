@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from ..saliency import Scores
-from .activations import INPUTS, ActivationStats, check_stats
-from .base import ACTIVATIONS, Method
-from .common import base_meta, dense_layers, finish, group_attention, group_mlp, with_window_meta
+from .activations import INPUTS, ActivationStats, FromStatistics, check_stats
+from .common import base_meta, dense_layers, finish, group_attention, group_mlp
 
 
 def _weighted_row_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
@@ -63,19 +62,13 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> Scores:
     return finish(att_rows, mlp_rows, geometry, meta)
 
 
-class WandaSP(Method):
+class WandaSP(FromStatistics):
     """:func:`wanda_sp_scores` from the calibration windows' activation statistics."""
 
     name = "wanda-sp"
-    needs = ACTIVATIONS
-    uses_statistics = True
 
-    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
-        """:func:`wanda_sp_scores`, gathering the statistics first unless ``stats`` holds them."""
-        self.check_settings(settings)
-        if stats is None:
-            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
-        return with_window_meta(wanda_sp_scores(model, stats), windows, micro_batch_size)
+    def from_statistics(self, model: nn.Module, stats) -> Scores:
+        return wanda_sp_scores(model, stats)
 
 
 METHOD = WandaSP()
