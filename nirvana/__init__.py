@@ -9,7 +9,8 @@ from .checkpoint import load_pruned, save_pruned
 from .compaction import compact_model, mask_model
 from .plan import Geometry, LayerPlan, PruningPlan
 from .pruning import PruneResult, PruneSettings, prune
-from .saliency import Scores, compute_scores, load_scores, save_scores
+from .saliency import compute_scores
+from .scores import Scores, load_scores, save_scores
 
 __all__ = [
     "Geometry",

@@ -22,7 +22,7 @@ from .methods import (
     taylor_scores,
     wanda_sp_scores,
 )
-from .methods.activations import STATS_FORMAT, STATS_VERSION
+from .sources.activations import STATS_FORMAT, STATS_VERSION
 
 __all__ = [
     "DATA_FREE",

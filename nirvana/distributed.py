@@ -45,21 +45,12 @@ from torch import nn
 import nirvana_kernels
 
 from .adapters import architecture_names, get_adapter
+from .objective import check_objective, objective_sum
 from .plan import Geometry, PruningPlan
-from .saliency import (
-    Scores,
-    as_grad_dtype,
-    check_dense_layers,
-    check_finite_scores,
-    check_micro_batch,
-    check_objective,
-    check_windows,
-    objective_sum,
-    ones_view,
-    progress_bar,
-    prunable_parameters,
-    scoring_state,
-)
+from .saliency import as_grad_dtype, check_dense_layers, ones_view
+from .scores import Scores, check_finite_scores
+from .sources.common import check_micro_batch, progress_bar, scoring_state
+from .sources.gradients import check_gradient_windows, prunable_parameters
 
 STRATEGIES = ("fsdp",)
 # Saliencies that are a function of the full-batch gradient (or none); "adam" without an optimizer
@@ -126,7 +117,7 @@ def init(device: str | None = None) -> RankInfo:
 class _Objective(nn.Module):
     """The FSDP root: its forward is the calibration objective's sum over a batch.
 
-    The objective calls the base model and lm_head directly (see ``saliency.objective_sum``); as the
+    The objective calls the base model and lm_head directly (see ``objective.objective_sum``); as the
     root's forward, it runs after FSDP has gathered the root unit (embeddings, final norm, lm_head, tied
     or not) and before it reshards it.
     """
@@ -224,7 +215,7 @@ def layer_partial_scores(
     """One layer's partial float32 ``[num_kv_heads]`` and ``[intermediate_size]`` scores from local shards.
 
     ``attn`` holds ``(first global row, local weight, local grad)`` for q, k, v, o (then the q, k, v
-    biases, if any), ``mlp`` for up, down (then gate), in the order of ``saliency.prunable_parameters``;
+    biases, if any), ``mlp`` for up, down (then gate), in the order of ``sources.gradients.prunable_parameters``;
     each weight and its grad share a dtype. Summed over all ranks the results are the full scores.
     """
     kv, d = geometry.num_kv_heads, geometry.head_dim
@@ -302,7 +293,7 @@ def fsdp_scores(
     flat = [p for aw, mw in per_layer for p in (*aw, *mw)]
     value, steps = 0.0, 0
     if saliency == "taylor":
-        windows = check_windows(model, windows, objective)
+        windows = check_gradient_windows(model, windows, objective)
         grads, value, steps = _sharded_gradients(sharded, windows, flat, objective, mbs, progress)
     with torch.no_grad():
         att_rows, mlp_rows, pos = [], [], 0

@@ -26,10 +26,12 @@ from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
 from .compaction import compact_model
 from .methods import METHODS, get_method
+from .objective import OBJECTIVES
 from .output import check_target, scratch
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
-from .saliency import OBJECTIVES, SALIENCIES, SCORES_FILE, Scores, save_scores
+from .saliency import SALIENCIES
+from .scores import SCORES_FILE, Scores, save_scores
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .plan import Geometry
-from .saliency import SCORES_FILE, Scores, load_scores
+from .scores import SCORES_FILE, Scores, load_scores
 
 # Scores written before files recorded their method came from the NIRVANA flow (the baselines always did).
 DEFAULT_METHOD = "nirvana"

@@ -22,7 +22,7 @@ from .allocation import allocate
 from .compaction import compact_model
 from .evaluation import kl_to_model, window_logits
 from .plan import PruningPlan
-from .saliency import Scores
+from .scores import Scores
 
 # gamma="auto" tries these; 3.0 is the value the authors ship for Llama-3.2-3B.
 GAMMA_GRID = (1.0, 2.0, 3.0, 4.0, 6.0)

@@ -20,7 +20,9 @@ from nirvana.calibration import calibration_windows
 from nirvana.distributed import LAUNCH_ENV, layer_partial_scores
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
-from nirvana.saliency import compute_scores, load_scores, prunable_parameters
+from nirvana.saliency import compute_scores
+from nirvana.scores import load_scores
+from nirvana.sources.gradients import prunable_parameters
 
 from .distributed_worker import SETTINGS
 from .helpers import assert_bitwise_equal, assert_close

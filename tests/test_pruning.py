@@ -18,7 +18,8 @@ from nirvana.compaction import compact_model
 from nirvana.evaluation import kl_to_model, window_logits
 from nirvana.pruning import PruneSettings, count_params, prune
 from nirvana.report import load_report, summarize
-from nirvana.saliency import Scores, compute_scores, load_scores
+from nirvana.saliency import compute_scores
+from nirvana.scores import Scores, load_scores
 from tests.helpers import assert_close
 from tests.tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 

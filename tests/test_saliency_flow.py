@@ -9,18 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import nirvana.saliency as sal
+import nirvana.objective as objective_module
 from nirvana.adapters import get_adapter
+from nirvana.objective import objective_value
 from nirvana.plan import Geometry
-from nirvana.saliency import (
-    Scores,
-    accumulate_gradients,
-    compute_scores,
-    load_scores,
-    objective_value,
-    prunable_parameters,
-    save_scores,
-)
+from nirvana.saliency import ADAM_EPS, compute_scores
+from nirvana.scores import SCORES_FILE, SCORES_FORMAT, Scores, load_scores, save_scores
+from nirvana.sources.gradients import accumulate_gradients, prunable_parameters
 
 from .helpers import assert_bitwise_equal, assert_close
 from .tiny_models import ARCHITECTURES, tiny_batch, tiny_model
@@ -149,7 +144,7 @@ def test_vocab_chunking_changes_nothing(monkeypatch):
     params = flat_params(model)
     whole = accumulate_gradients(model, ids, params, micro_batch_size=5)
     # 24 logits per slice: the 128-token vocabulary is projected in 5-row slices.
-    monkeypatch.setattr(sal, "_LOGIT_CHUNK_ELEMS", 5 * N_WINDOWS * SEQ)
+    monkeypatch.setattr(objective_module, "LOGIT_CHUNK_ELEMS", 5 * N_WINDOWS * SEQ)
     chunked = accumulate_gradients(model, ids, params, micro_batch_size=5)
     assert_close(torch.tensor(chunked.objective), torch.tensor(whole.objective), rtol=1e-6, name="objective")
     for i, (c, w) in enumerate(zip(chunked.grads, whole.grads)):
@@ -219,7 +214,7 @@ def test_adam_scores_with_accumulated_second_moment():
     shares = [2 / 5, 2 / 5, 1 / 5]
     grads = [sum(w * g[i] for w, g in zip(shares, own)) for i in range(len(own[0]))]
     moments = [sum(w * g[i] ** 2 for w, g in zip(shares, own)) for i in range(len(own[0]))]
-    att, mlp = hand_scores(model, grads, moments, eps=sal.ADAM_EPS)
+    att, mlp = hand_scores(model, grads, moments, eps=ADAM_EPS)
     assert_close(scores.attention, att, rtol=1e-4, name="adam attention")
     assert_close(scores.mlp, mlp, rtol=1e-4, name="adam mlp")
     assert scores.meta["second_moment"] == "micro-batch"
@@ -422,7 +417,7 @@ def test_save_load_round_trip(tmp_path, target):
     scores = _scores({"objective": "maxlogit", "objective_value": 0.125, "micro_batch_size": 8, "nested": [1, "a"]})
     path = tmp_path / "x.safetensors" if target == "file" else tmp_path
     written = save_scores(scores, path)
-    assert written == (path if target == "file" else tmp_path / sal.SCORES_FILE) and written.is_file()
+    assert written == (path if target == "file" else tmp_path / SCORES_FILE) and written.is_file()
     back = load_scores(path)
     assert_bitwise_equal(back.attention, scores.attention, name="attention")
     assert_bitwise_equal(back.mlp, scores.mlp, name="mlp")
@@ -448,7 +443,7 @@ def test_load_rejects_foreign_or_mismatched_files(tmp_path):
     bad = tmp_path / "bad.safetensors"
     good = _scores()
     geometry = dict(good.geometry.to_dict(), intermediate_size=50)
-    meta = {"format": sal.SCORES_FORMAT, "version": "1", "geometry": json.dumps(geometry), "meta": "{}"}
+    meta = {"format": SCORES_FORMAT, "version": "1", "geometry": json.dumps(geometry), "meta": "{}"}
     save_file({"attention": good.attention, "mlp": good.mlp}, str(bad), metadata=meta)
     with pytest.raises(ValueError, match=r"mlp: shape \(3, 48\) does not match the geometry's \(3, 50\)"):
         load_scores(bad)

@@ -16,8 +16,10 @@ from nirvana.adapters import attention_blocks, get_adapter
 from nirvana.allocation import allocate
 from nirvana.checkpoint import layer_widths, load_plan, load_pruned, save_pruned
 from nirvana.compaction import compact_model, mask_model
+from nirvana.objective import objective_value, split_window
 from nirvana.plan import Geometry, LayerPlan, PruningPlan
-from nirvana.saliency import compute_scores, load_scores, objective_value, save_scores, split_window
+from nirvana.saliency import compute_scores
+from nirvana.scores import load_scores, save_scores
 from tests.test_pruning import write_text
 
 from .helpers import assert_bitwise_equal, assert_close

@@ -31,7 +31,8 @@ from torch_pruning.pruner.importance import Importance
 
 from ..adapters import get_adapter
 from ..compaction import check_dense
-from ..saliency import Scores, compute_scores
+from ..saliency import compute_scores
+from ..scores import Scores
 
 __all__ = ["NirvanaImportance"]
 

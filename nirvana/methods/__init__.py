@@ -31,11 +31,11 @@ a time: no activation outlives its micro-batch. The per-sample gradients (``tayl
 forward hooks that keep one micro-batch's linear inputs and tensor hooks that receive the gradient
 of each linear's output. Every hook is removed and every flag restored afterwards, also on error.
 
-Each method is a :class:`Method` (``name``, what it ``needs``, ``scores(...)`` and an optional
+Each method is a :class:`Method` (``name``, which source it ``needs``, ``scores(...)`` and an optional
 ``compensate(model, plan, stats)``); :func:`get_method` finds one by name and :data:`METHODS` lists them
 in the order the CLI offers them. ``nirvana.pruning.prune`` calls them without knowing which it runs.
-The checks and grouping they share are in :mod:`nirvana.methods.common`, the activation statistics in
-:mod:`nirvana.methods.activations`.
+What they read comes from :mod:`nirvana.sources` (gradients, per-window gradients, activation
+statistics); the metadata and grouping they share are in :mod:`nirvana.methods.common`.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ import numbers
 import torch
 from torch import nn
 
-from ..saliency import Scores
+from ..scores import Scores
+from ..sources.activations import INPUTS, ActivationStats, activation_statistics, load_statistics, save_statistics
+from ..sources.common import check_micro_batch
 from . import flap, magnitude, nirvana, random, taylor, wanda_sp
-from .activations import INPUTS, ActivationStats, activation_statistics, load_statistics, save_statistics
 from .base import NEEDS, Method
-from .common import check_micro_batch
 
 REGISTRY: dict[str, Method] = {
     m.name: m for m in (nirvana.METHOD, magnitude.METHOD, random.METHOD, taylor.METHOD, wanda_sp.METHOD, flap.METHOD)

@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from ..plan import PruningPlan
-from ..saliency import Scores, compute_scores
+from ..saliency import compute_scores
+from ..scores import Scores
+from ..sources.activations import activation_statistics
+from .common import with_window_meta
 
 # What a method reads, from the cheapest source to the dearest.
 WEIGHTS_ONLY = "weights only"
@@ -95,4 +98,35 @@ class WeightsOnly(Method):
         return scores
 
 
-__all__ = ["ACTIVATIONS", "GRADIENTS", "NEEDS", "PER_WINDOW_GRADIENTS", "WEIGHTS_ONLY", "Method", "WeightsOnly"]
+class FromStatistics(Method):
+    """A method that scores from activation statistics: :meth:`from_statistics` is its formula."""
+
+    needs = ACTIVATIONS
+    uses_statistics = True
+
+    def statistics(self, model: nn.Module, windows: torch.Tensor, *, micro_batch_size: int, progress: bool):
+        """This method's :class:`ActivationStats` of ``windows``."""
+        return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+
+    @abc.abstractmethod
+    def from_statistics(self, model: nn.Module, stats) -> Scores:
+        """The scores from ``stats`` (an :class:`~nirvana.sources.activations.ActivationStats`)."""
+
+    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
+        """:meth:`from_statistics`, gathering the statistics first unless ``stats`` holds them."""
+        self.check_settings(settings)
+        if stats is None:
+            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
+        return with_window_meta(self.from_statistics(model, stats), windows, micro_batch_size)
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "GRADIENTS",
+    "NEEDS",
+    "PER_WINDOW_GRADIENTS",
+    "WEIGHTS_ONLY",
+    "FromStatistics",
+    "Method",
+    "WeightsOnly",
+]

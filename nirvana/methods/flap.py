@@ -8,9 +8,11 @@ from torch import nn
 from ..adapters import text_config
 from ..compaction import pruned_indices
 from ..plan import PruningPlan
-from ..saliency import Scores
-from .activations import ActivationStats, FromStatistics, check_stats
-from .common import base_meta, dense_layers, finish
+from ..scores import Scores
+from ..sources.activations import ActivationStats, check_stats
+from ..sources.common import dense_layers
+from .base import FromStatistics
+from .common import base_meta, finish
 
 
 def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:

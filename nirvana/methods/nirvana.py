@@ -6,7 +6,8 @@ passes its ``objective`` and ``saliency`` settings (``--saliency adam`` scales b
 
 from __future__ import annotations
 
-from ..saliency import Scores, compute_scores
+from ..saliency import compute_scores
+from ..scores import Scores
 from .base import GRADIENTS, Method
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..saliency import Scores
-from .activations import INPUTS, ActivationStats, FromStatistics, check_stats
-from .common import base_meta, dense_layers, finish, group_attention, group_mlp
+from ..scores import Scores
+from ..sources.activations import INPUTS, ActivationStats, check_stats
+from ..sources.common import dense_layers
+from .base import FromStatistics
+from .common import base_meta, finish, group_attention, group_mlp
 
 
 def _weighted_row_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:

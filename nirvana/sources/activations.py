@@ -1,4 +1,4 @@
-"""Activation statistics, the source ``wanda-sp`` and ``flap`` read: running float64 sums of ``x`` and ``x**2``.
+"""The activation-statistics source, which ``wanda-sp`` and ``flap`` read: running float64 sums of ``x`` and ``x**2``.
 
 The sums are per input channel of each layer's prunable linears, gathered by forward pre-hooks during
 plain no-grad forward passes, one micro-batch at a time: no activation outlives its micro-batch. Every
@@ -7,7 +7,6 @@ hook is removed and every flag restored afterwards, also on error.
 
 from __future__ import annotations
 
-import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,7 @@ import torch
 from torch import nn
 
 from ..plan import Geometry
-from ..saliency import Scores, model_device, scoring_state
-from .base import ACTIVATIONS, Method
-from .common import check_micro_batch, check_windows, dense_layers, hooks, progress_bar, with_window_meta
+from .common import check_micro_batch, check_windows, dense_layers, hooks, model_device, progress_bar, scoring_state
 
 # What ActivationStats holds statistics of: the inputs of q/k/v, o_proj, gate/up and down_proj.
 INPUTS = ("attn", "o", "mlp", "down")
@@ -206,30 +203,7 @@ def check_stats(stats, geometry: Geometry) -> ActivationStats:
     return stats
 
 
-class FromStatistics(Method):
-    """A method that scores from activation statistics: :meth:`from_statistics` is its formula."""
-
-    needs = ACTIVATIONS
-    uses_statistics = True
-
-    def statistics(self, model: nn.Module, windows: torch.Tensor, *, micro_batch_size: int, progress: bool):
-        """This method's :class:`ActivationStats` of ``windows``."""
-        return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
-
-    @abc.abstractmethod
-    def from_statistics(self, model: nn.Module, stats) -> Scores:
-        """The scores from ``stats`` (an :class:`~nirvana.methods.activations.ActivationStats`)."""
-
-    def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
-        """:meth:`from_statistics`, gathering the statistics first unless ``stats`` holds them."""
-        self.check_settings(settings)
-        if stats is None:
-            stats = self.statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
-        return with_window_meta(self.from_statistics(model, stats), windows, micro_batch_size)
-
-
 __all__ = [
-    "FromStatistics",
     "INPUTS",
     "STATS_FORMAT",
     "STATS_VERSION",

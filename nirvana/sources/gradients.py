@@ -1,0 +1,174 @@
+"""The single-process gradient source: the full-batch gradient of an objective, one micro-batch at a time.
+
+What :func:`accumulate_gradients` hands a scorer is the gradient of the objective over all windows
+with respect to the prunable weights only (summed in float32 over micro-batches), and optionally the
+mean over micro-batches of each micro-batch's squared gradient: Adam's second moment without the EMA.
+:func:`optimizer_second_moments` reads that second moment from an optimizer that has stepped instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..adapters import LayerModules
+from ..objective import check_objective, is_encoder_decoder, objective_sum
+from .common import check_micro_batch, check_windows, model_device, progress_bar, scoring_state
+
+
+@dataclass
+class GradientSums:
+    """What :func:`accumulate_gradients` returns, aligned with the ``params`` it was given.
+
+    Attributes:
+        grads: float32 tensors shaped like each parameter: the gradient of the full-batch objective,
+            summed over micro-batches.
+        second_moment: ``None``, or float32 tensors: ``sum_m share_m * g_m**2`` where ``g_m`` is the
+            gradient of micro-batch ``m``'s own (mean) objective and ``share_m`` its fraction of the
+            windows, i.e. the mean of ``g_m**2`` over micro-batches (a plain mean when all are equal).
+        objective: the full-batch objective's value.
+        micro_batches: how many micro-batches were run.
+    """
+
+    grads: list[torch.Tensor]
+    second_moment: list[torch.Tensor] | None
+    objective: float
+    micro_batches: int
+
+
+def prunable_parameters(layer: LayerModules) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters scored in one layer: attention ``[q, k, v, o, (q_b, k_b, v_b)]`` and mlp
+    ``[up, down, (gate)]``, in the order the kernels take them (the biases only when present).
+    A cross-attention's are :func:`attention_parameters` of ``layer.cross``."""
+    mlp = [layer.up.weight, layer.down.weight] + ([layer.gate.weight] if layer.gate is not None else [])
+    return attention_parameters(layer), mlp
+
+
+def attention_parameters(block) -> list[nn.Parameter]:
+    """One attention block's scored parameters, ``[q, k, v, o, (q_b, k_b, v_b)]``."""
+    attn = [block.q.weight, block.k.weight, block.v.weight, block.o.weight]
+    biases = [m.bias for m in (block.q, block.k, block.v)]
+    if any(b is not None for b in biases):
+        if any(b is None for b in biases):
+            raise ValueError("model: q/k/v biases must be all present or all absent")
+        attn += biases
+    return attn
+
+
+def check_gradient_windows(model: nn.Module, windows, objective: str) -> torch.Tensor:
+    """:func:`~nirvana.sources.common.check_windows`, with ``T >= 2`` where the objective or the model
+    needs a target (the ``"ce"`` objective, an encoder-decoder)."""
+    if is_encoder_decoder(model):
+        return check_windows(model, windows, 2, "an encoder-decoder")
+    if objective == "ce":
+        return check_windows(model, windows, 2, "the 'ce' objective")
+    return check_windows(model, windows)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    windows: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    *,
+    objective: str = "maxlogit",
+    micro_batch_size: int = 8,
+    second_moment: bool = False,
+    progress: bool = False,
+) -> GradientSums:
+    """Gradients of the full-batch objective with respect to ``params`` only, one micro-batch at a time.
+
+    Each micro-batch's objective is scaled by its share of the windows, so the summed gradients
+    equal the full-batch gradient. Every other parameter is frozen meanwhile (so autograd saves
+    nothing for it), the model runs in eval mode, and nothing is written to any ``.grad``: the
+    gradients come from ``torch.autograd.grad`` and are summed here in float32.
+
+    Args:
+        windows: integer ``[N, T]`` token ids (any device; moved to the model's).
+        params: parameters of ``model`` (e.g. from :func:`prunable_parameters`).
+        second_moment: also return the share-weighted mean of squared per-micro-batch gradients.
+
+    Returns:
+        :class:`GradientSums`; memory is one float32 copy of ``params`` (two with ``second_moment``).
+    """
+    check_objective(objective)
+    mbs = check_micro_batch(micro_batch_size)
+    windows = check_gradient_windows(model, windows, objective)
+    params = list(params)
+    if not params:
+        raise ValueError("params: at least one parameter is needed")
+    device = model_device(model)
+    n = windows.shape[0]
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
+    value = 0.0
+    starts = range(0, n, mbs)
+    bar = progress_bar(len(starts), progress)
+    with scoring_state(model, params):
+        for s in starts:
+            ids = windows[s : s + mbs].to(device, non_blocking=True)
+            share = ids.shape[0] / n
+            scaled = objective_sum(model, ids, objective) / n
+            value += float(scaled.detach())
+            mb_grads = torch.autograd.grad(scaled, params)
+            del scaled
+            for i, g in enumerate(mb_grads):
+                g = g.float()
+                if moments is not None:
+                    # g is share * (this micro-batch's own gradient), so g**2 / share = share * own**2.
+                    m = g.square().div_(share)
+                    moments[i] = m if moments[i] is None else moments[i].add_(m)
+                grads[i] = g if grads[i] is None else grads[i].add_(g)
+            del mb_grads
+            bar.update(1)
+    bar.close()
+    return GradientSums(grads, moments, value, len(starts))
+
+
+def optimizer_second_moments(
+    optimizer, params: Sequence[nn.Parameter], names: dict[int, str]
+) -> tuple[list[torch.Tensor], float, float, dict]:
+    """Each parameter's Adam second moment, plus the eps and scale that fold in the bias correction.
+
+    Adam divides by ``sqrt(v / c) + eps`` with ``c = 1 - beta2**step``; that equals
+    ``(sqrt(v) + eps * sqrt(c)) / sqrt(c)``, so the kernels get ``v`` unchanged (no copy), eps
+    ``eps * sqrt(c)``, and the scores are multiplied by ``sqrt(c)``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: expected a torch.optim.Adam or AdamW, got {type(optimizer).__name__}")  # noqa: TRY004
+    group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
+    vs, settings = [], set()
+    for p in params:
+        name = names.get(id(p), "<unnamed>")
+        state = optimizer.state.get(p, {})
+        grp = group_of.get(id(p))
+        if grp is None or "exp_avg_sq" not in state or "step" not in state:
+            raise ValueError(f"optimizer: holds no Adam state (exp_avg_sq) for parameter {name!r}")
+        amsgrad = bool(grp.get("amsgrad", False))
+        vs.append(state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"])
+        settings.add((float(state["step"]), float(grp["betas"][1]), float(grp["eps"]), amsgrad))
+    if len(settings) != 1:
+        raise ValueError(
+            f"optimizer: the prunable parameters differ in Adam step, beta2, eps or amsgrad ({sorted(settings)}); "
+            "their scores would not be comparable"
+        )
+    step, beta2, eps, amsgrad = settings.pop()
+    correction = 1.0 - beta2**step
+    if not correction > 0:
+        raise ValueError(f"optimizer: bias correction 1 - beta2**step = {correction} (step {step}, beta2 {beta2})")
+    root = math.sqrt(correction)
+    info = {"optimizer": type(optimizer).__name__, "optimizer_step": step, "beta2": beta2, "amsgrad": amsgrad}
+    return vs, eps * root, root, info
+
+
+__all__ = [
+    "GradientSums",
+    "accumulate_gradients",
+    "attention_parameters",
+    "check_gradient_windows",
+    "optimizer_second_moments",
+    "prunable_parameters",
+]
