@@ -9,7 +9,7 @@ from nirvana import baselines, methods
 from nirvana.cli import build_parser
 from nirvana.methods import DATA_FREE, METHODS, NEEDS, NEEDS_ACTIVATIONS, Method, get_method
 
-from .tiny_models import tiny_batch, tiny_model
+from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 
 def cli_method_choices() -> tuple:
@@ -73,3 +73,32 @@ def test_scores_through_the_object_equal_method_scores(name):
     want = methods.method_scores(model, ids, name, micro_batch_size=2, progress=False)
     assert got.meta["method"] == name
     assert torch.equal(got.attention, want.attention) and torch.equal(got.mlp, want.mlp)
+
+
+def test_the_documented_surface_scores_allocates_and_compacts_like_prune(tmp_path):
+    """nirvana.score -> nirvana.allocate -> nirvana.compact_model gives prune()'s scores, plan and model."""
+    import nirvana
+    from nirvana.pruning import count_params, prune
+
+    from .test_pruning import settings
+
+    cfg = settings(tmp_path, saliency="adam", gamma=2.0, round_to=1, out=None)
+    tok = tiny_tokenizer()
+    result = prune(cfg, model=tiny_model("llama"), tokenizer=tok, progress=False)
+
+    model = tiny_model("llama")
+    ids = cfg.calibration_windows(tok, cfg.seed, model, progress=False)
+    scores = nirvana.score(model, ids, "nirvana", micro_batch_size=2, progress=False, saliency="adam")
+    assert torch.equal(scores.attention, result.scores.attention) and torch.equal(scores.mlp, result.scores.mlp)
+    plan = nirvana.allocate(scores.attention, scores.mlp, scores.geometry, sparsity=0.3, gamma=2.0, round_to=1)
+    assert plan.layers == result.plan.layers
+    nirvana.compact_model(model, plan)
+    assert count_params(model) == count_params(result.model)
+    assert torch.equal(model(ids[:2]).logits, result.model(ids[:2]).logits)
+
+
+def test_score_refuses_a_setting_the_method_does_not_take_before_any_work():
+    import nirvana
+
+    with pytest.raises(ValueError, match=r"^objective: method 'wanda-sp' takes no such setting"):
+        nirvana.score(tiny_model("llama"), tiny_batch(2, 6), "wanda-sp", objective="ce", progress=False)

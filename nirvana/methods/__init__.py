@@ -69,16 +69,17 @@ def get_method(name) -> Method:
     return REGISTRY[name]
 
 
-def method_scores(
+def score(
     model: nn.Module,
-    windows: torch.Tensor | None,
-    method: str,
+    windows: torch.Tensor | None = None,
+    method: str = "nirvana",
     *,
     micro_batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    **settings,
 ) -> Scores:
-    """Score every KV group and MLP channel of a dense model with one of :data:`METHODS`.
+    """Score every KV group and MLP channel of a dense model with one of :data:`METHODS` (``nirvana.score``).
 
     ``nirvana``, ``magnitude`` and ``random`` are :func:`nirvana.saliency.compute_scores` (max-logit
     Taylor; ``sum |W|``; uniform from ``seed``); ``taylor`` is :func:`taylor_scores`; ``wanda-sp`` and
@@ -92,6 +93,8 @@ def method_scores(
         micro_batch_size: windows per forward (and backward) pass.
         seed: only ``random`` uses it.
         progress: show a tqdm bar over micro-batches.
+        settings: the method's own keywords (its ``settings``), e.g. ``objective="ce"`` or
+            ``saliency="adam"`` for ``nirvana``; any other is a ValueError naming it.
 
     Returns:
         :class:`Scores` (float32 on the CPU) with ``meta["method"] = method``. The model is left as found.
@@ -105,7 +108,14 @@ def method_scores(
         raise ValueError(f"seed: must be an integer, got {seed!r}")
     if windows is None and not scorer.data_free:
         raise ValueError(f"windows: method {method!r} needs calibration windows, got None")
-    return scorer.scores(model, windows, micro_batch_size=micro_batch_size, seed=int(seed), progress=progress)
+    scorer.check_settings(settings)
+    return scorer.scores(
+        model, windows, micro_batch_size=micro_batch_size, seed=int(seed), progress=progress, **settings
+    )
+
+
+# The name this function had before it became nirvana.score.
+method_scores = score
 
 
 apply_flap_compensation = flap.apply_flap_compensation
@@ -131,6 +141,7 @@ __all__ = [
     "load_statistics",
     "method_scores",
     "save_statistics",
+    "score",
     "standardize_per_layer",
     "stock_bias_flags",
     "taylor_scores",
