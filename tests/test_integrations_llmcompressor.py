@@ -174,7 +174,15 @@ def test_sparsity_too_high_for_gamma_is_refused_before_scoring(tmp_path):
     _, data = windows_and_dataset()
     with pytest.raises(ValueError, match=r"^[^\n]*gamma[^\n]*$"):
         run_oneshot(model, data, [NirvanaPruningModifier(sparsity=0.9, gamma=0.2)])
-    assert layer_widths(model) == layer_widths(saved_dense(tmp_path / "again"))
+    assert layer_widths(model) == layer_widths(tiny_model("llama"))
+
+
+def test_oneshot_without_calibration_data_is_refused_in_one_line(tmp_path):
+    model = saved_dense(tmp_path)
+    with pytest.raises(ValueError) as err:
+        oneshot(model=model, tokenizer=tiny_tokenizer(), recipe=[NirvanaPruningModifier(sparsity=0.3)])
+    assert str(err.value) == "calib: NirvanaPruningModifier needs calibration data, got none (pass dataset= to oneshot)"
+    assert layer_widths(model) == layer_widths(tiny_model("llama"))
 
 
 def test_calibration_windows_drop_padding_and_cut_to_length():
