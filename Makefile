@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_PKGS := torch==2.13.0 triton==3.7.1
 
-.PHONY: demo test bench quality static lint setup clean
+.PHONY: demo test test-integrations bench quality static lint setup clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,6 +19,21 @@ demo: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest -q tests benchmarks/test_bench_logic.py
+
+# llmcompressor 0.14 pins transformers<=5.17,>=5.15 and compressed-tensors==0.19.0, which the main venv's
+# transformers cannot meet: its integration test gets a venv of its own. One pip command again, torch in it.
+VENV_INT ?= .venv-integrations
+INT_PKGS := $(PIP_PKGS) llmcompressor==0.14.0.1 'pytest>=8'
+
+# A stamp, not the interpreter: a pip run that fails half-way is retried, not taken for done.
+$(VENV_INT)/.installed: setup.py
+	python3 -m venv $(VENV_INT)
+	$(VENV_INT)/bin/pip install --quiet --upgrade pip
+	$(VENV_INT)/bin/pip install --quiet $(INT_PKGS) -e .
+	touch $@
+
+test-integrations: $(VENV_INT)/.installed
+	$(VENV_INT)/bin/python -m pytest -q tests/test_integrations_llmcompressor.py
 
 bench: $(PY)
 	$(PY) -m pytest -q benchmarks --benchmark-only
