@@ -52,4 +52,4 @@ lint: $(PY)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) $(VENV_INT) build *.egg-info .pytest_cache .ruff_cache .benchmarks

@@ -43,8 +43,10 @@ from ..adapters import architecture_names, get_adapter
 from ..allocation import ALLOCATIONS, allocate, prune_fractions
 from ..checkpoint import apply_config, base_architecture, model_config_updates, rewrite_config
 from ..compaction import check_dense, compact_model
+from ..objective import OBJECTIVES
 from ..plan import PruningPlan
-from ..saliency import OBJECTIVES, Scores, compute_scores
+from ..saliency import compute_scores
+from ..scores import Scores
 
 __all__ = ["NirvanaPruningModifier", "calibration_windows"]
 
