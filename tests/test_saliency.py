@@ -1,58 +1,17 @@
-"""nirvana.saliency: objectives, micro-batched gradients, kernel scores against a float64 recomputation."""
+"""nirvana.saliency: NIRVANA's kernel scores (taylor, adam, magnitude, random) against a float64 recomputation."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
-import nirvana.objective as objective_module
 from nirvana.adapters import get_adapter
-from nirvana.objective import objective_value
-from nirvana.plan import Geometry
 from nirvana.saliency import ADAM_EPS, compute_scores
-from nirvana.scores import SCORES_FILE, SCORES_FORMAT, Scores, load_scores, save_scores
-from nirvana.sources.gradients import accumulate_gradients, prunable_parameters
+from nirvana.sources.gradients import prunable_parameters
 
 from .helpers import assert_bitwise_equal, assert_close
+from .references import N_WINDOWS, SEQ, flat_params, hand_objective, naive_grads, windows
 from .tiny_models import ARCHITECTURES, tiny_batch, tiny_model
-
-# Five windows: micro-batches of 2 leave a short last one, which must weigh by its share.
-N_WINDOWS, SEQ = 5, 12
-
-
-def windows(seed: int = 0) -> torch.Tensor:
-    return tiny_batch(N_WINDOWS, SEQ, seed=seed)
-
-
-def flat_params(model) -> list[torch.nn.Parameter]:
-    return [p for layer in get_adapter(model).layers(model) for part in prunable_parameters(layer) for p in part]
-
-
-# --------------------------------------------------------------------------------------------------
-# Hand references: the objectives through the model's own forward, and scores grouped by hand
-# --------------------------------------------------------------------------------------------------
-
-
-def hand_objective(model, ids: torch.Tensor, objective: str) -> torch.Tensor:
-    """The objective from ``model(ids).logits``, the way a reader of the paper would write it."""
-    logits = model(ids).logits  # [B, T, V], soft-capped by the model itself where it does that
-    if objective == "maxlogit":
-        return logits.max(dim=1).values.mean()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-def naive_grads(model, ids: torch.Tensor, objective: str) -> list[torch.Tensor]:
-    """float64 gradients of the prunable weights from one plain full-batch ``backward()``."""
-    params = flat_params(model)
-    model.zero_grad(set_to_none=True)
-    hand_objective(model, ids, objective).backward()
-    grads = [p.grad.detach().double().clone() for p in params]
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def hand_scores(model, grads, moments=None, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,78 +48,6 @@ def hand_scores(model, grads, moments=None, eps: float = 1e-8) -> tuple[torch.Te
 # --------------------------------------------------------------------------------------------------
 # Objectives and gradients (no kernels involved)
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("arch", ARCHITECTURES, ids=ARCHITECTURES)
-def test_maxlogit_objective_matches_hand_formula(arch):
-    model = tiny_model(arch)
-    ids = windows()
-    with torch.no_grad():
-        logits = model(ids).logits.double()
-    expected = logits.amax(dim=1).mean()  # max over positions, then mean over (sample, vocab)
-    got = objective_value(model, ids, "maxlogit")
-    assert got.dtype == torch.float32 and got.dim() == 0
-    assert_close(got, expected, rtol=1e-6, name=f"{arch} maxlogit")
-    sums = accumulate_gradients(model, ids, flat_params(model), micro_batch_size=2)
-    assert_close(torch.tensor(sums.objective), expected, rtol=1e-6, name="summed micro-batch objectives")
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"], ids=["llama", "qwen2", "gemma2"])
-def test_ce_objective_matches_transformers_loss(arch):
-    model = tiny_model(arch)
-    ids = windows()
-    with torch.no_grad():
-        expected = model(ids, labels=ids).loss  # transformers' own shifted next-token loss
-    assert_close(objective_value(model, ids, "ce"), expected, rtol=1e-6, name=f"{arch} ce")
-
-
-CASES = [(a, "maxlogit", 2) for a in ARCHITECTURES] + [
-    ("llama", "ce", 2),
-    ("gemma2", "ce", 3),
-    ("qwen2", "maxlogit", 1),
-]
-
-
-@pytest.mark.parametrize(("arch", "objective", "mbs"), CASES, ids=[f"{a}-{o}-mb{m}" for a, o, m in CASES])
-def test_micro_batch_gradient_sum_equals_full_batch(arch, objective, mbs):
-    model = tiny_model(arch)
-    ids = windows()
-    expected = naive_grads(model, ids, objective)
-    sums = accumulate_gradients(model, ids, flat_params(model), objective=objective, micro_batch_size=mbs)
-    assert sums.micro_batches == -(-N_WINDOWS // mbs)
-    assert sums.second_moment is None
-    whole = accumulate_gradients(model, ids, flat_params(model), objective=objective, micro_batch_size=N_WINDOWS)
-    for i, (g, w, e) in enumerate(zip(sums.grads, whole.grads, expected)):
-        assert g.dtype == torch.float32
-        scale = e.abs().max().item()
-        assert scale > 0, f"param {i}: zero gradient, the test would prove nothing"
-        assert_close(g, e, rtol=1e-4, atol=1e-5 * scale, name=f"micro-batched grad {i}")
-        assert_close(w, e, rtol=1e-4, atol=1e-5 * scale, name=f"one-batch grad {i}")
-
-
-def test_vocab_chunking_changes_nothing(monkeypatch):
-    model = tiny_model("gemma2")  # with the final logit soft-cap, applied after the max over positions
-    ids = windows()
-    params = flat_params(model)
-    whole = accumulate_gradients(model, ids, params, micro_batch_size=5)
-    # 24 logits per slice: the 128-token vocabulary is projected in 5-row slices.
-    monkeypatch.setattr(objective_module, "LOGIT_CHUNK_ELEMS", 5 * N_WINDOWS * SEQ)
-    chunked = accumulate_gradients(model, ids, params, micro_batch_size=5)
-    assert_close(torch.tensor(chunked.objective), torch.tensor(whole.objective), rtol=1e-6, name="objective")
-    for i, (c, w) in enumerate(zip(chunked.grads, whole.grads)):
-        assert_close(c, w, rtol=1e-5, atol=1e-6 * w.abs().max().item(), name=f"grad {i}")
-
-
-def test_second_moment_is_mean_of_micro_batch_squares():
-    model = tiny_model("llama")
-    ids = windows()
-    params = flat_params(model)
-    sums = accumulate_gradients(model, ids, params, micro_batch_size=2, second_moment=True)
-    shares = [2 / 5, 2 / 5, 1 / 5]
-    own = [naive_grads(model, ids[s : s + 2], "maxlogit") for s in (0, 2, 4)]  # each batch's own mean
-    for i, v in enumerate(sums.second_moment):
-        expected = sum(w * g[i] ** 2 for w, g in zip(shares, own))
-        assert_close(v, expected, rtol=1e-4, atol=1e-6 * expected.max().item(), name=f"V {i}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,61 +286,3 @@ def test_pruned_model_is_refused():
     model.model.layers[1].mlp.up_proj = torch.nn.Linear(32, 40, bias=False)
     with pytest.raises(ValueError, match=r"model: layer 1 has 16 k_proj rows and 40 MLP channels"):
         compute_scores(model, windows(), progress=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------
-
-
-def _scores(meta=None) -> Scores:
-    g = Geometry(num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48)
-    gen = torch.Generator().manual_seed(0)
-    return Scores(torch.randn(3, 2, generator=gen), torch.randn(3, 48, generator=gen), g, meta or {"objective": "ce"})
-
-
-@pytest.mark.parametrize("target", ["file", "directory"], ids=["file", "directory"])
-def test_save_load_round_trip(tmp_path, target):
-    scores = _scores({"objective": "maxlogit", "objective_value": 0.125, "micro_batch_size": 8, "nested": [1, "a"]})
-    path = tmp_path / "x.safetensors" if target == "file" else tmp_path
-    written = save_scores(scores, path)
-    assert written == (path if target == "file" else tmp_path / SCORES_FILE) and written.is_file()
-    back = load_scores(path)
-    assert_bitwise_equal(back.attention, scores.attention, name="attention")
-    assert_bitwise_equal(back.mlp, scores.mlp, name="mlp")
-    assert back.geometry == scores.geometry
-    assert back.meta == scores.meta
-
-
-def test_computed_scores_round_trip(tmp_path):
-    model = tiny_model("qwen3", num_hidden_layers=1)
-    scores = compute_scores(model, windows(), progress=False)
-    back = load_scores(save_scores(scores, tmp_path))
-    assert_bitwise_equal(back.attention, scores.attention, name="attention")
-    assert back.meta == scores.meta and back.geometry == scores.geometry
-
-
-def test_load_rejects_foreign_or_mismatched_files(tmp_path):
-    with pytest.raises(ValueError, match=r"path: no scores file"):
-        load_scores(tmp_path / "missing.safetensors")
-    foreign = tmp_path / "foreign.safetensors"
-    save_file({"attention": torch.zeros(3, 2)}, str(foreign))
-    with pytest.raises(ValueError, match=r"path: .* is not a nirvana scores file"):
-        load_scores(foreign)
-    bad = tmp_path / "bad.safetensors"
-    good = _scores()
-    geometry = dict(good.geometry.to_dict(), intermediate_size=50)
-    meta = {"format": SCORES_FORMAT, "version": "1", "geometry": json.dumps(geometry), "meta": "{}"}
-    save_file({"attention": good.attention, "mlp": good.mlp}, str(bad), metadata=meta)
-    with pytest.raises(ValueError, match=r"mlp: shape \(3, 48\) does not match the geometry's \(3, 50\)"):
-        load_scores(bad)
-
-
-def test_scores_validate_their_tensors():
-    good = _scores()
-    with pytest.raises(ValueError, match=r"attention: dtype must be float32"):
-        Scores(good.attention.double(), good.mlp, good.geometry)
-    with pytest.raises(ValueError, match=r"attention: shape \(2, 2\)"):
-        Scores(good.attention[:2], good.mlp, good.geometry)
-    with pytest.raises(ValueError, match=r"scores.meta: must be JSON-serialisable"):
-        save_scores(_scores({"bad": object()}), "unused.safetensors")
