@@ -383,7 +383,7 @@ def check_dense_layers(layers: list[LayerModules], geometry: Geometry) -> None:
             )
 
 
-def _adam_state(
+def adam_state(
     optimizer, params: Sequence[nn.Parameter], names: dict[int, str]
 ) -> tuple[list[torch.Tensor], float, float, dict]:
     """Each parameter's Adam second moment, plus the eps and scale that fold in the bias correction.
@@ -564,7 +564,7 @@ def compute_scores(
     eps, scale, moments_from_opt = ADAM_EPS, 1.0, None
     if optimizer is not None:
         param_names = {id(p): n for n, p in model.named_parameters()}
-        moments_from_opt, eps, scale, info = _adam_state(optimizer, flat, param_names)
+        moments_from_opt, eps, scale, info = adam_state(optimizer, flat, param_names)
         meta.update(info, second_moment="optimizer")
     elif saliency == "adam":
         meta["second_moment"] = "micro-batch"
@@ -703,6 +703,7 @@ __all__ = [
     "SCORES_VERSION",
     "Scores",
     "accumulate_gradients",
+    "adam_state",
     "as_grad_dtype",
     "attention_parameters",
     "check_dense_layers",

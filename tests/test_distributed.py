@@ -1,4 +1,4 @@
-"""nirvana.distributed: FSDP2 scoring on 2 gloo ranks against one process; --device-map; the flags' errors."""
+"""nirvana.distributed: every method under FSDP2 on 2 gloo ranks against one process; --device-map; flag errors."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
 from nirvana.saliency import compute_scores, load_scores, prunable_parameters
 
-from .distributed_worker import SETTINGS
+from .distributed_worker import ADAM, CASES, SETTINGS, compensated_biases, fake_gradients
 from .helpers import assert_bitwise_equal, assert_close
 from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
@@ -63,7 +63,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp."""
+    """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp, every case."""
     tmp = tmp_path_factory.mktemp("fsdp")
     folders = {arch: _save_tiny(tmp, arch) for arch in LAUNCHED}
     calib = _calib_text(tmp / "calib.txt")
@@ -110,7 +110,7 @@ def test_fsdp_scores_and_plan_match_one_process(fsdp_run, arch):
 @pytest.mark.parametrize("arch", LAUNCHED)
 def test_every_rank_ends_with_the_same_scores_and_plan(fsdp_run, arch):
     _, _, out = fsdp_run
-    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(out / f"{arch}.nirvana.rank{r}.pt") for r in range(WORLD)]
     saved = load_scores(out / arch)
     for r, got in enumerate(ranks):
         assert_bitwise_equal(got["attention"], saved.attention, name=f"rank {r} attention")
@@ -122,10 +122,83 @@ def test_every_rank_ends_with_the_same_scores_and_plan(fsdp_run, arch):
 def test_fsdp_magnitude_scores_match_one_process(fsdp_run, arch):
     folders, _, out = fsdp_run
     expected = compute_scores(load_model(folders[arch])[0], None, saliency="magnitude", progress=False)
-    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(out / f"{arch}.shards.rank{r}.pt") for r in range(WORLD)]
     for r, got in enumerate(ranks):
         assert_close(got["magnitude_attention"], expected.attention, rtol=RTOL, name=f"rank {r} attention")
         assert_close(got["magnitude_mlp"], expected.mlp, rtol=RTOL, name=f"rank {r} mlp")
+
+
+def _one_process(folder: Path, calib: Path, overrides: dict):
+    """What ``prune`` gives in one process for a case: micro-batch Adam with the global micro-batch."""
+    settings = {**SETTINGS, **overrides}
+    if settings.get("saliency") == "adam":
+        settings["micro_batch_size"] *= WORLD
+    return prune(PruneSettings(model=str(folder), calib=str(calib), device="cpu", **settings), progress=False)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_every_method_matches_one_process(fsdp_run, arch, case):
+    folders, calib, out = fsdp_run
+    single = _one_process(folders[arch], calib, CASES[case])
+    ranks = [torch.load(out / f"{arch}.{case}.rank{r}.pt") for r in range(WORLD)]
+    got = ranks[0]
+    assert_close(got["attention"], single.scores.attention, rtol=RTOL, name="attention")
+    assert_close(got["mlp"], single.scores.mlp, rtol=RTOL, name="mlp")
+    assert got["meta"]["method"] == single.scores.meta["method"]
+    assert got["plan"]["layers"] == single.plan.to_dict()["layers"]
+    # --select-calib and --gamma auto: rank 0's KL selection picks what one process picks.
+    assert (got["selection"]["seed"], got["selection"]["gamma"]) == (
+        single.report["selection"]["seed"],
+        single.report["selection"]["gamma"],
+    )
+    if "kl" in single.report["selection"]:
+        assert got["selection"]["kl"] == pytest.approx(single.report["selection"]["kl"], rel=1e-4)
+    # FLAP's compensation comes from the all-reduced statistics: the same biases (none for the others).
+    expected = compensated_biases(single.model)
+    assert sorted(got["biases"]) == sorted(expected)
+    assert bool(expected) == CASES[case].get("method", "nirvana").startswith("flap")
+    for key, bias in expected.items():
+        assert_close(got["biases"][key], bias, rtol=RTOL, name=f"bias {key}")
+    for r, other in enumerate(ranks[1:], start=1):
+        assert_bitwise_equal(other["attention"], got["attention"], name=f"rank {r} attention")
+        assert_bitwise_equal(other["mlp"], got["mlp"], name=f"rank {r} mlp")
+        assert other["plan"] == got["plan"]
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_micro_batch_adam_is_one_process_with_the_global_micro_batch(fsdp_run, arch):
+    folders, calib, out = fsdp_run
+    meta = torch.load(out / f"{arch}.adam.rank0.pt")["meta"]
+    assert meta["second_moment"] == "micro-batch"
+    assert meta["global_micro_batch_size"] == WORLD * SETTINGS["micro_batch_size"]
+    # Not the same as one process at the per-rank micro-batch: its second moment averages other gradients.
+    # (_one_process doubles the micro-batch for Adam: 1 * WORLD is the per-rank micro-batch, 2.)
+    same_size = _one_process(folders[arch], calib, dict(saliency="adam", micro_batch_size=1))
+    assert not torch.allclose(torch.load(out / f"{arch}.adam.rank0.pt")["mlp"], same_size.scores.mlp, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_adam_from_an_optimizer_over_the_shards_matches_one_process(fsdp_run, arch):
+    folders, calib, out = fsdp_run
+    model, tokenizer = load_model(folders[arch])
+    optimizer = torch.optim.Adam(model.parameters(), **ADAM)
+    fake_gradients(model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    windows = calibration_windows(
+        str(calib), tokenizer, num_samples=SETTINGS["num_samples"], seq_len=SETTINGS["seq_len"]
+    )
+    expected = compute_scores(
+        model, windows, saliency="adam", optimizer=optimizer, micro_batch_size=SETTINGS["micro_batch_size"],
+        progress=False,
+    )  # fmt: skip
+    for r in range(WORLD):
+        got = torch.load(out / f"{arch}.shards.rank{r}.pt")
+        assert_close(got["adam_attention"], expected.attention, rtol=RTOL, name=f"rank {r} attention")
+        assert_close(got["adam_mlp"], expected.mlp, rtol=RTOL, name=f"rank {r} mlp")
+        assert got["adam_meta"]["second_moment"] == "optimizer"
+        assert got["adam_meta"]["eps"] == pytest.approx(expected.meta["eps"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,18 +339,33 @@ def torchrun_env(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(distributed="fsdp", saliency="adam"), "saliency"),
-        (dict(distributed="fsdp", method="flap"), "method"),
+        (dict(distributed="fsdp", saliency="sgd"), "saliency"),
+        (dict(distributed="fsdp", method="taylor"), "per-window gradients"),
         (dict(distributed="fsdp", device="cuda:1"), "LOCAL_RANK"),
         (dict(distributed="fsdp", device_map="auto"), "device_map"),
         (dict(device_map="auto", device="cpu"), "device_map"),
         (dict(device_map="everywhere"), "device_map"),
     ],
-    ids=["adam", "baseline", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
+    ids=["unknown-saliency", "per-window-taylor", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
 )
 def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
     with pytest.raises(ValueError, match=message):
         PruneSettings(model="smollm2", **overrides).check()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(method=m) for m in ("magnitude", "random", "wanda-sp", "flap")] + [dict(saliency="adam")],
+    ids=["magnitude", "random", "wanda-sp", "flap", "adam"],
+)
+def test_settings_accept_every_method_but_taylor(torchrun_env, overrides):
+    PruneSettings(model="smollm2", distributed="fsdp", **overrides).check()
+
+
+def test_taylor_refusal_is_one_line_saying_why(torchrun_env):
+    with pytest.raises(ValueError, match="taylor") as err:
+        PruneSettings(model="smollm2", distributed="fsdp", method="taylor").check()
+    assert "\n" not in str(err.value) and "each window's own gradient" in str(err.value)
 
 
 def test_distributed_prune_refuses_a_model_object(torchrun_env):

@@ -19,6 +19,7 @@ from ..plan import Geometry
 from ..saliency import Scores, model_device, scoring_state
 from .base import ACTIVATIONS, Method
 from .common import check_micro_batch, check_windows, dense_layers, hooks, progress_bar, with_window_meta
+from .reductions import DENSE_WEIGHTS, WeightReductions
 
 # What ActivationStats holds statistics of: the inputs of q/k/v, o_proj, gate/up and down_proj.
 INPUTS = ("attn", "o", "mlp", "down")
@@ -217,8 +218,9 @@ class FromStatistics(Method):
         return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
 
     @abc.abstractmethod
-    def from_statistics(self, model: nn.Module, stats) -> Scores:
-        """The scores from ``stats`` (an :class:`~nirvana.methods.activations.ActivationStats`)."""
+    def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
+        """The scores from ``stats`` (an :class:`~nirvana.methods.activations.ActivationStats`); ``weights`` reads
+        the weights (whole by default; :class:`nirvana.shards.ShardedWeights` on an FSDP2-sharded model)."""
 
     def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
         """:meth:`from_statistics`, gathering the statistics first unless ``stats`` holds them."""
