@@ -45,7 +45,7 @@ import nirvana_kernels
 
 from .adapters import architecture_names, get_adapter
 from .methods import get_method
-from .methods.base import ACTIVATIONS, GRADIENTS, WEIGHTS_ONLY
+from .methods.base import ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS, WEIGHTS_ONLY
 from .methods.common import with_window_meta
 from .plan import Geometry, PruningPlan
 from .saliency import (
@@ -64,15 +64,17 @@ from .saliency import (
     prunable_parameters,
     scoring_state,
 )
+from .sharded_taylor import sharded_taylor_scores
 from .shards import SHARDED_WEIGHTS, local_rows, rank_steps, shard_for_scoring, sharded_statistics
 
 STRATEGIES = ("fsdp",)
 # Every saliency: "adam" reads an optimizer's local-shard state, or (micro-batch Adam) each global
 # step's gradient, which is one single-process micro-batch of world_size * micro_batch_size windows.
 DISTRIBUTED_SALIENCIES = SALIENCIES
-# What a method may read under --distributed: the sources this module shards. Per-window gradients
-# (taylor) are not among them, see the module docstring.
-DISTRIBUTED_NEEDS = (WEIGHTS_ONLY, ACTIVATIONS, GRADIENTS)
+# What a method may read under --distributed: the sources this module shards.
+DISTRIBUTED_NEEDS = (WEIGHTS_ONLY, ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS)
+# Per-window gradients are formed by each method's own hooks, so each such method has its sharded twin.
+PER_WINDOW_SCORERS = {"taylor": sharded_taylor_scores}
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Ranks other than 0 wait in one collective while rank 0 compacts and saves; that can take long for
 # a large model, and NCCL's default timeout (10 minutes) would kill them.
@@ -379,12 +381,14 @@ def _sharded_gradients(
 
 
 def check_method(method, saliency: str) -> None:
-    """A one-line ValueError unless ``method`` (a name) runs under ``--distributed``."""
+    """A one-line ValueError unless ``method`` (a name) and ``saliency`` run under ``--distributed``."""
     scorer = get_method(method)
-    if scorer.needs not in DISTRIBUTED_NEEDS:
+    if scorer.needs not in DISTRIBUTED_NEEDS or (
+        scorer.needs == PER_WINDOW_GRADIENTS and scorer.name not in PER_WINDOW_SCORERS
+    ):
         raise ValueError(
-            f"method: {method!r} is not supported under --distributed: it needs {scorer.needs} (each window's "
-            "own gradient), and a sharded step's gradient is summed over its windows; score it on one process"
+            f"method: {method!r} is not supported under --distributed: it needs {scorer.needs} and has no "
+            "sharded version of its per-window hooks; score it on one process"
         )
     if saliency not in DISTRIBUTED_SALIENCIES:
         raise ValueError(f"saliency: must be one of {', '.join(DISTRIBUTED_SALIENCIES)}, got {saliency!r}")
@@ -406,11 +410,16 @@ def method_scores_on_ranks(
     The sharded source is chosen by what the method ``needs``: weights only and gradients go through
     :func:`fsdp_scores` (with the method's saliency: ``nirvana``'s setting, or the baseline's own),
     activations through :func:`nirvana.shards.sharded_statistics` and the method's own formula on
-    :data:`nirvana.shards.SHARDED_WEIGHTS`. ``settings``: the method's :attr:`~Method.settings`.
+    :data:`nirvana.shards.SHARDED_WEIGHTS`, per-window gradients through the method's entry in
+    :data:`PER_WINDOW_SCORERS` (``taylor``: :func:`nirvana.sharded_taylor.sharded_taylor_scores`).
+    ``settings``: the method's :attr:`~Method.settings`.
     """
     scorer = get_method(method) if isinstance(method, str) else method
     scorer.check_settings(settings)
     check_method(scorer.name, settings.get("saliency", "taylor"))
+    if scorer.needs == PER_WINDOW_GRADIENTS:
+        scores = PER_WINDOW_SCORERS[scorer.name](sharded, windows, micro_batch_size=micro_batch_size, progress=progress)
+        return scores, None
     if scorer.needs == ACTIVATIONS:
         stats = sharded_statistics(sharded, windows, micro_batch_size=micro_batch_size, progress=progress)
         scores = with_window_meta(scorer.from_statistics(sharded.lm, stats, SHARDED_WEIGHTS), windows, micro_batch_size)
@@ -520,6 +529,7 @@ __all__ = [
     "DISTRIBUTED_NEEDS",
     "DISTRIBUTED_SALIENCIES",
     "LAUNCH_ENV",
+    "PER_WINDOW_SCORERS",
     "STRATEGIES",
     "RankInfo",
     "RankScores",

@@ -31,6 +31,7 @@ CASES = {
     "random": dict(method="random", seed=3),
     "wanda-sp": dict(method="wanda-sp"),
     "flap": dict(method="flap"),
+    "taylor": dict(method="taylor"),  # per-window gradients, from hooks on the sharded layers
     "adam": dict(saliency="adam"),  # micro-batch Adam: one process with micro_batch_size * world_size
     "flap-select": dict(method="flap", select_calib=2, gamma="auto", heldout_samples=3),
 }

@@ -340,13 +340,12 @@ def torchrun_env(monkeypatch):
     ("overrides", "message"),
     [
         (dict(distributed="fsdp", saliency="sgd"), "saliency"),
-        (dict(distributed="fsdp", method="taylor"), "per-window gradients"),
         (dict(distributed="fsdp", device="cuda:1"), "LOCAL_RANK"),
         (dict(distributed="fsdp", device_map="auto"), "device_map"),
         (dict(device_map="auto", device="cpu"), "device_map"),
         (dict(device_map="everywhere"), "device_map"),
     ],
-    ids=["unknown-saliency", "per-window-taylor", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
+    ids=["unknown-saliency", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
 )
 def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -355,17 +354,20 @@ def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(method=m) for m in ("magnitude", "random", "wanda-sp", "flap")] + [dict(saliency="adam")],
-    ids=["magnitude", "random", "wanda-sp", "flap", "adam"],
+    [dict(method=m) for m in ("magnitude", "random", "taylor", "wanda-sp", "flap")] + [dict(saliency="adam")],
+    ids=["magnitude", "random", "taylor", "wanda-sp", "flap", "adam"],
 )
-def test_settings_accept_every_method_but_taylor(torchrun_env, overrides):
+def test_settings_accept_every_method(torchrun_env, overrides):
     PruneSettings(model="smollm2", distributed="fsdp", **overrides).check()
 
 
-def test_taylor_refusal_is_one_line_saying_why(torchrun_env):
+def test_a_per_window_method_without_a_sharded_version_is_refused_in_one_line(torchrun_env, monkeypatch):
+    from nirvana import distributed
+
+    monkeypatch.setattr(distributed, "PER_WINDOW_SCORERS", {})
     with pytest.raises(ValueError, match="taylor") as err:
         PruneSettings(model="smollm2", distributed="fsdp", method="taylor").check()
-    assert "\n" not in str(err.value) and "each window's own gradient" in str(err.value)
+    assert "\n" not in str(err.value) and "score it on one process" in str(err.value)
 
 
 def test_distributed_prune_refuses_a_model_object(torchrun_env):
