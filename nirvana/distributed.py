@@ -1,31 +1,60 @@
 """Distributed scoring with FSDP2: ``torchrun --nproc-per-node N -m nirvana prune ... --distributed fsdp``.
 
-What crosses the network, and why that is enough:
+Every method runs sharded; the source it reads is sharded, not the method (:func:`method_scores_on_ranks`
+picks the source by what the method ``needs``). What crosses the network, and why that is enough:
 
 1. Each decoder layer is an FSDP2 unit (``fully_shard``); the embeddings, final norm and lm_head form the
    root unit. Every parameter is a DTensor sharded on dim 0: rank ``r`` of ``W`` ranks holds rows
    ``[r * c, min((r + 1) * c, rows))`` with ``c = ceil(rows / W)`` (the last shards may be short or empty).
-2. Each rank runs the calibration forward/backward on its own slice of the same calibration windows
-   (``torch.tensor_split(windows, W)[r]``, so the union is the single-process set). Every micro-batch's
-   objective is divided by the global window count and FSDP's reduce-scatter is set to a plain SUM, so
-   each rank's local gradient shard is exactly the single-process full-batch gradient of its rows.
-   (This traffic, weight all-gathers and gradient reduce-scatters, is FSDP's own.)
-3. Each rank scores its local shards with ``nirvana_kernels.saliency``: per-row sums of ``|W * G|`` for
-   q/k/v/gate/up and the q/k/v biases (a row belongs wholly to one rank, so these are final), and
-   per-column partial sums over the local rows of o_proj/down_proj (sharded on the hidden dim, so each
-   rank holds part of every column). Rows are mapped to their KV group (``row // (G * head_dim)`` for q,
-   ``row // head_dim`` for k/v) or MLP channel with the shard's global row offset.
-4. One ``all_reduce(SUM)`` of a float32 vector of ``L * (H_kv + I)`` entries (plus the objective's value)
-   turns the partial sums into the full scores on every rank: ``4 * (H_kv + I)`` bytes per layer, never a
-   weight or a gradient.
+   See :mod:`nirvana.shards`.
+2. The calibration windows run in global steps (``nirvana.shards.rank_steps``): step ``s`` covers windows
+   ``[s*W*m, (s+1)*W*m)`` (``m = --micro-batch-size``), rank ``r`` takes the ``r``-th ``m`` of them, and
+   the union over steps is the single-process set. So one global step is one single-process micro-batch
+   of ``W*m`` windows. A rank whose slice is empty still runs the step (each is a collective), with
+   weight zero.
+3. Gradients (``nirvana``, ``adam``): every step's objective is divided by the global window count and
+   FSDP's reduce-scatter is a plain float32 SUM, so each rank's local gradient shard is exactly the
+   gradient of its rows (FSDP's own traffic: weight all-gathers, gradient reduce-scatters). Each rank
+   scores its local shards with ``nirvana_kernels.saliency``: per-row sums of ``|W * G|`` for
+   q/k/v/gate/up and the q/k/v biases (a row lies wholly on one rank, so these are final), per-column
+   partial sums over the local rows of o_proj/down_proj. Rows are mapped to their KV group or MLP channel
+   with the shard's global row offset. One ``all_reduce(SUM)`` of ``L * (H_kv + I)`` float32 values
+   (``4 * (H_kv + I)`` bytes per layer, never a weight or a gradient) gives every rank the full scores.
+4. Activation statistics (``wanda-sp``, ``flap``): forward pre-hooks on the sharded layers see each
+   rank's full activations; the float64 sums of ``x`` and ``x**2`` and the token count are all-reduced
+   (``nirvana.shards.sharded_statistics``). The methods read the weights only through three reductions
+   (``|W| @ v`` per row, ``sum |W|`` and ``sum W**2`` per column), which ``nirvana.shards.ShardedWeights``
+   computes from the local rows with one all_reduce each. Every rank, so rank 0 too, holds the
+   statistics: FLAP's ``compensate(model, plan, stats)`` runs in rank 0's final single-process step.
+5. Per-window gradients (``taylor``): ``nirvana.sharded_taylor`` forms each window's ``dCE_s/dW =
+   dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its per-row / per-column
+   ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
+6. ``magnitude`` reads the local shards only (``|W * 1|``); ``random`` draws from the seed, as one process.
 
-The sums run in a different order than on one process, so scores agree to float32 rounding, not bit for
-bit. After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on
-``--device``, default the CPU, since a model that needs FSDP does not fit one GPU), allocates, compacts
-and saves through the ordinary single-process flow with the scores it already has, then broadcasts the
-plan; the other ranks wait for that broadcast and exit. This module only scores and shares the plan
-(:func:`score_on_ranks`, :func:`share_plan`); :func:`nirvana.pruning.prune` runs the rest, so nothing
-here calls back into the flow.
+What equals one process, and what does not:
+
+* ``nirvana`` (``--saliency taylor``, the default, ``magnitude`` or ``random``), the methods ``magnitude``,
+  ``random``, ``taylor``, ``wanda-sp`` and ``flap`` (with its compensation biases), and ``--saliency adam``
+  with an optimizer's state (Python API: :func:`fsdp_scores` with ``optimizer=``, an Adam/AdamW built
+  over the sharded parameters, whose ``exp_avg_sq`` are DTensors sharded like them; each rank reads its
+  rows): equal to one process at the same settings up to float32 rounding (``random`` bit for bit).
+  None of these depends on the micro-batching, so ``W`` and ``m`` do not matter.
+* Micro-batch Adam (``--saliency adam`` without an optimizer): ``V`` is the share-weighted mean of each
+  micro-batch's squared gradient, and the micro-batch is the global step. Under ``W`` ranks with
+  ``--micro-batch-size m`` it equals one process with ``--micro-batch-size W*m`` (same windows per
+  micro-batch, in the same order) up to float32 rounding, and NOT one process with ``m``; the scores'
+  ``meta["global_micro_batch_size"]`` records ``W*m``.
+* ``taylor`` (per-window) equals one process: each window's gradient is its own on whichever rank ran it.
+* Everywhere: sums run in a different order than on one process, so agreement is to float32 rounding.
+* ``--select-calib K`` and ``--gamma auto`` run in rank 0's final single-process step from the K sets'
+  distributed scores (and statistics), with the held-out windows one process draws: the same choice.
+
+After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on ``--device``,
+default the CPU, since a model that needs FSDP does not fit one GPU), allocates (with KL selection),
+compensates, compacts and saves through the ordinary single-process flow with the scores and
+statistics it already has, then broadcasts the plan; the other ranks wait for that broadcast and exit.
+This module only scores and shares the plan (:func:`score_on_ranks`, :func:`share_plan`);
+:func:`nirvana.pruning.prune` runs the rest, so nothing here calls back into the flow.
 """
 
 from __future__ import annotations
