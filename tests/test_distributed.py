@@ -240,6 +240,41 @@ def test_partial_scores_summed_over_shards_equal_the_whole(world):
     assert_close(channels, whole_mlp, rtol=RTOL, name="mlp")
 
 
+def test_partial_adam_scores_summed_over_shards_equal_the_whole():
+    # Second moments sharded like their weights (Adam's exp_avg_sq over FSDP2 parameters), biases included.
+    world, eps = 3, 1e-3
+    model = tiny_model("qwen2", **MODELS["qwen2"])
+    geometry = get_adapter(model).geometry(model.config)
+    attn, mlp = prunable_parameters(get_adapter(model).layers(model)[0])
+    gen = torch.Generator().manual_seed(2)
+    full = [
+        (p.detach(), torch.randn(p.shape, generator=gen), torch.rand(p.shape, generator=gen)) for p in (*attn, *mlp)
+    ]
+    att = torch.zeros(geometry.num_kv_heads)
+    channels = torch.zeros(geometry.intermediate_size)
+    for r in range(world):
+        entries = []
+        for w, g, v in full:
+            rows = [c.shape[0] for c in torch.chunk(w, world)]
+            start = sum(rows[:r])
+            n = rows[r] if r < len(rows) else 0
+            entries.append((start, w[start : start + n], g[start : start + n], v[start : start + n]))
+        a, m = layer_partial_scores(geometry, entries[: len(attn)], entries[len(attn) :], eps)
+        att += a
+        channels += m
+    (q, k, v, o, qb, kb, vb), (up, down, gate) = full[: len(attn)], full[len(attn) :]
+    whole_att = nirvana_kernels.attention_group_saliency(
+        *q[:2], *k[:2], *v[:2], *o[:2], num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+        q_b=qb[0], q_bg=qb[1], k_b=kb[0], k_bg=kb[1], v_b=vb[0], v_bg=vb[1],
+        exp_avg_sq=tuple(t[2] for t in (q, k, v, o, qb, kb, vb)), eps=eps,
+    )  # fmt: skip
+    whole_mlp = nirvana_kernels.mlp_channel_saliency(
+        *up[:2], *down[:2], gate_w=gate[0], gate_g=gate[1], exp_avg_sq=(up[2], down[2], gate[2]), eps=eps
+    )
+    assert_close(att, whole_att, rtol=RTOL, name="attention")
+    assert_close(channels, whole_mlp, rtol=RTOL, name="mlp")
+
+
 # --------------------------------------------------------------------------------------------------
 # --device-map: one process, the model placed by accelerate
 # --------------------------------------------------------------------------------------------------
