@@ -1,41 +1,69 @@
 """Distributed scoring with FSDP2: ``torchrun --nproc-per-node N -m nirvana prune ... --distributed fsdp``.
 
-What crosses the network, and why that is enough:
+Every method runs sharded; the source it reads is sharded, not the method (:func:`method_scores_on_ranks`
+picks the source by what the method ``needs``). What crosses the network, and why that is enough:
 
 1. Each decoder layer is an FSDP2 unit (``fully_shard``); the embeddings, final norm and lm_head form the
    root unit. Every parameter is a DTensor sharded on dim 0: rank ``r`` of ``W`` ranks holds rows
    ``[r * c, min((r + 1) * c, rows))`` with ``c = ceil(rows / W)`` (the last shards may be short or empty).
-2. Each rank runs the calibration forward/backward on its own slice of the same calibration windows
-   (``torch.tensor_split(windows, W)[r]``, so the union is the single-process set). Every micro-batch's
-   objective is divided by the global window count and FSDP's reduce-scatter is set to a plain SUM, so
-   each rank's local gradient shard is exactly the single-process full-batch gradient of its rows.
-   (This traffic, weight all-gathers and gradient reduce-scatters, is FSDP's own.)
-3. Each rank scores its local shards with ``nirvana_kernels.saliency``: per-row sums of ``|W * G|`` for
-   q/k/v/gate/up and the q/k/v biases (a row belongs wholly to one rank, so these are final), and
-   per-column partial sums over the local rows of o_proj/down_proj (sharded on the hidden dim, so each
-   rank holds part of every column). Rows are mapped to their KV group (``row // (G * head_dim)`` for q,
-   ``row // head_dim`` for k/v) or MLP channel with the shard's global row offset.
-4. One ``all_reduce(SUM)`` of a float32 vector of ``L * (H_kv + I)`` entries (plus the objective's value)
-   turns the partial sums into the full scores on every rank: ``4 * (H_kv + I)`` bytes per layer, never a
-   weight or a gradient.
+   See :mod:`nirvana.shards`.
+2. The calibration windows run in global steps (``nirvana.sources.fsdp.rank_steps``): step ``s`` covers windows
+   ``[s*W*m, (s+1)*W*m)`` (``m = --micro-batch-size``), rank ``r`` takes the ``r``-th ``m`` of them, and
+   the union over steps is the single-process set. So one global step is one single-process micro-batch
+   of ``W*m`` windows. A rank whose slice is empty still runs the step (each is a collective), with
+   weight zero.
+3. Gradients (``nirvana``, ``adam``): every step's objective is divided by the global window count and
+   FSDP's reduce-scatter is a plain float32 SUM, so each rank's local gradient shard is exactly the
+   gradient of its rows (FSDP's own traffic: weight all-gathers, gradient reduce-scatters). Each rank
+   scores its local shards with ``nirvana_kernels.saliency``: per-row sums of ``|W * G|`` for
+   q/k/v/gate/up and the q/k/v biases (a row lies wholly on one rank, so these are final), per-column
+   partial sums over the local rows of o_proj/down_proj. Rows are mapped to their KV group or MLP channel
+   with the shard's global row offset. One ``all_reduce(SUM)`` of ``L * (H_kv + I)`` float32 values
+   (``4 * (H_kv + I)`` bytes per layer, never a weight or a gradient) gives every rank the full scores.
+4. Activation statistics (``wanda-sp``, ``flap``): forward pre-hooks on the sharded layers see each
+   rank's full activations; the float64 sums of ``x`` and ``x**2`` and the token count are all-reduced
+   (``nirvana.sources.fsdp.sharded_statistics``). The methods read the weights only through three reductions
+   (``|W| @ v`` per row, ``sum |W|`` and ``sum W**2`` per column), which ``nirvana.sources.fsdp.ShardedWeights``
+   computes from the local rows with one all_reduce each. Every rank, so rank 0 too, holds the
+   statistics: FLAP's ``compensate(model, plan, stats)`` runs in rank 0's final single-process step.
+5. Per-window gradients (``taylor``): ``nirvana.sharded_taylor`` forms each window's ``dCE_s/dW =
+   dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its per-row / per-column
+   ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
+6. ``magnitude`` reads the local shards only (``|W * 1|``); ``random`` draws from the seed, as one process.
 
-The sums run in a different order than on one process, so scores agree to float32 rounding, not bit for
-bit. After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on
-``--device``, default the CPU, since a model that needs FSDP does not fit one GPU), allocates, compacts
-and saves through the ordinary single-process flow with the scores it already has, then broadcasts the
-plan; the other ranks wait for that broadcast and exit. This module only scores and shares the plan
-(:func:`score_on_ranks`, :func:`share_plan`); :func:`nirvana.pruning.prune` runs the rest, so nothing
-here calls back into the flow.
+What equals one process, and what does not:
+
+* ``nirvana`` (``--saliency taylor``, the default, ``magnitude`` or ``random``), the methods ``magnitude``,
+  ``random``, ``taylor``, ``wanda-sp`` and ``flap`` (with its compensation biases), and ``--saliency adam``
+  with an optimizer's state (Python API: :func:`fsdp_scores` with ``optimizer=``, an Adam/AdamW built
+  over the sharded parameters, whose ``exp_avg_sq`` are DTensors sharded like them; each rank reads its
+  rows): equal to one process at the same settings up to float32 rounding (``random`` bit for bit).
+  None of these depends on the micro-batching, so ``W`` and ``m`` do not matter.
+* Micro-batch Adam (``--saliency adam`` without an optimizer): ``V`` is the share-weighted mean of each
+  micro-batch's squared gradient, and the micro-batch is the global step. Under ``W`` ranks with
+  ``--micro-batch-size m`` it equals one process with ``--micro-batch-size W*m`` (same windows per
+  micro-batch, in the same order) up to float32 rounding, and NOT one process with ``m``; the scores'
+  ``meta["global_micro_batch_size"]`` records ``W*m``.
+* ``taylor`` (per-window) equals one process: each window's gradient is its own on whichever rank ran it.
+* Everywhere: sums run in a different order than on one process, so agreement is to float32 rounding.
+* ``--select-calib K`` and ``--gamma auto`` run in rank 0's final single-process step from the K sets'
+  distributed scores (and statistics), with the held-out windows one process draws: the same choice.
+
+After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on ``--device``,
+default the CPU, since a model that needs FSDP does not fit one GPU), allocates (with KL selection),
+compensates, compacts and saves through the ordinary single-process flow with the scores and
+statistics it already has, then broadcasts the plan; the other ranks wait for that broadcast and exit.
+This module only scores and shares the plan (:func:`score_on_ranks`, :func:`share_plan`);
+:func:`nirvana.pruning.prune` runs the rest, so nothing here calls back into the flow.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
@@ -45,17 +73,26 @@ from torch import nn
 import nirvana_kernels
 
 from .adapters import architecture_names, get_adapter
-from .objective import check_objective, objective_sum
+from .methods import get_method
+from .methods.base import ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS, WEIGHTS_ONLY
+from .methods.common import with_window_meta
+from .methods.taylor import sharded_taylor_scores
+from .objective import check_objective
 from .plan import Geometry, PruningPlan
-from .saliency import as_grad_dtype, check_dense_layers, ones_view
+from .saliency import ADAM_EPS, SALIENCIES, as_grad_dtype, check_dense_layers, ones_view
 from .scores import Scores, check_finite_scores
 from .sources.common import check_micro_batch, progress_bar, scoring_state
-from .sources.gradients import check_gradient_windows, prunable_parameters
+from .sources.fsdp import SHARDED_WEIGHTS, local_rows, rank_steps, shard_for_scoring, sharded_statistics
+from .sources.gradients import check_gradient_windows, optimizer_second_moments, prunable_parameters
 
 STRATEGIES = ("fsdp",)
-# Saliencies that are a function of the full-batch gradient (or none); "adam" without an optimizer
-# needs each single-process micro-batch's own gradient, which a sharded run does not see.
-DISTRIBUTED_SALIENCIES = ("taylor", "magnitude", "random")
+# Every saliency: "adam" reads an optimizer's local-shard state, or (micro-batch Adam) each global
+# step's gradient, which is one single-process micro-batch of world_size * micro_batch_size windows.
+DISTRIBUTED_SALIENCIES = SALIENCIES
+# What a method may read under --distributed: the sources this module shards.
+DISTRIBUTED_NEEDS = (WEIGHTS_ONLY, ACTIVATIONS, GRADIENTS, PER_WINDOW_GRADIENTS)
+# Per-window gradients are formed by each method's own hooks, so each such method has its sharded twin.
+PER_WINDOW_SCORERS = {"taylor": sharded_taylor_scores}
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Ranks other than 0 wait in one collective while rank 0 compacts and saves; that can take long for
 # a large model, and NCCL's default timeout (10 minutes) would kill them.
@@ -110,96 +147,25 @@ def init(device: str | None = None) -> RankInfo:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sharding
-# --------------------------------------------------------------------------------------------------
-
-
-class _Objective(nn.Module):
-    """The FSDP root: its forward is the calibration objective's sum over a batch.
-
-    The objective calls the base model and lm_head directly (see ``objective.objective_sum``); as the
-    root's forward, it runs after FSDP has gathered the root unit (embeddings, final norm, lm_head, tied
-    or not) and before it reshards it.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, objective: str) -> torch.Tensor:
-        return objective_sum(self.lm, input_ids, objective)
-
-
-def shard_for_scoring(model: nn.Module, device: torch.device | None = None) -> nn.Module:
-    """Shard a dense decoder with ``fully_shard``: one unit per decoder layer, the rest in the root.
-
-    The process group must be initialised. ``model`` is sharded in place (its parameters become
-    DTensors on ``device``, default this rank's CUDA device or the CPU); the returned root wraps it
-    (``.lm``) and is what :func:`fsdp_scores` takes. Gradients are reduce-scattered in float32 as
-    plain sums, on every backend (gloo has no pre-multiplied sum).
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():
-        raise ValueError("model: sharding needs an initialised process group (see nirvana.distributed.init)")
-    device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
-    device = device or torch.device("cpu")
-    adapter = get_adapter(model)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    units = getattr(adapter, "decoder_layers", None)
-    blocks = list(units(model)) if units is not None else [m for lm in adapter.layers(model) for m in (lm.attn, lm.mlp)]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    root = fully_shard(_Objective(model), mesh=mesh, mp_policy=policy)
-    for module in root.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return root
-
-
-def local_rows(param: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """``(first global row, local shard)`` of a dim-0-sharded DTensor; a plain tensor is all local."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(param, DTensor):
-        return 0, param
-    if tuple(param.placements) != (Shard(0),):
-        raise ValueError(f"param: placements {param.placements}, expected (Shard(dim=0),) as fully_shard makes")
-    mesh = param.device_mesh
-    size, rank, rows = mesh.size(), mesh.get_local_rank(), param.shape[0]
-    chunk = math.ceil(rows / size)
-    start = min(rank * chunk, rows)
-    local = param.to_local()
-    if local.shape[0] != min(chunk, rows - start):
-        raise ValueError(
-            f"param: rank {rank} holds {local.shape[0]} rows of {rows}; expected {min(chunk, rows - start)} "
-            f"(torch.chunk sharding over {size} ranks)"
-        )
-    return start, local
-
-
-# --------------------------------------------------------------------------------------------------
 # Local partial sums
 # --------------------------------------------------------------------------------------------------
 
 
-def _row_sums(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """float32 ``sum |w * g|`` per local row (a 1-D bias counts one element per row)."""
+def _row_sums(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """float32 ``sum |w * g|`` (``/ (sqrt(v) + eps)`` with ``v``) per local row; a 1-D bias is one element a row."""
     if w.dim() == 1:
         w, g = w.unsqueeze(1), g.unsqueeze(1)
+        v = None if v is None else v.unsqueeze(1)
     if w.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32, device=w.device)
-    return nirvana_kernels.saliency(w, g, dim=1)
+    return nirvana_kernels.saliency(w, g, dim=1, exp_avg_sq=v, eps=eps)
 
 
-def _col_sums(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """float32 ``sum |w * g|`` per column over the local rows only: a partial sum."""
+def _col_sums(w: torch.Tensor, g: torch.Tensor, v: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """float32 ``sum |w * g|`` (``/ (sqrt(v) + eps)`` with ``v``) per column over the local rows only: a partial sum."""
     if w.shape[0] == 0:
         return torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
-    return nirvana_kernels.saliency(w, g, dim=0)
+    return nirvana_kernels.saliency(w, g, dim=0, exp_avg_sq=v, eps=eps)
 
 
 def _add_rows(out: torch.Tensor, start: int, sums: torch.Tensor, rows_per_unit: int) -> None:
@@ -209,30 +175,39 @@ def _add_rows(out: torch.Tensor, start: int, sums: torch.Tensor, rows_per_unit: 
 
 def layer_partial_scores(
     geometry: Geometry,
-    attn: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
-    mlp: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+    attn: Sequence[tuple],
+    mlp: Sequence[tuple],
+    eps: float = ADAM_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's partial float32 ``[num_kv_heads]`` and ``[intermediate_size]`` scores from local shards.
 
     ``attn`` holds ``(first global row, local weight, local grad)`` for q, k, v, o (then the q, k, v
-    biases, if any), ``mlp`` for up, down (then gate), in the order of ``sources.gradients.prunable_parameters``;
-    each weight and its grad share a dtype. Summed over all ranks the results are the full scores.
+    biases, if any), ``mlp`` for up, down (then gate), in the order of ``saliency.prunable_parameters``;
+    each weight and its grad share a dtype. A fourth entry, the local second moment ``V`` (Adam), makes
+    each term ``|w * g| / (sqrt(V) + eps)``. Summed over all ranks the results are the full scores.
     """
     kv, d = geometry.num_kv_heads, geometry.head_dim
     q_rows = geometry.group_size * d
     device = attn[0][1].device
+
+    def parts(entry):
+        start, w, g, *v = entry
+        return start, w, g, (v[0] if v else None)
+
     att = torch.zeros(kv, dtype=torch.float32, device=device)
-    for (start, w, g), rows_per_group in zip(attn, (q_rows, d, d, None, q_rows, d, d)):
+    for entry, rows_per_group in zip(attn, (q_rows, d, d, None, q_rows, d, d)):
+        start, w, g, v = parts(entry)
         if rows_per_group is None:  # o_proj: its columns are the q heads, grouped like q's rows
-            att += _col_sums(w, g).view(kv, q_rows).sum(dim=1)
+            att += _col_sums(w, g, v, eps).view(kv, q_rows).sum(dim=1)
         else:
-            _add_rows(att, start, _row_sums(w, g), rows_per_group)
+            _add_rows(att, start, _row_sums(w, g, v, eps), rows_per_group)
     channels = torch.zeros(geometry.intermediate_size, dtype=torch.float32, device=device)
-    for i, (start, w, g) in enumerate(mlp):
+    for i, entry in enumerate(mlp):
+        start, w, g, v = parts(entry)
         if i == 1:  # down_proj: one column per channel
-            channels += _col_sums(w, g)
+            channels += _col_sums(w, g, v, eps)
         else:
-            _add_rows(channels, start, _row_sums(w, g), 1)
+            _add_rows(channels, start, _row_sums(w, g, v, eps), 1)
     return att, channels
 
 
@@ -248,26 +223,31 @@ def fsdp_scores(
     objective: str = "maxlogit",
     saliency: str = "taylor",
     micro_batch_size: int = 8,
+    optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> Scores:
     """The single-process :func:`nirvana.saliency.compute_scores`, computed by every rank together.
 
     Collective: every rank calls it with the same arguments (the same full ``windows``; each rank
-    keeps its own slice). Every rank returns the same :class:`Scores` (float32, CPU), equal to the
-    single-process scores up to float32 rounding. Nothing is left in any ``.grad``.
+    keeps its own slices, see :func:`nirvana.sources.fsdp.rank_steps`). Every rank returns the same
+    :class:`Scores` (float32, CPU). They equal the single-process scores up to float32 rounding for
+    ``taylor``, ``magnitude``, ``random`` and ``adam`` with ``optimizer``; micro-batch ``adam`` (no
+    optimizer) equals one process run with ``micro_batch_size * world_size`` (see the module
+    docstring). The ``.grad`` of every parameter is as it was before.
 
     Args:
-        sharded: what :func:`shard_for_scoring` returned.
+        sharded: what :func:`nirvana.sources.fsdp.shard_for_scoring` returned.
         windows: integer ``[N, T]`` token ids, identical on every rank; ``None`` for magnitude/random.
-        saliency: ``"taylor"``, ``"magnitude"`` or ``"random"`` (see :data:`DISTRIBUTED_SALIENCIES`).
+        saliency: one of :data:`DISTRIBUTED_SALIENCIES`.
+        optimizer: only with ``saliency="adam"``: a torch.optim.Adam/AdamW built over the sharded
+            parameters, so its ``exp_avg_sq`` are DTensors sharded like them; each rank reads its rows.
     """
     check_objective(objective)
     if saliency not in DISTRIBUTED_SALIENCIES:
-        raise ValueError(
-            f"saliency: must be one of {DISTRIBUTED_SALIENCIES} under --distributed, got {saliency!r} "
-            "(Adam scaling needs each micro-batch's own gradient; score it on one process)"
-        )
+        raise ValueError(f"saliency: must be one of {DISTRIBUTED_SALIENCIES} under --distributed, got {saliency!r}")
+    if optimizer is not None and saliency != "adam":
+        raise ValueError(f"optimizer: only used with saliency='adam', got saliency={saliency!r}")
     mbs = check_micro_batch(micro_batch_size)
     model = sharded.lm
     adapter = get_adapter(model)
@@ -285,32 +265,46 @@ def fsdp_scores(
     }
     if saliency == "random":
         gen = torch.Generator().manual_seed(seed)
-        attention = torch.rand(geometry.num_layers, geometry.num_kv_heads, generator=gen)
+        attention = torch.rand(geometry.num_attention_blocks, geometry.num_kv_heads, generator=gen)
         mlp = torch.rand(geometry.num_layers, geometry.intermediate_size, generator=gen)
         return Scores(attention, mlp, geometry, dict(meta, seed=seed))
 
     per_layer = [prunable_parameters(layer) for layer in layers]
     flat = [p for aw, mw in per_layer for p in (*aw, *mw)]
-    value, steps = 0.0, 0
-    if saliency == "taylor":
+    value, steps, grads, moments = 0.0, 0, None, None
+    eps, scale = ADAM_EPS, 1.0
+    if optimizer is not None:
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        states, eps, scale, info = optimizer_second_moments(optimizer, flat, param_names)
+        moments = [local_rows(v.detach())[1] for v in states]
+        meta.update(info, second_moment="optimizer")
+    elif saliency == "adam":
+        meta["second_moment"] = "micro-batch"
+    if saliency in ("taylor", "adam"):
         windows = check_gradient_windows(model, windows, objective)
-        grads, value, steps = _sharded_gradients(sharded, windows, flat, objective, mbs, progress)
+        micro_batch_moments = saliency == "adam" and optimizer is None
+        grads, own_moments, value, steps = _sharded_gradients(
+            sharded, windows, flat, objective, mbs, progress, micro_batch_moments
+        )
+        moments = own_moments if micro_batch_moments else moments
     with torch.no_grad():
         att_rows, mlp_rows, pos = [], [], 0
         for aw, mw in per_layer:
             end = pos + len(aw) + len(mw)
-            triples = []
+            entries = []
             for i in range(pos, end):
                 start, w = local_rows(flat[i].detach())
-                g = ones_view(w) if saliency == "magnitude" else grads[i]
-                triples.append((start, as_grad_dtype(w, g), g))
-            a, m = layer_partial_scores(geometry, triples[: len(aw)], triples[len(aw) :])
+                g = ones_view(w) if grads is None else grads[i]
+                entry = (start, as_grad_dtype(w, g), g)
+                entries.append(entry if moments is None else (*entry, moments[i]))
+            a, m = layer_partial_scores(geometry, entries[: len(aw)], entries[len(aw) :], eps)
             att_rows.append(a)
             mlp_rows.append(m)
             # One layer's float32 gradients and widened weights at a time, as on one process.
-            del triples
-            if saliency == "taylor":
-                grads[pos:end] = [None] * (end - pos)
+            del entries
+            for buffers in (grads, moments):
+                if buffers is not None:
+                    buffers[pos:end] = [None] * (end - pos)
             pos = end
         L, kv = geometry.num_layers, geometry.num_kv_heads
         total = torch.cat(
@@ -320,8 +314,10 @@ def fsdp_scores(
         total = total.cpu()
     attention = total[: L * kv].view(L, kv).clone()
     mlp = total[L * kv : -1].view(L, geometry.intermediate_size).clone()
+    if scale != 1.0:  # the Adam bias correction, applied to the summed scores as one process applies it
+        attention, mlp = attention * scale, mlp * scale
     check_finite_scores(attention, mlp)
-    if saliency == "taylor":
+    if grads is not None:
         meta.update(
             objective=objective,
             objective_value=float(total[-1]),
@@ -330,6 +326,10 @@ def fsdp_scores(
             num_windows=int(windows.shape[0]),
             window_length=int(windows.shape[1]),
         )
+        # What one process would need as its micro-batch to see the same per-step gradients (micro-batch Adam).
+        meta["global_micro_batch_size"] = world * mbs
+    if saliency == "adam":
+        meta["eps"] = eps / scale
     return Scores(attention, mlp, geometry, meta)
 
 
@@ -340,47 +340,121 @@ def _sharded_gradients(
     objective: str,
     mbs: int,
     progress: bool,
-) -> tuple[list[torch.Tensor], float, int]:
-    """float32 local gradient shards of the full-batch objective, this rank's objective share, steps run.
+    second_moment: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, float, int]:
+    """float32 local gradient shards of the full-batch objective, their second moments (or None), this
+    rank's objective share, and the global steps run.
 
-    Every rank must run the same number of forward/backward passes (each is a collective); a rank
-    whose slice has run out repeats its first window with weight zero.
+    Every step's objective is divided by the global window count ``N``, so the reduce-scattered
+    gradient of step ``s`` is ``share_s * G_s``, ``G_s`` the gradient of the mean objective over the
+    step's windows (all ranks' slices together) and ``share_s`` their fraction of ``N``; with
+    ``second_moment`` each rank adds ``(share_s * G_s)**2 / share_s`` to its rows, as one process does
+    per micro-batch. The parameters' ``.grad`` are stashed before and put back after.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     n = windows.shape[0]
-    mine = torch.tensor_split(windows, world)[rank]
-    steps = math.ceil(math.ceil(n / world) / mbs)
+    steps = rank_steps(n, world, rank, mbs)
     device = local_rows(params[0].detach())[1].device
     sums: list[torch.Tensor | None] = [None] * len(params)
+    moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
+    stashed = [p.grad for p in params]
     value = 0.0
-    bar = progress_bar(steps, progress and rank == 0)
-    with scoring_state(sharded, params):
-        for s in range(steps):
-            ids = mine[s * mbs : (s + 1) * mbs]
-            weight = 1.0 / n
-            if ids.shape[0] == 0:
-                ids, weight = windows[:1], 0.0
-            scaled = sharded(ids.to(device, non_blocking=True), objective) * weight
-            value += float(scaled.detach())
-            scaled.backward()
-            del scaled
-            for i, p in enumerate(params):
-                # Summed here in float32 rather than in .grad, which keeps the parameter's dtype.
-                g = (
-                    p.grad.to_local().float()
-                    if p.grad is not None
-                    else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
-                )
-                sums[i] = g if sums[i] is None else sums[i].add_(g)
-                p.grad = None
-            bar.update(1)
-    bar.close()
-    return sums, value, steps
+    bar = progress_bar(len(steps), progress and rank == 0)
+    try:
+        for p in params:
+            p.grad = None  # FSDP adds each step's reduced gradient into .grad
+        with scoring_state(sharded, params):
+            for start, stop, count in steps:
+                ids, weight = windows[start:stop], 1.0 / n
+                if ids.shape[0] == 0:  # the collective still runs, with no weight
+                    ids, weight = windows[:1], 0.0
+                scaled = sharded(ids.to(device, non_blocking=True), objective) * weight
+                value += float(scaled.detach())
+                scaled.backward()
+                del scaled
+                share = count / n
+                for i, p in enumerate(params):
+                    # Summed here in float32 rather than in .grad, which keeps the parameter's dtype.
+                    g = (
+                        p.grad.to_local().float()
+                        if p.grad is not None
+                        else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
+                    )
+                    p.grad = None
+                    if moments is not None:
+                        m = g.square().div_(share)
+                        moments[i] = m if moments[i] is None else moments[i].add_(m)
+                    sums[i] = g if sums[i] is None else sums[i].add_(g)
+                bar.update(1)
+    finally:
+        for p, g in zip(params, stashed):
+            p.grad = g
+        bar.close()
+    return sums, moments, value, len(steps)
 
 
 # --------------------------------------------------------------------------------------------------
 # A prune run's scores, on every rank
 # --------------------------------------------------------------------------------------------------
+
+
+def check_method(method, saliency: str) -> None:
+    """A one-line ValueError unless ``method`` (a name) and ``saliency`` run under ``--distributed``."""
+    scorer = get_method(method)
+    if scorer.needs not in DISTRIBUTED_NEEDS or (
+        scorer.needs == PER_WINDOW_GRADIENTS and scorer.name not in PER_WINDOW_SCORERS
+    ):
+        raise ValueError(
+            f"method: {method!r} is not supported under --distributed: it needs {scorer.needs} and has no "
+            "sharded version of its per-window hooks; score it on one process"
+        )
+    if saliency not in DISTRIBUTED_SALIENCIES:
+        raise ValueError(f"saliency: must be one of {', '.join(DISTRIBUTED_SALIENCIES)}, got {saliency!r}")
+
+
+def method_scores_on_ranks(
+    sharded: nn.Module,
+    method,
+    windows: torch.Tensor | None,
+    *,
+    micro_batch_size: int,
+    seed: int,
+    progress: bool,
+    **settings,
+) -> tuple[Scores, object]:
+    """One calibration set's scores by ``method`` (a :class:`nirvana.methods.Method` or name) on the
+    sharded model, and its activation statistics (None unless it reads any); collective.
+
+    The sharded source is chosen by what the method ``needs``: weights only and gradients go through
+    :func:`fsdp_scores` (with the method's saliency: ``nirvana``'s setting, or the baseline's own),
+    activations through :func:`nirvana.sources.fsdp.sharded_statistics` and the method's own formula on
+    :data:`nirvana.sources.fsdp.SHARDED_WEIGHTS`, per-window gradients through the method's entry in
+    :data:`PER_WINDOW_SCORERS` (``taylor``: :func:`nirvana.methods.taylor.sharded_taylor_scores`).
+    ``settings``: the method's :attr:`~Method.settings`.
+    """
+    scorer = get_method(method) if isinstance(method, str) else method
+    scorer.check_settings(settings)
+    check_method(scorer.name, settings.get("saliency", "taylor"))
+    if scorer.needs == PER_WINDOW_GRADIENTS:
+        scores = PER_WINDOW_SCORERS[scorer.name](sharded, windows, micro_batch_size=micro_batch_size, progress=progress)
+        return scores, None
+    if scorer.needs == ACTIVATIONS:
+        stats = sharded_statistics(sharded, windows, micro_batch_size=micro_batch_size, progress=progress)
+        scores = with_window_meta(scorer.from_statistics(sharded.lm, stats, SHARDED_WEIGHTS), windows, micro_batch_size)
+        scores.meta["distributed"] = {"strategy": "fsdp", "world_size": dist.get_world_size()}
+        return scores, stats
+    saliency = settings.get("saliency", getattr(scorer, "saliency", "taylor"))
+    scores = fsdp_scores(
+        sharded,
+        windows,
+        objective=settings.get("objective", "maxlogit"),
+        saliency=saliency,
+        micro_batch_size=micro_batch_size,
+        progress=progress,
+        seed=seed,
+    )
+    scores.meta["method"] = scorer.name
+    return scores, None
 
 
 @dataclass
@@ -393,13 +467,15 @@ class RankScores:
     scores: dict[int, Scores]  # calibration seed -> the full scores (equal on every rank)
     settings: object  # what rank 0 finishes with in one process: the same, placed on --device or the CPU
     report: dict  # the report's "distributed" entry
+    # calibration seed -> the method's all-reduced activation statistics (wanda-sp, flap), for its compensation
+    stats: dict[int, object] = field(default_factory=dict)
 
 
 def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
     """Score every calibration set of ``settings`` (checked :class:`nirvana.pruning.PruneSettings`) on all ranks.
 
-    Each rank loads the model on the CPU, shards it and takes part in :func:`fsdp_scores`; the sharded
-    model is dropped before this returns. Initialises the process group when nobody has.
+    Each rank loads the model on the CPU, shards it and takes part in :func:`method_scores_on_ranks`;
+    the sharded model is dropped before this returns. Initialises the process group when nobody has.
     """
     from .models import load_model
 
@@ -424,18 +500,16 @@ def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
     timings["calibration"] = time.perf_counter() - start
     start = time.perf_counter()
     sharded = shard_for_scoring(model, info.device)
-    scores = {
-        seed: fsdp_scores(
-            sharded,
-            windows[seed],
-            objective=settings.objective,
-            saliency=settings.saliency,
-            micro_batch_size=settings.micro_batch_size,
-            progress=show,
-            seed=seed,
+    method = get_method(settings.method)
+    options = {name: getattr(settings, name) for name in method.settings}
+    scores, stats = {}, {}
+    for seed in seeds:
+        scores[seed], found = method_scores_on_ranks(
+            sharded, method, windows[seed], micro_batch_size=settings.micro_batch_size, seed=seed, progress=show,
+            **options,
         )  # fmt: skip
-        for seed in seeds
-    }
+        if found is not None:
+            stats[seed] = found
     timings["saliency"] = time.perf_counter() - start
     del sharded, model
     gc.collect()
@@ -452,7 +526,7 @@ def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
         device=settings.device if settings.device == "cuda" else "cpu",
         dtype=str(dtype).removeprefix("torch."),
     )
-    return RankScores(info, owned, tokenizer, scores, single, report)
+    return RankScores(info, owned, tokenizer, scores, single, report, stats)
 
 
 def share_plan(run: RankScores, plan: PruningPlan | None) -> tuple[int, PruningPlan]:
@@ -470,16 +544,20 @@ def share_plan(run: RankScores, plan: PruningPlan | None) -> tuple[int, PruningP
 
 
 __all__ = [
+    "DISTRIBUTED_NEEDS",
     "DISTRIBUTED_SALIENCIES",
     "LAUNCH_ENV",
+    "PER_WINDOW_SCORERS",
     "STRATEGIES",
     "RankInfo",
     "RankScores",
     "check_launch",
+    "check_method",
     "fsdp_scores",
     "init",
     "layer_partial_scores",
     "local_rows",
+    "method_scores_on_ranks",
     "score_on_ranks",
     "shard_for_scoring",
     "share_plan",

@@ -49,7 +49,7 @@ class PruneSettings:
     """Every flag of ``nirvana prune``; written into report.json as is."""
 
     model: str = "smollm2"
-    method: str = "nirvana"  # or a baseline: magnitude, random, taylor, wanda-sp, flap (nirvana.baselines)
+    method: str = "nirvana"  # or a baseline: magnitude, random, taylor, wanda-sp, flap (nirvana.methods)
     sparsity: float = 0.2
     gamma: float | str = 3.0  # or "auto": chosen from selection.GAMMA_GRID by held-out KL
     calib: str = "austen"
@@ -166,16 +166,10 @@ class PruneSettings:
                 other = "distributed" if self.distributed is not None else "device"
                 raise ValueError(f"device_map: {self.device_map!r} places the model itself; drop --{other}")
         if self.distributed is not None:
-            from .distributed import DISTRIBUTED_SALIENCIES, check_launch
+            from .distributed import check_launch, check_method
 
             check_launch(self.distributed, self.device)
-            if self.method != "nirvana":
-                raise ValueError(f"method: {self.method!r} is not supported under --distributed (only nirvana)")
-            if self.saliency not in DISTRIBUTED_SALIENCIES:
-                raise ValueError(
-                    f"saliency: {self.saliency!r} is not supported under --distributed "
-                    f"(one of {', '.join(DISTRIBUTED_SALIENCIES)}; Adam scaling needs per-micro-batch gradients)"
-                )
+            check_method(self.method, self.saliency)
 
     def _check_scores(self) -> None:
         if self.scores is not None:
@@ -244,13 +238,16 @@ def prune(
     progress: bool = True,
     extra_report: dict | None = None,
     precomputed_scores: dict[int, Scores] | None = None,
+    precomputed_stats: dict[int, object] | None = None,
 ) -> PruneResult:
     """Run the NIRVANA flow. With ``model``/``tokenizer`` given, ``settings.model`` is only a label.
 
     The model is compacted in place. With ``settings.out``, the checkpoint (weights, config, tokenizer,
     plan.json, report.json, scores.safetensors and the per-layer plot) is written atomically there.
     ``precomputed_scores`` maps each calibration seed to its scores, which are then not computed again
-    (how rank 0 finishes a ``settings.distributed`` run, whose ranks score with ``nirvana.distributed``).
+    (how rank 0 finishes a ``settings.distributed`` run, whose ranks score with ``nirvana.distributed``);
+    ``precomputed_stats`` maps seeds to the activation statistics those scores came from, for a method
+    that compensates from them (FLAP).
     """
     from .models import load_model
 
@@ -284,7 +281,8 @@ def prune(
         seeds, precomputed_scores = [seed], {seed: saved.scores}
     candidates = []
     method = get_method(settings.method)
-    method_stats: dict[int, object] = {}  # calibration seed -> the method's activation statistics, if any
+    # calibration seed -> the method's activation statistics, if any
+    method_stats: dict[int, object] = dict(precomputed_stats or {})
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         if precomputed_scores is not None:
             scores = precomputed_scores[seed]
@@ -391,7 +389,13 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     result = None
     if run.info.rank == 0:
         extra = {**(extra_report or {}), "distributed": run.report}
-        result = prune(run.settings, progress=progress, extra_report=extra, precomputed_scores=run.scores)
+        result = prune(
+            run.settings,
+            progress=progress,
+            extra_report=extra,
+            precomputed_scores=run.scores,
+            precomputed_stats=run.stats,
+        )
     seed, plan = distributed.share_plan(run, None if result is None else result.plan)
     if result is not None:
         return result

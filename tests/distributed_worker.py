@@ -1,8 +1,11 @@
-"""Run by tests/test_distributed.py under torchrun: prune each given folder with --distributed fsdp.
+"""Run by tests/test_distributed.py under torchrun: prune one folder with --distributed fsdp, every method.
 
-argv: OUT_DIR CALIB_FILE MODEL_DIR [MODEL_DIR ...]. Every rank saves what prune returned, and the
-magnitude scores of the same shards, to ``OUT_DIR/<model name>.rank<R>.pt`` so the test can check
-them and that all ranks agree.
+argv: OUT_DIR CALIB_FILE MODEL_DIR [MODEL_DIR ...]. Every rank saves, to ``OUT_DIR/<model
+name>.<case>.rank<R>.pt``, what prune returned for each of :data:`CASES` (the default nirvana run also
+writes its checkpoint to ``OUT_DIR/<model name>``), and to ``<model name>.shards.rank<R>.pt`` the
+magnitude scores of the same shards and Adam scores from an optimizer built over the shards, so the
+test can check them against one process and that all ranks agree. One launch for all of them: each
+costs seconds of imports on a busy runner.
 """
 
 from __future__ import annotations
@@ -13,33 +16,88 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nirvana.adapters import get_adapter
+from nirvana.calibration import calibration_windows
 from nirvana.distributed import fsdp_scores, shard_for_scoring
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
 
 # The settings the test repeats on one process.
 SETTINGS = dict(sparsity=0.3, num_samples=5, seq_len=12, micro_batch_size=2, round_to=1, gamma=2.0)
+# Each case's settings on top of SETTINGS; "nirvana" also writes its checkpoint.
+CASES = {
+    "nirvana": {},
+    "magnitude": dict(method="magnitude"),
+    "random": dict(method="random", seed=3),
+    "wanda-sp": dict(method="wanda-sp"),
+    "flap": dict(method="flap"),
+    "taylor": dict(method="taylor"),  # per-window gradients, from hooks on the sharded layers
+    "adam": dict(saliency="adam"),  # micro-batch Adam: one process with micro_batch_size * world_size
+    "flap-select": dict(method="flap", select_calib=2, gamma="auto", heldout_samples=3),
+}
+# Adam's state for the optimizer case: lr 0 leaves the weights alone, one step sets exp_avg_sq.
+ADAM = dict(lr=0.0, betas=(0.9, 0.99), eps=1e-6)
+
+
+def fake_gradients(params) -> None:
+    """A gradient for every parameter that only depends on its values (so shards and one process agree)."""
+    for p in params:
+        p.grad = p.detach().square() + 0.5
+
+
+def compensated_biases(model) -> dict[str, torch.Tensor]:
+    """Every layer's o_proj and down_proj bias (FLAP's compensation), or {} where there are none."""
+    out = {}
+    for i, lm in enumerate(get_adapter(model).layers(model)):
+        for name, linear in (("o", lm.o), ("down", lm.down)):
+            if linear.bias is not None:
+                out[f"{i}.{name}"] = linear.bias.detach().clone()
+    return out
 
 
 def main(argv: list[str]) -> None:
     out, calib, models = Path(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(1)
-    # Initialised here so that the process group outlives each prune and serves several models.
+    # Initialised here so that the process group outlives each prune and serves every case.
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for folder in models:
         name = Path(folder).name
-        settings = PruneSettings(
-            model=folder, calib=calib, device="cpu", distributed="fsdp", out=str(out / name), **SETTINGS
-        )
-        result = prune(settings, progress=False)
-        saved = {"attention": result.scores.attention, "mlp": result.scores.mlp, "plan": result.plan.to_dict()}
-        # The weight-only baseline through the same shards, with no backward pass.
-        sharded = shard_for_scoring(load_model(folder)[0])
-        magnitude = fsdp_scores(sharded, None, saliency="magnitude", progress=False)
-        saved.update(magnitude_attention=magnitude.attention, magnitude_mlp=magnitude.mlp)
-        torch.save(saved, out / f"{name}.rank{rank}.pt")
+        for case, overrides in CASES.items():
+            target = dict(out=str(out / name)) if case == "nirvana" else {}
+            settings = PruneSettings(
+                model=folder, calib=calib, device="cpu", distributed="fsdp", **{**SETTINGS, **overrides, **target}
+            )
+            result = prune(settings, progress=False)
+            saved = {
+                "attention": result.scores.attention,
+                "mlp": result.scores.mlp,
+                "meta": result.scores.meta,
+                "plan": result.plan.to_dict(),
+            }
+            if rank == 0:
+                saved.update(selection=result.report["selection"], biases=compensated_biases(result.model))
+            torch.save(saved, out / f"{name}.{case}.rank{rank}.pt")
+        torch.save(shard_scores(folder, calib), out / f"{name}.shards.rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def shard_scores(folder: str, calib: str) -> dict:
+    """Magnitude scores, and Adam scores from an optimizer's state, of one sharded model."""
+    model, tokenizer = load_model(folder)
+    sharded = shard_for_scoring(model)
+    # The weight-only baseline through the same shards, with no backward pass.
+    magnitude = fsdp_scores(sharded, None, saliency="magnitude", progress=False)
+    # An optimizer over the shards: its exp_avg_sq are DTensors sharded like the weights.
+    optimizer = torch.optim.Adam(sharded.parameters(), **ADAM)
+    fake_gradients(sharded.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    windows = calibration_windows(calib, tokenizer, num_samples=SETTINGS["num_samples"], seq_len=SETTINGS["seq_len"])
+    mbs = SETTINGS["micro_batch_size"]
+    adam = fsdp_scores(sharded, windows, saliency="adam", optimizer=optimizer, micro_batch_size=mbs, progress=False)
+    saved = {"magnitude_attention": magnitude.attention, "magnitude_mlp": magnitude.mlp}
+    return saved | {"adam_attention": adam.attention, "adam_mlp": adam.mlp, "adam_meta": adam.meta}
 
 
 if __name__ == "__main__":

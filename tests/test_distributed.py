@@ -1,4 +1,4 @@
-"""nirvana.distributed: FSDP2 scoring on 2 gloo ranks against one process; --device-map; the flags' errors."""
+"""nirvana.distributed: every method under FSDP2 on 2 gloo ranks against one process; --device-map; flag errors."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from nirvana.saliency import compute_scores
 from nirvana.scores import load_scores
 from nirvana.sources.gradients import prunable_parameters
 
-from .distributed_worker import SETTINGS
+from .distributed_worker import ADAM, CASES, SETTINGS, compensated_biases, fake_gradients
 from .helpers import assert_bitwise_equal, assert_close
 from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
@@ -36,9 +36,9 @@ RTOL = 1e-5
 # Odd sizes so shards split KV groups (48 q rows, 16 per group, 24 per rank) and the MLP unevenly.
 GEOMETRY = dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=3)
 MODELS = {"llama": dict(GEOMETRY, intermediate_size=49), "qwen2": dict(GEOMETRY, intermediate_size=47)}
-# Launched under torchrun; each model costs seconds of imports on a busy 2-core runner. qwen2's biases
-# are covered by the partial-sum test below.
-LAUNCHED = ("llama",)
+# Launched under torchrun in one launch, every case for each; qwen2 adds the q/k/v biases (taylor's
+# per-window bias terms, Adam's bias second moments).
+LAUNCHED = ("llama", "qwen2")
 
 
 def _save_tiny(folder: Path, arch: str) -> Path:
@@ -65,7 +65,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp."""
+    """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp, every case."""
     tmp = tmp_path_factory.mktemp("fsdp")
     folders = {arch: _save_tiny(tmp, arch) for arch in LAUNCHED}
     calib = _calib_text(tmp / "calib.txt")
@@ -112,7 +112,7 @@ def test_fsdp_scores_and_plan_match_one_process(fsdp_run, arch):
 @pytest.mark.parametrize("arch", LAUNCHED)
 def test_every_rank_ends_with_the_same_scores_and_plan(fsdp_run, arch):
     _, _, out = fsdp_run
-    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(out / f"{arch}.nirvana.rank{r}.pt") for r in range(WORLD)]
     saved = load_scores(out / arch)
     for r, got in enumerate(ranks):
         assert_bitwise_equal(got["attention"], saved.attention, name=f"rank {r} attention")
@@ -124,10 +124,83 @@ def test_every_rank_ends_with_the_same_scores_and_plan(fsdp_run, arch):
 def test_fsdp_magnitude_scores_match_one_process(fsdp_run, arch):
     folders, _, out = fsdp_run
     expected = compute_scores(load_model(folders[arch])[0], None, saliency="magnitude", progress=False)
-    ranks = [torch.load(out / f"{arch}.rank{r}.pt") for r in range(WORLD)]
+    ranks = [torch.load(out / f"{arch}.shards.rank{r}.pt") for r in range(WORLD)]
     for r, got in enumerate(ranks):
         assert_close(got["magnitude_attention"], expected.attention, rtol=RTOL, name=f"rank {r} attention")
         assert_close(got["magnitude_mlp"], expected.mlp, rtol=RTOL, name=f"rank {r} mlp")
+
+
+def _one_process(folder: Path, calib: Path, overrides: dict):
+    """What ``prune`` gives in one process for a case: micro-batch Adam with the global micro-batch."""
+    settings = {**SETTINGS, **overrides}
+    if settings.get("saliency") == "adam":
+        settings["micro_batch_size"] *= WORLD
+    return prune(PruneSettings(model=str(folder), calib=str(calib), device="cpu", **settings), progress=False)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_every_method_matches_one_process(fsdp_run, arch, case):
+    folders, calib, out = fsdp_run
+    single = _one_process(folders[arch], calib, CASES[case])
+    ranks = [torch.load(out / f"{arch}.{case}.rank{r}.pt") for r in range(WORLD)]
+    got = ranks[0]
+    assert_close(got["attention"], single.scores.attention, rtol=RTOL, name="attention")
+    assert_close(got["mlp"], single.scores.mlp, rtol=RTOL, name="mlp")
+    assert got["meta"]["method"] == single.scores.meta["method"]
+    assert got["plan"]["layers"] == single.plan.to_dict()["layers"]
+    # --select-calib and --gamma auto: rank 0's KL selection picks what one process picks.
+    assert (got["selection"]["seed"], got["selection"]["gamma"]) == (
+        single.report["selection"]["seed"],
+        single.report["selection"]["gamma"],
+    )
+    if "kl" in single.report["selection"]:
+        assert got["selection"]["kl"] == pytest.approx(single.report["selection"]["kl"], rel=1e-4)
+    # FLAP's compensation comes from the all-reduced statistics: the same biases (none for the others).
+    expected = compensated_biases(single.model)
+    assert sorted(got["biases"]) == sorted(expected)
+    assert bool(expected) == CASES[case].get("method", "nirvana").startswith("flap")
+    for key, bias in expected.items():
+        assert_close(got["biases"][key], bias, rtol=RTOL, name=f"bias {key}")
+    for r, other in enumerate(ranks[1:], start=1):
+        assert_bitwise_equal(other["attention"], got["attention"], name=f"rank {r} attention")
+        assert_bitwise_equal(other["mlp"], got["mlp"], name=f"rank {r} mlp")
+        assert other["plan"] == got["plan"]
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_micro_batch_adam_is_one_process_with_the_global_micro_batch(fsdp_run, arch):
+    folders, calib, out = fsdp_run
+    meta = torch.load(out / f"{arch}.adam.rank0.pt")["meta"]
+    assert meta["second_moment"] == "micro-batch"
+    assert meta["global_micro_batch_size"] == WORLD * SETTINGS["micro_batch_size"]
+    # Not the same as one process at the per-rank micro-batch: its second moment averages other gradients.
+    # (_one_process doubles the micro-batch for Adam: 1 * WORLD is the per-rank micro-batch, 2.)
+    same_size = _one_process(folders[arch], calib, dict(saliency="adam", micro_batch_size=1))
+    assert not torch.allclose(torch.load(out / f"{arch}.adam.rank0.pt")["mlp"], same_size.scores.mlp, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", LAUNCHED)
+def test_adam_from_an_optimizer_over_the_shards_matches_one_process(fsdp_run, arch):
+    folders, calib, out = fsdp_run
+    model, tokenizer = load_model(folders[arch])
+    optimizer = torch.optim.Adam(model.parameters(), **ADAM)
+    fake_gradients(model.parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    windows = calibration_windows(
+        str(calib), tokenizer, num_samples=SETTINGS["num_samples"], seq_len=SETTINGS["seq_len"]
+    )
+    expected = compute_scores(
+        model, windows, saliency="adam", optimizer=optimizer, micro_batch_size=SETTINGS["micro_batch_size"],
+        progress=False,
+    )  # fmt: skip
+    for r in range(WORLD):
+        got = torch.load(out / f"{arch}.shards.rank{r}.pt")
+        assert_close(got["adam_attention"], expected.attention, rtol=RTOL, name=f"rank {r} attention")
+        assert_close(got["adam_mlp"], expected.mlp, rtol=RTOL, name=f"rank {r} mlp")
+        assert got["adam_meta"]["second_moment"] == "optimizer"
+        assert got["adam_meta"]["eps"] == pytest.approx(expected.meta["eps"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +238,41 @@ def test_partial_scores_summed_over_shards_equal_the_whole(world):
         q_b=qb[0], q_bg=qb[1], k_b=kb[0], k_bg=kb[1], v_b=vb[0], v_bg=vb[1],
     )  # fmt: skip
     whole_mlp = nirvana_kernels.mlp_channel_saliency(*up, *down, gate_w=gate[0], gate_g=gate[1])
+    assert_close(att, whole_att, rtol=RTOL, name="attention")
+    assert_close(channels, whole_mlp, rtol=RTOL, name="mlp")
+
+
+def test_partial_adam_scores_summed_over_shards_equal_the_whole():
+    # Second moments sharded like their weights (Adam's exp_avg_sq over FSDP2 parameters), biases included.
+    world, eps = 3, 1e-3
+    model = tiny_model("qwen2", **MODELS["qwen2"])
+    geometry = get_adapter(model).geometry(model.config)
+    attn, mlp = prunable_parameters(get_adapter(model).layers(model)[0])
+    gen = torch.Generator().manual_seed(2)
+    full = [
+        (p.detach(), torch.randn(p.shape, generator=gen), torch.rand(p.shape, generator=gen)) for p in (*attn, *mlp)
+    ]
+    att = torch.zeros(geometry.num_kv_heads)
+    channels = torch.zeros(geometry.intermediate_size)
+    for r in range(world):
+        entries = []
+        for w, g, v in full:
+            rows = [c.shape[0] for c in torch.chunk(w, world)]
+            start = sum(rows[:r])
+            n = rows[r] if r < len(rows) else 0
+            entries.append((start, w[start : start + n], g[start : start + n], v[start : start + n]))
+        a, m = layer_partial_scores(geometry, entries[: len(attn)], entries[len(attn) :], eps)
+        att += a
+        channels += m
+    (q, k, v, o, qb, kb, vb), (up, down, gate) = full[: len(attn)], full[len(attn) :]
+    whole_att = nirvana_kernels.attention_group_saliency(
+        *q[:2], *k[:2], *v[:2], *o[:2], num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+        q_b=qb[0], q_bg=qb[1], k_b=kb[0], k_bg=kb[1], v_b=vb[0], v_bg=vb[1],
+        exp_avg_sq=tuple(t[2] for t in (q, k, v, o, qb, kb, vb)), eps=eps,
+    )  # fmt: skip
+    whole_mlp = nirvana_kernels.mlp_channel_saliency(
+        *up[:2], *down[:2], gate_w=gate[0], gate_g=gate[1], exp_avg_sq=(up[2], down[2], gate[2]), eps=eps
+    )
     assert_close(att, whole_att, rtol=RTOL, name="attention")
     assert_close(channels, whole_mlp, rtol=RTOL, name="mlp")
 
@@ -268,18 +376,35 @@ def torchrun_env(monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(distributed="fsdp", saliency="adam"), "saliency"),
-        (dict(distributed="fsdp", method="flap"), "method"),
+        (dict(distributed="fsdp", saliency="sgd"), "saliency"),
         (dict(distributed="fsdp", device="cuda:1"), "LOCAL_RANK"),
         (dict(distributed="fsdp", device_map="auto"), "device_map"),
         (dict(device_map="auto", device="cpu"), "device_map"),
         (dict(device_map="everywhere"), "device_map"),
     ],
-    ids=["adam", "baseline", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
+    ids=["unknown-saliency", "cuda-index", "with-device-map", "map-and-device", "unknown-map"],
 )
 def test_settings_reject_bad_combinations(torchrun_env, overrides, message):
     with pytest.raises(ValueError, match=message):
         PruneSettings(model="smollm2", **overrides).check()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(method=m) for m in ("magnitude", "random", "taylor", "wanda-sp", "flap")] + [dict(saliency="adam")],
+    ids=["magnitude", "random", "taylor", "wanda-sp", "flap", "adam"],
+)
+def test_settings_accept_every_method(torchrun_env, overrides):
+    PruneSettings(model="smollm2", distributed="fsdp", **overrides).check()
+
+
+def test_a_per_window_method_without_a_sharded_version_is_refused_in_one_line(torchrun_env, monkeypatch):
+    from nirvana import distributed
+
+    monkeypatch.setattr(distributed, "PER_WINDOW_SCORERS", {})
+    with pytest.raises(ValueError, match="taylor") as err:
+        PruneSettings(model="smollm2", distributed="fsdp", method="taylor").check()
+    assert "\n" not in str(err.value) and "score it on one process" in str(err.value)
 
 
 def test_distributed_prune_refuses_a_model_object(torchrun_env):

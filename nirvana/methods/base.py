@@ -12,6 +12,7 @@ from ..plan import PruningPlan
 from ..saliency import compute_scores
 from ..scores import Scores
 from ..sources.activations import activation_statistics
+from ..sources.weights import DENSE_WEIGHTS, WeightReductions
 from .common import with_window_meta
 
 # What a method reads, from the cheapest source to the dearest.
@@ -109,8 +110,9 @@ class FromStatistics(Method):
         return activation_statistics(model, windows, micro_batch_size=micro_batch_size, progress=progress)
 
     @abc.abstractmethod
-    def from_statistics(self, model: nn.Module, stats) -> Scores:
-        """The scores from ``stats`` (an :class:`~nirvana.sources.activations.ActivationStats`)."""
+    def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
+        """The scores from ``stats`` (an :class:`~nirvana.sources.activations.ActivationStats`); ``weights`` reads
+        the weights (whole by default; :class:`nirvana.sources.fsdp.ShardedWeights` on an FSDP2-sharded model)."""
 
     def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
         """:meth:`from_statistics`, gathering the statistics first unless ``stats`` holds them."""

@@ -11,6 +11,7 @@ from ..plan import PruningPlan
 from ..scores import Scores
 from ..sources.activations import ActivationStats, check_stats
 from ..sources.common import dense_layers
+from ..sources.weights import DENSE_WEIGHTS, WeightReductions
 from .base import FromStatistics
 from .common import base_meta, finish
 
@@ -28,7 +29,7 @@ def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
     return centred / torch.where(std > 0, std, torch.ones_like(std))
 
 
-def flap_scores(model: nn.Module, stats: ActivationStats) -> Scores:
+def flap_scores(model: nn.Module, stats: ActivationStats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
     """FLAP's fluctuation metric (WIFV), standardised per layer.
 
     Per input column ``c`` of o_proj (attention) and of down_proj (MLP)::
@@ -42,7 +43,9 @@ def flap_scores(model: nn.Module, stats: ActivationStats) -> Scores:
     ``G*d`` o_proj columns; an MLP channel's score is its down_proj column's ``z``. (FLAP's released code
     also squares the attention metric before standardising; the paper's formula, used here, does not.)
     FLAP ranks attention and MLP units in one list; here the flow's ``gamma`` sets that split, as for
-    every other method. The bias compensation is :func:`apply_flap_compensation`.
+    every other method. The bias compensation is :func:`apply_flap_compensation`. ``weights`` computes
+    ``||W[:, c]||^2`` (:data:`~nirvana.sources.weights.DENSE_WEIGHTS`, or a sharded model's
+    :class:`nirvana.sources.fsdp.ShardedWeights`).
     """
     geometry, layers = dense_layers(model)
     stats = check_stats(stats, geometry)
@@ -51,7 +54,7 @@ def flap_scores(model: nn.Module, stats: ActivationStats) -> Scores:
     with torch.no_grad():
         for i, lm in enumerate(layers):
             for linear, var, out in ((lm.o, var_o[i], o_cols), (lm.down, var_down[i], down_cols)):
-                col_sq = linear.weight.detach().float().square().sum(dim=0, dtype=torch.float64).cpu()
+                col_sq = weights.col_square_sum(linear).cpu()
                 out.append(var * col_sq)
     z_o = standardize_per_layer(torch.stack(o_cols))  # [L, H*d]
     z_down = standardize_per_layer(torch.stack(down_cols))  # [L, I]
@@ -153,8 +156,8 @@ class Flap(FromStatistics):
     name = "flap"
     compensates = True
 
-    def from_statistics(self, model: nn.Module, stats) -> Scores:
-        return flap_scores(model, stats)
+    def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
+        return flap_scores(model, stats, weights)
 
     def compensate(self, model: nn.Module, plan: PruningPlan, stats) -> nn.Module:
         """:func:`apply_flap_compensation`."""

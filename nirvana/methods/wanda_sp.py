@@ -8,23 +8,12 @@ from torch import nn
 from ..scores import Scores
 from ..sources.activations import INPUTS, ActivationStats, check_stats
 from ..sources.common import dense_layers
+from ..sources.weights import DENSE_WEIGHTS, WeightReductions
 from .base import FromStatistics
 from .common import base_meta, finish, group_attention, group_mlp
 
 
-def _weighted_row_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
-    """float32 ``[out_features]``: ``sum_c |W[r, c]| * norms[c]`` for every row ``r``."""
-    w = linear.weight.detach().float()
-    return w.abs() @ norms.to(w.device, torch.float32)
-
-
-def _weighted_col_sums(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
-    """float64 ``[in_features]``: ``norms[c] * sum_i |W[i, c]|`` for every column ``c``."""
-    w = linear.weight.detach().float()
-    return w.abs().sum(dim=0).double() * norms.to(w.device)
-
-
-def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> Scores:
+def wanda_sp_scores(model: nn.Module, stats: ActivationStats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
     """Wanda-SP: each weight's magnitude times the 2-norm of the input channel it reads, summed per unit.
 
     KV group ``j``::
@@ -41,6 +30,8 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> Scores:
     unit owns (Wanda-SP as FLAP's authors released it scores the o_proj / down_proj columns only and
     averages over rows; summing all the unit's weights makes it comparable with the other methods).
     Row contributions are float32 matrix-vector products ``|W| @ ||X||``, grouped in float64.
+    ``weights`` computes those reductions (:data:`~nirvana.sources.weights.DENSE_WEIGHTS` on the
+    whole weights; a sharded model passes :class:`nirvana.sources.fsdp.ShardedWeights`).
 
     The raw scores scale with each layer's activations, so they rank units within a layer but not
     across layers: FLAP's authors prune Wanda-SP layer-uniformly, and ``allocation="uniform"`` is the
@@ -50,7 +41,14 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats) -> Scores:
     stats = check_stats(stats, geometry)
     n_attn, n_o, n_mlp, n_down = (stats.norm(k) for k in INPUTS)
     att_rows, mlp_rows = [], []
-    rows, cols = _weighted_row_sums, _weighted_col_sums
+
+    def rows(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:
+        return weights.row_abs_dot(linear, norms)
+
+    def cols(linear: nn.Linear, norms: torch.Tensor) -> torch.Tensor:  # float64 norms[c] * sum_i |W[i, c]|
+        sums = weights.col_abs_sum(linear)
+        return sums.double() * norms.to(sums.device)
+
     with torch.no_grad():
         for i, lm in enumerate(layers):
             att_rows.append(
@@ -69,8 +67,8 @@ class WandaSP(FromStatistics):
 
     name = "wanda-sp"
 
-    def from_statistics(self, model: nn.Module, stats) -> Scores:
-        return wanda_sp_scores(model, stats)
+    def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
+        return wanda_sp_scores(model, stats, weights)
 
 
 METHOD = WandaSP()

@@ -12,7 +12,7 @@ the linear inputs of one micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,9 @@ class PerWindowSums:
     """What :func:`per_window_saliency` returns, keyed by ``id(module)`` of each scored linear.
 
     Attributes:
-        weights: float32 ``[out, in]``: ``sum_s |W * dL_s/dW|`` elementwise.
+        weights: float32: ``sum_s |W * dL_s/dW|`` elementwise, ``[out, in]``; or, for a linear given a
+            dimension in ``reduce``, that sum taken over the dimension window by window (``[in]`` for
+            0, ``[out]`` for 1).
         biases: float32 ``[out]``: ``sum_s |b * dL_s/db|``, for the linears scored with their bias.
     """
 
@@ -44,32 +46,59 @@ def per_window_saliency(
     micro_batch_size: int = 8,
     progress: bool = True,
     desc: str = "per-window gradients",
+    reduce: dict[int, int] | None = None,
+    steps: Sequence[tuple[int, int]] | None = None,
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    root: nn.Module | None = None,
 ) -> PerWindowSums:
-    """Elementwise ``sum_s |w * dL_s/dw|`` over the windows ``s`` for every linear in ``scored``.
+    """``sum_s |w * dL_s/dw|`` over the windows ``s`` for every linear in ``scored``.
 
     Args:
         windows: integer ``[N, T]`` token ids, ``T >= 2`` (any device; moved to the model's).
         scored: ``(linear, with_bias)`` pairs: the linears whose weights (and bias, if flagged) are scored.
         objective: ``L_s``, window ``s``'s objective (see :func:`nirvana.objective.objective_value`).
         micro_batch_size: windows per forward/backward pass.
+        reduce: ``id(linear) -> dim``: keep only the sums over that dimension, added window by window,
+            instead of a float32 copy of the weight (how each rank of a sharded run keeps its part).
+        steps: the ``(start, stop)`` window ranges of each forward/backward, by default consecutive
+            micro-batches. A range with ``start == stop`` still runs (on one window, adding nothing), since
+            a sharded forward is a collective every rank must join.
+        loss: ``ids -> 0-d tensor`` whose gradient is the sum over the windows of ``L_s``; by default the
+            model's own objective. ``root``: the module whose flags are set for scoring (default ``model``).
 
     The model is left as found: every hook is removed and every flag restored, also on error.
     """
+    from torch.distributed.tensor import DTensor
+
     mbs = check_micro_batch(micro_batch_size)
     windows = check_windows(model, windows, 2, "a per-window gradient")
-    acc_w = {id(m): torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for m, _ in scored}
+    reduce = reduce or {}
+
+    def zeros(m: nn.Linear) -> torch.Tensor:
+        dim = reduce.get(id(m))
+        shape = m.weight.shape if dim is None else (m.weight.shape[1 - dim],)
+        return torch.zeros(shape, dtype=torch.float32, device=m.weight.device)
+
+    acc_w = {id(m): zeros(m) for m, _ in scored}
     acc_b = {id(m): torch.zeros(m.out_features, dtype=torch.float32, device=m.weight.device) for m, b in scored if b}
     inputs: dict[int, torch.Tensor] = {}
     embedded: list[torch.Tensor] = []
+    counting = [True]
 
     def add_sample_terms(module: nn.Linear, dy: torch.Tensor) -> None:
         x = inputs.pop(id(module))
+        if not counting[0]:
+            return
+        if isinstance(module.weight, DTensor):
+            raise ValueError("model: a scored linear's weight is still sharded in its backward; expected FSDP2")
         w = module.weight.detach().float()
         b = module.bias.detach().float() if id(module) in acc_b else None
+        dim = reduce.get(id(module))
         for s in range(dy.shape[0]):
             dy_s = dy[s].reshape(-1, dy.shape[-1]).float()  # [T, out]
             g_s = dy_s.T @ x[s].reshape(-1, x.shape[-1]).float()  # [out, in]: dL_s/dW
-            acc_w[id(module)] += g_s.mul_(w).abs_()
+            term = g_s.mul_(w).abs_()
+            acc_w[id(module)] += term if dim is None else term.sum(dim=dim)
             if b is not None:
                 acc_b[id(module)] += (dy_s.sum(dim=0) * b).abs_()
 
@@ -82,18 +111,24 @@ def per_window_saliency(
         embedded.append(output)
         return output
 
+    def own_objective(ids: torch.Tensor) -> torch.Tensor:
+        # objective_value is the mean over windows of each window's objective: times B, the sum.
+        return objective_value(model, ids, objective) * ids.shape[0]
+
+    loss = loss or own_objective
     device = model_device(model)
-    starts = range(0, windows.shape[0], mbs)
-    bar = progress_bar(len(starts), progress, desc)
-    with scoring_state(model, ()), torch.enable_grad(), hooks() as handles:
+    if steps is None:
+        steps = [(s, min(s + mbs, windows.shape[0])) for s in range(0, windows.shape[0], mbs)]
+    bar = progress_bar(len(steps), progress, desc)
+    with scoring_state(root or model, ()), torch.enable_grad(), hooks() as handles:
         handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
         handles += [m.register_forward_hook(keep_input) for m, _ in scored]
-        for s in starts:
-            ids = windows[s : s + mbs].to(device)
-            # objective_value is the mean over windows of each window's objective: times B, the sum.
-            loss = objective_value(model, ids, objective) * ids.shape[0]
-            torch.autograd.grad(loss, embedded.pop())
-            del loss
+        for start, stop in steps:
+            counting[0] = stop > start
+            ids = windows[start:stop] if counting[0] else windows[:1]
+            value = loss(ids.to(device))
+            torch.autograd.grad(value, embedded.pop())
+            del value
             if inputs:
                 raise ValueError(f"model: {len(inputs)} scored linears got no gradient from the objective")
             bar.update(1)
