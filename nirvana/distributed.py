@@ -6,7 +6,7 @@ picks the source by what the method ``needs``). What crosses the network, and wh
 1. Each decoder layer is an FSDP2 unit (``fully_shard``); the embeddings, final norm and lm_head form the
    root unit. Every parameter is a DTensor sharded on dim 0: rank ``r`` of ``W`` ranks holds rows
    ``[r * c, min((r + 1) * c, rows))`` with ``c = ceil(rows / W)`` (the last shards may be short or empty).
-   See :mod:`nirvana.shards`.
+   See :mod:`nirvana.sources.fsdp`.
 2. The calibration windows run in global steps (``nirvana.sources.fsdp.rank_steps``): step ``s`` covers windows
    ``[s*W*m, (s+1)*W*m)`` (``m = --micro-batch-size``), rank ``r`` takes the ``r``-th ``m`` of them, and
    the union over steps is the single-process set. So one global step is one single-process micro-batch
@@ -26,7 +26,7 @@ picks the source by what the method ``needs``). What crosses the network, and wh
    (``|W| @ v`` per row, ``sum |W|`` and ``sum W**2`` per column), which ``nirvana.sources.fsdp.ShardedWeights``
    computes from the local rows with one all_reduce each. Every rank, so rank 0 too, holds the
    statistics: FLAP's ``compensate(model, plan, stats)`` runs in rank 0's final single-process step.
-5. Per-window gradients (``taylor``): ``nirvana.sharded_taylor`` forms each window's ``dCE_s/dW =
+5. Per-window gradients (``taylor``): :func:`nirvana.methods.taylor.sharded_taylor_scores` forms each window's ``dCE_s/dW =
    dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its per-row / per-column
    ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
 6. ``magnitude`` reads the local shards only (``|W * 1|``); ``random`` draws from the seed, as one process.
