@@ -11,10 +11,11 @@ and FLAP's bias compensation, are its own. Each pruned model is scored on:
   another size.
 
 Data-dependent methods run once per calibration seed (``--seeds``); tables give mean ± half the spread
-(max - min) / 2 over seeds. Each method uses its own paper's allocation unless ``--allocation`` is given:
-NIRVANA and FLAP rank globally (FLAP's scores are standardised per layer for exactly that), LLM-Pruner
-(``taylor``), Wanda-SP, magnitude and random prune the same share of every layer. ``nirvana-uniform`` (NIRVANA
-scores, uniform allocation) separates the two ingredients.
+(max - min) / 2 over seeds. Each method uses the allocation ``nirvana prune --method M`` uses by default, its
+paper's (``Method.allocation`` in ``nirvana.methods``), unless ``--allocation`` is given: NIRVANA and FLAP rank
+globally (FLAP's scores are standardised per layer for exactly that), LLM-Pruner (``taylor``), Wanda-SP,
+magnitude and random prune the same share of every layer. ``nirvana-uniform`` (NIRVANA scores, uniform
+allocation, i.e. ``--allocation uniform``) separates the two ingredients.
 
 Studies (``--studies``), on calibration-side data only, never on the evaluation texts:
 
@@ -63,23 +64,25 @@ from nirvana.adapters import get_adapter
 from nirvana.allocation import allocate
 from nirvana.evaluation import kl_divergence, text_windows
 from nirvana.models import load_model
-from nirvana.pruning import count_params
+from nirvana.pruning import PruneSettings, count_params
 from nirvana.saliency import compute_scores
 
 METHODS = ("nirvana", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
-# The allocation each method's paper uses (see the module docstring).
-NATIVE_ALLOCATION = {
-    "nirvana": "global",
-    "nirvana-uniform": "uniform",
-    "taylor": "uniform",
-    "flap": "global",
-    "wanda-sp": "uniform",
-    "magnitude": "uniform",
-    "random": "uniform",
-}
+# The benchmark's rows that are not a --method of their own: NIRVANA's scores, allocated uniformly
+# (what `nirvana prune --allocation uniform` does).
+VARIANT_ALLOCATION = {"nirvana-uniform": "uniform"}
 RECOVER_METHODS = ("nirvana", "taylor", "magnitude")
 GAMMA_SWEEP = (1.0, 2.0, 3.0, 4.0)
 DEFAULT_GAMMA = 3.0
+
+
+def allocation_of(method: str, override: str | None = None) -> str:
+    """The allocation a row prunes with: ``override`` (``--allocation``) if given, else what ``nirvana prune
+    --method BASE`` uses by default (the method's own), ``nirvana-uniform`` aside."""
+    if override is None and method in VARIANT_ALLOCATION:
+        return VARIANT_ALLOCATION[method]
+    base = "nirvana" if method.startswith("nirvana") else method
+    return PruneSettings(method=base, allocation=override).resolved_allocation
 
 
 def eval_text(name: str) -> str:
@@ -218,7 +221,7 @@ class Bench:
             self.geometry,
             sparsity=sparsity,
             gamma=gamma,
-            allocation=self.args.allocation or NATIVE_ALLOCATION[method],
+            allocation=allocation_of(method, self.args.allocation),
             architecture=self.architecture,
         )
 
@@ -282,7 +285,7 @@ class Bench:
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=[DEFAULT_GAMMA],
-                allocation="global", architecture=self.architecture,
+                allocation=allocation_of("nirvana"), architecture=self.architecture,
             )  # fmt: skip
             return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials}
 
@@ -294,7 +297,7 @@ class Bench:
             candidates = [selection.Candidate(0, self.scores("nirvana", 0)[0])]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=list(selection.GAMMA_GRID),
-                allocation="global", architecture=self.architecture,
+                allocation=allocation_of("nirvana"), architecture=self.architecture,
             )  # fmt: skip
             return {"study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials}
 

@@ -169,6 +169,22 @@ def test_quality_mean_spread(values, text):
     assert quality._mean_spread(values) == text
 
 
+@pytest.mark.parametrize("allocation", [None, "global", "uniform"], ids=["own", "global", "uniform"])
+def test_quality_allocates_each_method_as_the_cli_does(allocation):
+    import quality
+
+    from nirvana.methods import METHODS
+    from nirvana.pruning import PruneSettings
+
+    want = {"nirvana": "global", "flap": "global", "taylor": "uniform", "wanda-sp": "uniform"}
+    for method in METHODS:
+        cli = PruneSettings(method=method, allocation=allocation).resolved_allocation
+        assert quality.allocation_of(method, allocation) == cli, method
+        assert cli == (allocation or want.get(method, cli)), method
+    assert quality.allocation_of("nirvana-uniform", allocation) == (allocation or "uniform")
+    assert set(quality.METHODS) - set(METHODS) == set(quality.VARIANT_ALLOCATION)
+
+
 def test_quality_render_lists_every_run():
     import quality
 

@@ -42,6 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .allocation import ALLOCATIONS
     from .distributed import STRATEGIES
     from .methods import METHODS
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
@@ -61,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
     pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
     pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
-    pr.add_argument("--allocation", choices=("global", "uniform"), default="global")
+    pr.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default=None,
+        help="rank KV groups/channels across layers (global) or prune each layer alike (uniform); "
+        "default: the method's own (nirvana, flap: global; taylor, wanda-sp, magnitude, random: uniform)",
+    )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)
     pr.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

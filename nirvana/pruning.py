@@ -59,7 +59,7 @@ class PruneSettings:
     heldout_samples: int = 16  # windows of seq_len tokens for the KL criterion
     saliency: str = "taylor"
     objective: str = "maxlogit"
-    allocation: str = "global"
+    allocation: str | None = None  # None: the method's own (Method.allocation); "global" or "uniform" overrides it
     round_to: int = 8
     micro_batch_size: int = 8
     device: str | None = None  # None: CUDA when present
@@ -97,8 +97,12 @@ class PruneSettings:
             ("method", METHODS),
             ("saliency", SALIENCIES),
             ("objective", OBJECTIVES),
-            ("allocation", ALLOCATIONS),
         )
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"allocation: must be one of {', '.join(ALLOCATIONS)} (or None: the method's own), "
+                f"got {self.allocation!r}"
+            )
         for name, choices in choices_by_name:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -188,6 +192,11 @@ class PruneSettings:
         )
 
     @property
+    def resolved_allocation(self) -> str:
+        """The allocation this run uses: ``allocation``, or the method's own when it is None."""
+        return get_method(self.method).resolve_allocation(self.allocation)
+
+    @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -267,6 +276,8 @@ def prune(
             )
     device = next(model.parameters()).device
     _warn_past_positions(settings, model.config)
+    _warn_allocation(settings)
+    allocation = settings.resolved_allocation
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     _check_encoder_decoder(settings, geometry)
@@ -317,7 +328,7 @@ def prune(
                 heldout,
                 sparsity=settings.sparsity,
                 gammas=gammas,
-                allocation=settings.allocation,
+                allocation=allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
                 prepare=_compensation(method, method_stats) if method.compensates else None,
@@ -333,7 +344,7 @@ def prune(
                 geometry,
                 sparsity=settings.sparsity,
                 gamma=gammas[0],
-                allocation=settings.allocation,
+                allocation=allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
             )
@@ -356,7 +367,7 @@ def prune(
         else {"seed": best.seed, "gamma": gammas[0], "trials": []}
     )
     report = build_report(
-        settings=asdict(settings),
+        settings=asdict(settings) | {"allocation": allocation},  # the one used, the method's own if not given
         plan=plan,
         params_before=params_before,
         params_after=params_after,
@@ -411,6 +422,12 @@ def _warn_past_positions(settings: PruneSettings, config) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _warn_allocation(settings: PruneSettings) -> None:
+    line = get_method(settings.method).allocation_warning(settings.resolved_allocation)
+    if line is not None:
+        warnings.warn(line, RuntimeWarning, stacklevel=3)
 
 
 def _check_encoder_decoder(settings: PruneSettings, geometry) -> None:

@@ -102,3 +102,87 @@ def test_score_refuses_a_setting_the_method_does_not_take_before_any_work():
 
     with pytest.raises(ValueError, match=r"^objective: method 'wanda-sp' takes no such setting"):
         nirvana.score(tiny_model("llama"), tiny_batch(2, 6), "wanda-sp", objective="ce", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Each method's own allocation (its paper's), which --allocation overrides
+# --------------------------------------------------------------------------------------------------
+
+OWN_ALLOCATION = {
+    "nirvana": "global",
+    "magnitude": "uniform",
+    "random": "uniform",
+    "taylor": "uniform",
+    "wanda-sp": "uniform",
+    "flap": "global",
+}
+
+
+def test_every_method_declares_its_papers_allocation():
+    from nirvana.allocation import ALLOCATIONS
+
+    assert {name: get_method(name).allocation for name in METHODS} == OWN_ALLOCATION
+    for name in METHODS:
+        method = get_method(name)
+        assert method.resolve_allocation(None) == OWN_ALLOCATION[name]
+        for allocation in ALLOCATIONS:
+            assert method.resolve_allocation(allocation) == allocation
+            # A method's own allocation is never the one it warns about.
+            assert method.allocation_warning(method.allocation) is None
+    line = get_method("wanda-sp").allocation_warning("global")
+    assert line.startswith("allocation: 'global' with method 'wanda-sp'") and "\n" not in line
+    assert get_method("wanda-sp").allocation_warning("uniform") is None
+
+
+def test_prune_settings_default_to_the_methods_allocation():
+    from nirvana.pruning import PruneSettings
+
+    for name in METHODS:
+        assert PruneSettings(method=name).allocation is None
+        assert PruneSettings(method=name).resolved_allocation == OWN_ALLOCATION[name]
+        assert PruneSettings(method=name, allocation="global").resolved_allocation == "global"
+    with pytest.raises(ValueError, match=r"^allocation: must be one of global, uniform .*got 'layer'$"):
+        PruneSettings(allocation="layer").check()
+
+
+def prune_cli(folder, calib, out, *extra):
+    return [
+        *("prune", folder, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"),
+        *("--round-to", "2", "--device", "cpu", "--quiet", "--out", out, *extra),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "used", "warns"),
+    [
+        ("wanda-sp", (), "uniform", False),
+        ("taylor", (), "uniform", False),
+        ("flap", (), "global", False),
+        ("nirvana", (), "global", False),
+        ("wanda-sp", ("--allocation", "global"), "global", True),
+        ("nirvana", ("--allocation", "uniform"), "uniform", False),
+    ],
+    ids=["wanda-sp", "taylor", "flap", "nirvana", "wanda-sp-global-warns", "nirvana-uniform"],
+)
+def test_the_cli_prunes_with_the_methods_allocation_unless_told(method, extra, used, warns, dense_dir, tmp_path, capsys):
+    import json
+
+    from nirvana import cli
+    from nirvana.checkpoint import load_plan
+
+    from .test_pruning import write_text
+
+    calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
+    code = cli.main([str(a) for a in prune_cli(dense_dir, calib, out, "--method", method, *extra)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["allocation"] == used
+    plan = load_plan(out)
+    assert plan.meta["allocation"] == used
+    if used == "uniform":
+        assert plan.is_uniform()
+    warning = [line for line in err.splitlines() if line.startswith("nirvana: warning: allocation:")]
+    assert len(warning) == int(warns), err
+    if warns:
+        assert "'wanda-sp'" in warning[0] and "its own is 'uniform'" in warning[0]

@@ -33,6 +33,10 @@ class Method(abc.ABC):
         uses_statistics: it scores from activation statistics (:meth:`statistics` gathers them).
         compensates: :meth:`compensate` changes the model beyond the plan's slices, from the statistics,
             so a plan alone does not reproduce its result (``nirvana apply`` refuses such plans).
+        allocation: the allocation its paper prunes with (one of :data:`nirvana.allocation.ALLOCATIONS`),
+            what ``nirvana prune`` uses unless ``--allocation`` says otherwise.
+        misallocations: allocation -> why that allocation is known to be meaningless for these scores;
+            asking for one is allowed, with a warning (:meth:`allocation_warning`).
     """
 
     name: ClassVar[str]
@@ -40,6 +44,22 @@ class Method(abc.ABC):
     settings: ClassVar[tuple[str, ...]] = ()
     uses_statistics: ClassVar[bool] = False
     compensates: ClassVar[bool] = False
+    allocation: ClassVar[str] = "global"
+    misallocations: ClassVar[dict[str, str]] = {}
+
+    def resolve_allocation(self, allocation: str | None) -> str:
+        """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""
+        return self.allocation if allocation is None else allocation
+
+    def allocation_warning(self, allocation: str) -> str | None:
+        """One line saying why ``allocation`` is meaningless for this method's scores, or None when it is not."""
+        why = self.misallocations.get(allocation)
+        if why is None:
+            return None
+        return (
+            f"allocation: {allocation!r} with method {self.name!r} is known to prune badly ({why}); "
+            f"its own is {self.allocation!r}"
+        )
 
     @property
     def data_free(self) -> bool:

@@ -155,6 +155,8 @@ class Flap(FromStatistics):
 
     name = "flap"
     compensates = True
+    # FLAP ranks globally; flap_scores standardises each layer's scores for exactly that.
+    allocation = "global"
 
     def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
         return flap_scores(model, stats, weights)

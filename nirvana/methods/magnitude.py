@@ -10,6 +10,8 @@ class Magnitude(WeightsOnly):
 
     name = "magnitude"
     saliency = "magnitude"
+    # As LLM-Pruner runs its magnitude baseline: the same share of every layer.
+    allocation = "uniform"
 
 
 METHOD = Magnitude()

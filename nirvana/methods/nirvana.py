@@ -17,6 +17,7 @@ class Nirvana(Method):
     name = "nirvana"
     needs = GRADIENTS
     settings = ("objective", "saliency")
+    allocation = "global"
 
     def scores(
         self,

@@ -10,6 +10,8 @@ class Random(WeightsOnly):
 
     name = "random"
     saliency = "random"
+    # As LLM-Pruner runs its random baseline: the same share of every layer.
+    allocation = "uniform"
 
 
 METHOD = Random()

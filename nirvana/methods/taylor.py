@@ -155,6 +155,8 @@ class Taylor(Method):
 
     name = "taylor"
     needs = PER_WINDOW_GRADIENTS
+    # LLM-Pruner prunes the same share of every layer it prunes.
+    allocation = "uniform"
 
     def scores(self, model, windows, *, micro_batch_size=8, seed=0, progress=True, stats=None, **settings) -> Scores:
         """:func:`taylor_scores` (``seed`` and ``stats`` are unused)."""

@@ -66,6 +66,11 @@ class WandaSP(FromStatistics):
     """:func:`wanda_sp_scores` from the calibration windows' activation statistics."""
 
     name = "wanda-sp"
+    # FLAP's authors prune Wanda-SP layer-uniformly: its raw scores carry each layer's activation scale.
+    allocation = "uniform"
+    misallocations = {
+        "global": "its raw scores scale with each layer's activations, so they rank units only within a layer"
+    }
 
     def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
         return wanda_sp_scores(model, stats, weights)
