@@ -164,7 +164,7 @@ def prune_cli(folder, calib, out, *extra):
     ],
     ids=["wanda-sp", "taylor", "flap", "nirvana", "wanda-sp-global-warns", "nirvana-uniform"],
 )
-def test_the_cli_prunes_with_the_methods_allocation_unless_told(method, extra, used, warns, dense_dir, tmp_path, capsys):
+def test_cli_prunes_with_the_methods_allocation_unless_told(method, extra, used, warns, dense_dir, tmp_path, capsys):
     import json
 
     from nirvana import cli
