@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import tokenize
+from .objective import is_encoder_decoder, split_window
 
 # Rows of [rows, vocab] handled at once by kl_divergence: about 16M elements (64 MB in float32) whatever the vocab.
 _KL_CHUNK_ELEMENTS = 2**24
@@ -63,15 +64,15 @@ def perplexity(
     The text is tokenized without special tokens; each window predicts its tokens 2..seq_len from the ones
     before, so the mean is over ``n_windows * (seq_len - 1)`` tokens. Runs under no_grad on the model's device,
     NLL in float32 per batch, accumulated in float64.
+
+    An encoder-decoder (T5) is scored as its scores were taken (:func:`nirvana.objective.split_window`):
+    each window's first ``seq_len // 2`` tokens are the encoder's input and the decoder predicts the
+    other ``seq_len - seq_len // 2``, teacher-forced, so the mean is over those decoder targets.
     """
     if not isinstance(text, str):
         raise ValueError(f"text: expected a str, got {type(text).__name__}")
     _positive_int("seq_len", seq_len, 2)
     _positive_int("batch_size", batch_size)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError(
-            f"model: {type(model).__name__} is an encoder-decoder; perplexity reads decoder-only next-token logits"
-        )
     if max_windows is not None:
         _positive_int("max_windows", max_windows)
     ids = tokenize(text, tokenizer)
@@ -83,11 +84,32 @@ def perplexity(
     with torch.no_grad(), _eval_mode(model):
         for batch in _batches(windows, batch_size, progress, "perplexity"):
             batch = batch.to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            if is_encoder_decoder(model):
+                logits, targets = seq2seq_logits(model, batch)
+                logits = logits.float()
+            else:
+                logits, targets = model(input_ids=batch).logits[:, :-1].float(), batch[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
             total += nll.item()
-            count += batch[:, 1:].numel()
+            count += targets.numel()
     return math.exp(total / count)
+
+
+def seq2seq_logits(model, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder-decoder's logits over its decoder targets, and those targets, for LongTensor[n, T] windows
+    (``T >= 2``) split as the scores split them (:func:`nirvana.objective.split_window`): logits
+    ``[n, T - T // 2, vocab]`` in the model's dtype, targets LongTensor ``[n, T - T // 2]``."""
+    parts = split_window(model, windows)
+    labels = parts.pop("labels")
+    return model(**parts, use_cache=False).logits, labels
+
+
+def model_logits(model, windows: torch.Tensor) -> torch.Tensor:
+    """The logits KL compares for LongTensor[n, T] windows: a decoder-only model's ``[n, T, vocab]`` at every
+    position, an encoder-decoder's ``[n, T - T // 2, vocab]`` over its decoder targets (:func:`seq2seq_logits`)."""
+    if is_encoder_decoder(model):
+        return seq2seq_logits(model, windows)[0]
+    return model(input_ids=windows).logits
 
 
 def window_logits(
@@ -101,13 +123,14 @@ def window_logits(
     """Tensor[n, seq_len, vocab] of ``dtype`` on CPU: the model's logits for LongTensor[n, seq_len] windows.
 
     Memory is n * seq_len * vocab * itemsize (32 x 128 x 49152 float32 is 0.8 GB; pass bfloat16 to halve it).
+    An encoder-decoder's are over its decoder targets only, ``[n, seq_len - seq_len // 2, vocab]`` (:func:`model_logits`).
     """
     _check_windows(windows)
     _positive_int("batch_size", batch_size)
     device = _device(model)
     with torch.no_grad(), _eval_mode(model):
         parts = [
-            model(input_ids=b.to(device)).logits.to("cpu", dtype)
+            model_logits(model, b.to(device)).to("cpu", dtype)
             for b in _batches(windows, batch_size, progress, "logits")
         ]
     return torch.cat(parts)
@@ -168,7 +191,8 @@ def kl_to_model(
     """
     _check_windows(windows)
     _positive_int("batch_size", batch_size)
-    if tuple(dense_logits.shape[:2]) != tuple(windows.shape):
+    positions = windows.shape[1] - windows.shape[1] // 2 if is_encoder_decoder(model) else windows.shape[1]
+    if tuple(dense_logits.shape[:2]) != (windows.shape[0], positions):
         raise ValueError(
             f"dense_logits: shape {tuple(dense_logits.shape)} does not match windows {tuple(windows.shape)}"
         )
@@ -176,7 +200,7 @@ def kl_to_model(
     total, rows, start = 0.0, 0, 0
     with torch.no_grad(), _eval_mode(model):
         for batch in _batches(windows, batch_size, progress, "kl"):
-            logits = model(input_ids=batch.to(device)).logits
+            logits = model_logits(model, batch.to(device))
             dense = dense_logits[start : start + batch.shape[0]].to(logits.device)
             if dense.shape != logits.shape:
                 raise ValueError(f"dense_logits: vocab {dense.shape[-1]} differs from the model's {logits.shape[-1]}")
@@ -205,4 +229,13 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, **
     return dict(results["results"])
 
 
-__all__ = ["kl_divergence", "kl_to_model", "lm_eval_tasks", "perplexity", "text_windows", "window_logits"]
+__all__ = [
+    "kl_divergence",
+    "kl_to_model",
+    "lm_eval_tasks",
+    "model_logits",
+    "perplexity",
+    "seq2seq_logits",
+    "text_windows",
+    "window_logits",
+]

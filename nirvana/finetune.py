@@ -36,8 +36,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import calibration
-from .adapters import get_adapter
+from .adapters import attention_blocks, get_adapter
 from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, load_plan, load_pruned, save_pruned
+from .objective import is_encoder_decoder, split_window
 from .output import check_target, real_path
 
 DEFAULT_LR_LORA = 5e-4
@@ -142,14 +143,18 @@ def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Ten
 
 
 def _lora_targets(model: nn.Module) -> list[str]:
-    """Full module names of every layer's q/k/v/o and gate/up/down linears, minus any pruned to width 0."""
+    """Full module names of every layer's q/k/v/o and gate/up/down linears (and an encoder-decoder's
+    cross-attention q/k/v/o), minus any pruned to width 0."""
     names = {id(module): name for name, module in model.named_modules()}
     targets = []
-    for lm in get_adapter(model).layers(model):
+    layers = get_adapter(model).layers(model)
+    for lm in layers:
         for module in (lm.q, lm.k, lm.v, lm.o, lm.gate, lm.up, lm.down):
             # An MLP pruned away entirely leaves 0-wide linears, which have nothing to adapt.
             if module is not None and module.weight.numel() > 0:
                 targets.append(names[id(module)])
+    for cross in attention_blocks(layers)[len(layers) :]:
+        targets += [names[id(m)] for m in (cross.q, cross.k, cross.v, cross.o)]  # each keeps a head
     return targets
 
 
@@ -169,6 +174,15 @@ def _wrap_lora(model: nn.Module, rank: int) -> tuple[nn.Module, dict]:
         return get_peft_model(model, config), settings
 
 
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The training loss of windows ``x`` (LongTensor[B, seq_len]): next-token cross-entropy, or for an
+    encoder-decoder (T5) the cross-entropy of each window's second half given its first, split as the
+    scores split it (:func:`nirvana.objective.split_window`)."""
+    if is_encoder_decoder(model):
+        return model(**split_window(model, x), use_cache=False).loss
+    return model(input_ids=x, labels=x, use_cache=False).loss
+
+
 @torch.no_grad()
 def _mean_loss(model: nn.Module, batch: torch.Tensor, device: torch.device, batch_size: int) -> float:
     """Mean next-token cross-entropy over the rows of ``batch`` (LongTensor[n, seq_len]), in eval mode."""
@@ -178,7 +192,7 @@ def _mean_loss(model: nn.Module, batch: torch.Tensor, device: torch.device, batc
         total = 0.0
         for chunk in batch.split(batch_size):
             x = chunk.to(device)
-            total += model(input_ids=x, labels=x, use_cache=False).loss.float().item() * len(chunk)
+            total += _loss(model, x).float().item() * len(chunk)
     finally:
         model.train(was_training)
     return total / len(batch)
@@ -257,10 +271,6 @@ def finetune(
     lr = float(lr) if lr is not None else (DEFAULT_LR_FULL if full else DEFAULT_LR_LORA)
     report = _read_report(src)
     plan = load_plan(src)
-    if plan.geometry.encoder_layers or plan.geometry.cross_attention_layers:
-        raise ValueError(
-            f"pruned_dir: {str(src)!r} is an encoder-decoder; fine-tuning trains decoder-only language models"
-        )
 
     from transformers import AutoTokenizer
 
@@ -307,7 +317,7 @@ def finetune(
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, steps, lr)
             x = _windows(ids, starts[step], seq_len).to(dev)
-            loss = trained(input_ids=x, labels=x, use_cache=False).loss
+            loss = _loss(trained, x)
             if not torch.isfinite(loss):
                 raise ValueError(f"lr: training diverged at step {step} (loss {loss.item()}); try a smaller lr")
             optimizer.zero_grad(set_to_none=True)

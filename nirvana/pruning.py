@@ -280,7 +280,7 @@ def prune(
     allocation = settings.resolved_allocation
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
-    _check_encoder_decoder(settings, geometry)
+    _check_encoder_decoder(settings, model)
     architecture = architecture_names(model)[0]
     params_before = count_params(model)
 
@@ -430,15 +430,9 @@ def _warn_allocation(settings: PruneSettings) -> None:
         warnings.warn(line, RuntimeWarning, stacklevel=3)
 
 
-def _check_encoder_decoder(settings: PruneSettings, geometry) -> None:
-    """Encoder-decoders (T5) take the NIRVANA scores with one calibration set and one gamma; the
-    baselines and the KL selection read decoder-only logits."""
-    if not (geometry.encoder_layers or geometry.cross_attention_layers):
-        return
-    if settings.method != "nirvana":
-        raise ValueError(f"method: {settings.method!r} supports decoder-only models; an encoder-decoder takes nirvana")
-    if settings.select_calib != 1 or settings.gamma == "auto":
-        raise ValueError("select_calib: KL selection (--select-calib > 1, --gamma auto) supports decoder-only models")
+def _check_encoder_decoder(settings: PruneSettings, model) -> None:
+    """Encoder-decoders (T5) take every method whose scores mean something there (FLAP's compensation does not)."""
+    get_method(settings.method).check_model(model)
 
 
 def _method_scores(settings: PruneSettings, method, model, windows, seed: int, progress: bool, kept: dict) -> Scores:

@@ -37,6 +37,7 @@ class Method(abc.ABC):
             what ``nirvana prune`` uses unless ``--allocation`` says otherwise.
         misallocations: allocation -> why that allocation is known to be meaningless for these scores;
             asking for one is allowed, with a warning (:meth:`allocation_warning`).
+        encoder_decoder_refusal: None if it scores encoder-decoders (T5) too, else why it does not.
     """
 
     name: ClassVar[str]
@@ -46,6 +47,12 @@ class Method(abc.ABC):
     compensates: ClassVar[bool] = False
     allocation: ClassVar[str] = "global"
     misallocations: ClassVar[dict[str, str]] = {}
+    encoder_decoder_refusal: ClassVar[str | None] = None
+
+    def check_model(self, model: nn.Module) -> None:
+        """A one-line ValueError if this method cannot score ``model`` (an encoder-decoder, for some)."""
+        if self.encoder_decoder_refusal is not None and getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"method: {self.name!r} does not score encoder-decoders: {self.encoder_decoder_refusal}")
 
     def resolve_allocation(self, allocation: str | None) -> str:
         """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""

@@ -47,6 +47,7 @@ def flap_scores(model: nn.Module, stats: ActivationStats, weights: WeightReducti
     ``||W[:, c]||^2`` (:data:`~nirvana.sources.weights.DENSE_WEIGHTS`, or a sharded model's
     :class:`nirvana.sources.fsdp.ShardedWeights`).
     """
+    METHOD.check_model(model)
     geometry, layers = dense_layers(model)
     stats = check_stats(stats, geometry)
     var_o, var_down = stats.variance("o"), stats.variance("down")
@@ -157,6 +158,10 @@ class Flap(FromStatistics):
     compensates = True
     # FLAP ranks globally; flap_scores standardises each layer's scores for exactly that.
     allocation = "global"
+    encoder_decoder_refusal = (
+        "its compensation adds o/wo biases, which T5 builds without, and a pruned T5 checkpoint cannot carry "
+        "them (the config's bias list names one path for every layer; T5's encoder and decoder hold wo apart)"
+    )
 
     def from_statistics(self, model: nn.Module, stats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:
         return flap_scores(model, stats, weights)

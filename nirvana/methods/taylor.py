@@ -9,7 +9,7 @@ from torch import nn
 from ..scores import Scores
 from ..sources.common import check_micro_batch, check_windows, dense_layers
 from ..sources.fsdp import rank_steps
-from ..sources.gradients import prunable_parameters
+from ..sources.gradients import attention_parameters, prunable_parameters
 from ..sources.per_window import per_window_saliency
 from .base import PER_WINDOW_GRADIENTS, Method
 from .common import base_meta, finish, group_attention, group_mlp
@@ -114,28 +114,38 @@ def _roles(layers) -> list[tuple[nn.Linear, str]]:
 
 
 def scored_linears(layers) -> list[tuple[nn.Linear, bool]]:
-    """Every prunable linear of ``layers`` with whether its bias is scored (q/k/v, when the model has them)."""
+    """Every prunable linear of ``layers`` with whether its bias is scored (q/k/v, when the model has them),
+    the cross-attentions' (an encoder-decoder's) after every layer's own."""
     scored = []
     for lm in layers:
         attn_params, _ = prunable_parameters(lm)  # checks that q/k/v biases are all or none
         with_bias = len(attn_params) > 4
         scored += [(lm.q, with_bias), (lm.k, with_bias), (lm.v, with_bias), (lm.o, False)]
         scored += [(m, False) for m in (lm.up, lm.down, lm.gate) if m is not None]
+    for cross in (lm.cross for lm in layers if lm.cross is not None):
+        with_bias = len(attention_parameters(cross)) > 4
+        scored += [(cross.q, with_bias), (cross.k, with_bias), (cross.v, with_bias), (cross.o, False)]
     return scored
 
 
 def unit_rows(geometry, layers, reduced, biases: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each layer's float64 KV-group and MLP-channel rows from ``reduced(linear, dim)``, the linear's
-    per-window sums over ``dim`` (1 for row-owning parts, 0 for o/down), plus the q/k/v ``biases``."""
-    att_rows, mlp_rows = [], []
-    for lm in layers:
-        rows = {n: reduced(m, 1) for n, m in (("q", lm.q), ("k", lm.k), ("v", lm.v))}
-        for n, m in (("q", lm.q), ("k", lm.k), ("v", lm.v)):
+    """Each attention block's float64 KV-group row (every layer's self-attention, then the cross-attentions)
+    and each layer's MLP-channel row from ``reduced(linear, dim)``, the linear's per-window sums over ``dim``
+    (1 for row-owning parts, 0 for o/down), plus the q/k/v ``biases``."""
+
+    def attention_row(block) -> torch.Tensor:
+        rows = {n: reduced(m, 1) for n, m in (("q", block.q), ("k", block.k), ("v", block.v))}
+        for n, m in (("q", block.q), ("k", block.k), ("v", block.v)):
             if id(m) in biases:
                 rows[n] = rows[n] + biases.pop(id(m))
-        att_rows.append(group_attention(geometry, rows["q"], rows["k"], rows["v"], reduced(lm.o, 0)))
+        return group_attention(geometry, rows["q"], rows["k"], rows["v"], reduced(block.o, 0))
+
+    att_rows, mlp_rows = [], []
+    for lm in layers:
+        att_rows.append(attention_row(lm))
         gate = reduced(lm.gate, 1) if lm.gate is not None else None
         mlp_rows.append(group_mlp(reduced(lm.up, 1), reduced(lm.down, 0), gate))
+    att_rows += [attention_row(lm.cross) for lm in layers if lm.cross is not None]
     return att_rows, mlp_rows
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..scores import Scores
-from ..sources.activations import INPUTS, ActivationStats, check_stats
+from ..sources.activations import CROSS_INPUTS, INPUTS, ActivationStats, check_stats
 from ..sources.common import dense_layers
 from ..sources.weights import DENSE_WEIGHTS, WeightReductions
 from .base import FromStatistics
@@ -25,7 +25,8 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats, weights: WeightRed
 
         sum_k (|Wgate[c, k]| + |Wup[c, k]|) ||X^mlp_k|| + sum_i |Wdown[i, c]| ||X^down_c||
 
-    with ``||X_c|| = sqrt(sum_t x_{t,c}^2)`` over all calibration tokens. The q/k/v biases (Qwen2) read
+    with ``||X_c|| = sqrt(sum_t x_{t,c}^2)`` over all calibration tokens. An encoder-decoder's cross-attention
+    KV group reads the decoder's hidden state in q and the encoder's output in k/v (:data:`CROSS_INPUTS`). The q/k/v biases (Qwen2) read
     no input channel and are left out. This is Wanda's ``|W| * ||X||`` summed over every weight the
     unit owns (Wanda-SP as FLAP's authors released it scores the o_proj / down_proj columns only and
     averages over rows; summing all the unit's weights makes it comparable with the other methods).
@@ -58,6 +59,11 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats, weights: WeightRed
             )
             gate = rows(lm.gate, n_mlp[i]) if lm.gate is not None else None
             mlp_rows.append(group_mlp(rows(lm.up, n_mlp[i]), cols(lm.down, n_down[i]), gate))
+        if geometry.cross_attention_layers:
+            n_q, n_kv, n_co = (stats.norm(k) for k in CROSS_INPUTS)
+            for j, c in enumerate(lm.cross for lm in layers if lm.cross is not None):
+                k_rows, v_rows = rows(c.k, n_kv[j]), rows(c.v, n_kv[j])
+                att_rows.append(group_attention(geometry, rows(c.q, n_q[j]), k_rows, v_rows, cols(c.o, n_co[j])))
     meta = base_meta(model, "wanda-sp") | {"tokens": stats.tokens}
     return finish(att_rows, mlp_rows, geometry, meta)
 

@@ -14,11 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..objective import is_encoder_decoder, split_window
 from ..plan import Geometry
 from .common import check_micro_batch, check_windows, dense_layers, hooks, model_device, progress_bar, scoring_state
 
 # What ActivationStats holds statistics of: the inputs of q/k/v, o_proj, gate/up and down_proj.
 INPUTS = ("attn", "o", "mlp", "down")
+# An encoder-decoder's too, one row per cross-attention: the inputs of its q (the decoder's hidden state),
+# of its k/v (the encoder's output) and of its o.
+CROSS_INPUTS = ("cross_q", "cross_kv", "cross_o")
 STATS_FORMAT = "nirvana-activation-stats"
 STATS_VERSION = 1
 
@@ -29,35 +33,61 @@ class ActivationStats:
 
     Attributes:
         geometry: the dense geometry the channels index into.
-        tokens: how many token positions were summed (windows times window length).
+        tokens: how many token positions were summed (windows times window length); an encoder-decoder's
+            encoder positions (each window's first ``T // 2`` tokens, see :func:`nirvana.objective.split_window`).
         sums: for each name in :data:`INPUTS`, float64 ``[num_layers, channels]`` on the CPU: ``sum_t x``.
             Channels are ``hidden_size`` for ``attn`` and ``mlp``, ``num_heads * head_dim`` for ``o``,
-            ``intermediate_size`` for ``down``.
+            ``intermediate_size`` for ``down``. An encoder-decoder also has :data:`CROSS_INPUTS`,
+            ``[cross_attention_layers, channels]`` (``hidden_size`` for ``cross_q`` and ``cross_kv``,
+            ``num_heads * head_dim`` for ``cross_o``).
         squares: the same shapes: ``sum_t x**2``.
+        decoder_tokens: an encoder-decoder's decoder positions (``T - T // 2`` per window), which its decoder
+            layers and the cross-attentions' q/o inputs summed; None for a decoder-only model.
     """
 
     geometry: Geometry
     tokens: int
     sums: dict[str, torch.Tensor]
     squares: dict[str, torch.Tensor]
+    decoder_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ValueError(f"tokens: must be a positive integer, got {self.tokens!r}")
+        cross = bool(self.geometry.cross_attention_layers)
+        if cross != (self.decoder_tokens is not None):
+            raise ValueError(
+                f"decoder_tokens: {self.decoder_tokens!r} does not fit a geometry with "
+                f"{self.geometry.cross_attention_layers} cross-attention layers"
+            )
+        if cross and (
+            isinstance(self.decoder_tokens, bool) or not isinstance(self.decoder_tokens, int) or self.decoder_tokens < 1
+        ):
+            raise ValueError(f"decoder_tokens: must be a positive integer, got {self.decoder_tokens!r}")
         shapes = _stat_shapes(self.geometry)
         for field_name in ("sums", "squares"):
             table = getattr(self, field_name)
-            if not isinstance(table, dict) or set(table) != set(INPUTS):
+            if not isinstance(table, dict) or set(table) != set(shapes):
                 got = sorted(table) if isinstance(table, dict) else type(table).__name__
-                raise ValueError(f"{field_name}: expected the keys {list(INPUTS)}, got {got}")
+                raise ValueError(f"{field_name}: expected the keys {list(shapes)}, got {got}")
             for name, t in table.items():
                 if not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[name] or t.dtype != torch.float64:
                     desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                     raise ValueError(f"{field_name}[{name!r}]: expected float64 {shapes[name]}, got {desc}")
 
+    def _tokens(self, name: str):
+        """The positions each row of ``name`` summed: ``tokens``, or per row for an encoder-decoder."""
+        if self.decoder_tokens is None or name == "cross_kv":
+            return self.tokens
+        if name in CROSS_INPUTS:
+            return self.decoder_tokens
+        counts = torch.full((self.geometry.num_layers, 1), float(self.tokens), dtype=torch.float64)
+        counts[self.geometry.encoder_layers :] = float(self.decoder_tokens)
+        return counts
+
     def mean(self, name: str) -> torch.Tensor:
         """float64 ``[num_layers, channels]``: each channel's mean over the tokens."""
-        return self.sums[_input_name(name)] / self.tokens
+        return self.sums[_input_name(name)] / self._tokens(name)
 
     def norm(self, name: str) -> torch.Tensor:
         """float64 ``[num_layers, channels]``: each channel's 2-norm over the tokens."""
@@ -65,8 +95,8 @@ class ActivationStats:
 
     def variance(self, name: str) -> torch.Tensor:
         """float64 ``[num_layers, channels]``: each channel's unbiased variance over the tokens (0 for one token)."""
-        n, s, sq = self.tokens, self.sums[_input_name(name)], self.squares[name]
-        if n < 2:
+        n, s, sq = self._tokens(_input_name(name)), self.sums[name], self.squares[name]
+        if (n.min() if isinstance(n, torch.Tensor) else n) < 2:
             return torch.zeros_like(s)
         # The float64 sums keep the cancellation error far below any variance that matters for ranking;
         # clamping removes the tiny negative values it can leave for a constant channel.
@@ -74,18 +104,26 @@ class ActivationStats:
 
 
 def _input_name(name: str) -> str:
-    if name not in INPUTS:
-        raise ValueError(f"name: must be one of {INPUTS}, got {name!r}")
+    if name not in INPUTS + CROSS_INPUTS:
+        raise ValueError(f"name: must be one of {INPUTS + CROSS_INPUTS}, got {name!r}")
     return name
 
 
 def _stat_shapes(g: Geometry) -> dict[str, tuple[int, int]]:
-    return {
+    shapes = {
         "attn": (g.num_layers, g.hidden_size),
         "o": (g.num_layers, g.num_heads * g.head_dim),
         "mlp": (g.num_layers, g.hidden_size),
         "down": (g.num_layers, g.intermediate_size),
     }
+    if g.cross_attention_layers:
+        c = g.cross_attention_layers
+        shapes |= {
+            "cross_q": (c, g.hidden_size),
+            "cross_kv": (c, g.hidden_size),
+            "cross_o": (c, g.num_heads * g.head_dim),
+        }
+    return shapes
 
 
 def save_statistics(stats: ActivationStats, path: str | Path) -> Path:
@@ -105,6 +143,8 @@ def save_statistics(stats: ActivationStats, path: str | Path) -> Path:
         "geometry": json.dumps(stats.geometry.to_dict(), sort_keys=True),
         "tokens": str(stats.tokens),
     }
+    if stats.decoder_tokens is not None:
+        metadata["decoder_tokens"] = str(stats.decoder_tokens)
     save_file(tensors, str(path), metadata=metadata)
     return Path(path)
 
@@ -120,14 +160,18 @@ def load_statistics(path: str | Path) -> ActivationStats:
         if metadata.get("format") != STATS_FORMAT or metadata.get("version") != str(STATS_VERSION):
             raise ValueError(f"path: {str(path)!r} is not a version {STATS_VERSION} {STATS_FORMAT} file")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    expected = {f"{kind}.{k}" for kind in ("sum", "square") for k in INPUTS}
+    geometry = Geometry.from_dict(json.loads(metadata["geometry"]))
+    names = list(_stat_shapes(geometry))
+    expected = {f"{kind}.{k}" for kind in ("sum", "square") for k in names}
     if set(tensors) != expected:
         raise ValueError(f"path: {str(path)!r} holds tensors {sorted(tensors)}, expected {sorted(expected)}")
+    decoder_tokens = metadata.get("decoder_tokens")
     return ActivationStats(
-        Geometry.from_dict(json.loads(metadata["geometry"])),
+        geometry,
         int(metadata["tokens"]),
-        {k: tensors[f"sum.{k}"] for k in INPUTS},
-        {k: tensors[f"square.{k}"] for k in INPUTS},
+        {k: tensors[f"sum.{k}"] for k in names},
+        {k: tensors[f"square.{k}"] for k in names},
+        None if decoder_tokens is None else int(decoder_tokens),
     )
 
 
@@ -153,11 +197,14 @@ def activation_statistics(
         :class:`ActivationStats` over ``N * T`` tokens, on the CPU.
     """
     mbs = check_micro_batch(micro_batch_size)
-    windows = check_windows(model, windows)
+    seq2seq = is_encoder_decoder(model)
+    windows = check_windows(model, windows, 2 if seq2seq else 1, "an encoder-decoder")
     geometry, layers = dense_layers(model)
-    sums: dict[str, list[torch.Tensor]] = {k: [] for k in INPUTS}
-    squares: dict[str, list[torch.Tensor]] = {k: [] for k in INPUTS}
-    seen = [0]
+    names = list(_stat_shapes(geometry))
+    sums: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    squares: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    seen = [0, 0]  # positions through the first layer, and through the first decoder layer
+    first_decoder = geometry.encoder_layers
 
     def adder(name: str, i: int):
         def hook(_module, args):
@@ -167,8 +214,24 @@ def activation_statistics(
             squares[name][i] += x.square().sum(dim=0)
             if name == "attn" and i == 0:
                 seen[0] += x.shape[0]
+            if seq2seq and name == "attn" and i == first_decoder:
+                seen[1] += x.shape[0]
 
         return hook
+
+    def forward(ids: torch.Tensor) -> None:
+        if seq2seq:
+            parts = split_window(model, ids)
+            del parts["labels"]
+            model(**parts, use_cache=False)
+        else:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    def watch(name: str, i: int, module: nn.Linear) -> None:
+        zeros = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
+        sums[name].append(zeros)
+        squares[name].append(zeros.clone())
+        handles.append(module.register_forward_pre_hook(adder(name, i)))
 
     device = model_device(model)
     starts = range(0, windows.shape[0], mbs)
@@ -176,21 +239,24 @@ def activation_statistics(
     with scoring_state(model, ()), torch.no_grad(), hooks() as handles:
         for i, lm in enumerate(layers):
             for name, module in (("attn", lm.q), ("o", lm.o), ("mlp", lm.up), ("down", lm.down)):
-                zeros = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
-                sums[name].append(zeros)
-                squares[name].append(zeros.clone())
-                handles.append(module.register_forward_pre_hook(adder(name, i)))
+                watch(name, i, module)
+        for j, cross in enumerate(lm.cross for lm in layers if lm.cross is not None):
+            for name, module in (("cross_q", cross.q), ("cross_kv", cross.k), ("cross_o", cross.o)):
+                watch(name, j, module)
         for s in starts:
-            model(input_ids=windows[s : s + mbs].to(device), use_cache=False, logits_to_keep=1)
+            forward(windows[s : s + mbs].to(device))
             bar.update(1)
     bar.close()
-    if seen[0] != windows.numel():
-        raise ValueError(f"model: its first layer saw {seen[0]} tokens of the {windows.numel()} given")
+    n, t = windows.shape
+    expected = (n * (t // 2), n * (t - t // 2)) if seq2seq else (windows.numel(), 0)
+    if tuple(seen) != expected:
+        raise ValueError(f"model: its first layer saw {seen[0]} tokens of the {expected[0]} given")
     return ActivationStats(
         geometry,
         seen[0],
         {k: torch.stack([t.cpu() for t in v]) for k, v in sums.items()},
         {k: torch.stack([t.cpu() for t in v]) for k, v in squares.items()},
+        seen[1] if seq2seq else None,
     )
 
 
@@ -204,6 +270,7 @@ def check_stats(stats, geometry: Geometry) -> ActivationStats:
 
 
 __all__ = [
+    "CROSS_INPUTS",
     "INPUTS",
     "STATS_FORMAT",
     "STATS_VERSION",

@@ -121,19 +121,29 @@ def per_window_saliency(
         steps = [(s, min(s + mbs, windows.shape[0])) for s in range(0, windows.shape[0], mbs)]
     bar = progress_bar(len(steps), progress, desc)
     with scoring_state(root or model, ()), torch.enable_grad(), hooks() as handles:
-        handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
+        handles += [e.register_forward_hook(track_embeddings) for e in _embedders(model)]
         handles += [m.register_forward_hook(keep_input) for m, _ in scored]
         for start, stop in steps:
             counting[0] = stop > start
             ids = windows[start:stop] if counting[0] else windows[:1]
             value = loss(ids.to(device))
-            torch.autograd.grad(value, embedded.pop())
+            # Towards every embedding output of this pass: an encoder-decoder embeds twice (encoder and decoder).
+            torch.autograd.grad(value, embedded)
             del value
+            embedded.clear()
             if inputs:
                 raise ValueError(f"model: {len(inputs)} scored linears got no gradient from the objective")
             bar.update(1)
     bar.close()
     return PerWindowSums(acc_w, acc_b)
+
+
+def _embedders(model: nn.Module) -> list[nn.Module]:
+    """The input embedding, and every other embedding module sharing its weight: T5's encoder and decoder
+    each embed with their own module (tied to ``shared``, which is never called)."""
+    emb = model.get_input_embeddings()
+    tied = [m for m in model.modules() if m is not emb and isinstance(m, nn.Embedding) and m.weight is emb.weight]
+    return [emb, *tied]
 
 
 __all__ = ["PerWindowSums", "per_window_saliency"]
