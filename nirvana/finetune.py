@@ -179,7 +179,9 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     encoder-decoder (T5) the cross-entropy of each window's second half given its first, split as the
     scores split it (:func:`nirvana.objective.split_window`)."""
     if is_encoder_decoder(model):
-        return model(**split_window(model, x), use_cache=False).loss
+        parts = split_window(model, x)
+        parts["labels"] = parts["labels"].contiguous()  # a column slice, and transformers views it flat
+        return model(**parts, use_cache=False).loss
     return model(input_ids=x, labels=x, use_cache=False).loss
 
 
