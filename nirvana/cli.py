@@ -44,9 +44,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATIONS
     from .distributed import STRATEGIES
-    from .methods import METHODS
+    from .methods import METHODS, get_method
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
 
+    own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocation",
         choices=ALLOCATIONS,
         default=None,
-        help="rank KV groups/channels across layers (global) or prune each layer alike (uniform); "
-        "default: the method's own (nirvana, flap: global; taylor, wanda-sp, magnitude, random: uniform)",
+        help="rank KV groups/channels across layers (global) or prune each layer alike (uniform); default: the "
+        f"method's own ({own_allocations})",
     )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)

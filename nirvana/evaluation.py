@@ -123,7 +123,8 @@ def window_logits(
     """Tensor[n, seq_len, vocab] of ``dtype`` on CPU: the model's logits for LongTensor[n, seq_len] windows.
 
     Memory is n * seq_len * vocab * itemsize (32 x 128 x 49152 float32 is 0.8 GB; pass bfloat16 to halve it).
-    An encoder-decoder's are over its decoder targets only, ``[n, seq_len - seq_len // 2, vocab]`` (:func:`model_logits`).
+    An encoder-decoder's are over its decoder targets only, ``[n, seq_len - seq_len // 2, vocab]``
+    (:func:`model_logits`).
     """
     _check_windows(windows)
     _positive_int("batch_size", batch_size)

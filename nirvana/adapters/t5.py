@@ -20,9 +20,9 @@ objective runs over the decoder's positions, each window split into encoder inpu
 (see :mod:`nirvana.saliency`); allocation ranks the heads of all three attention kinds together (see
 :mod:`nirvana.allocation`). The checkpoint always carries the ``nirvana`` block, with each layer's kept
 head indices, and loads with ``nirvana.load_pruned(folder)`` or, without nirvana,
-``AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)``. Not supported for T5 yet: the
-baseline methods (``--method``), KL selection (``--select-calib`` > 1, ``--gamma auto``), ``nirvana eval``
-perplexity and fine-tuning, which read decoder-only logits.
+``AutoModelForSeq2SeqLM.from_pretrained(folder, trust_remote_code=True)``. Perplexity, KL selection and
+fine-tuning use the same split (:mod:`nirvana.evaluation`, :mod:`nirvana.finetune`); every ``--method``
+but ``flap`` scores T5 (its compensation needs o/wo biases a T5 checkpoint cannot carry).
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ def wanda_sp_scores(model: nn.Module, stats: ActivationStats, weights: WeightRed
 
         sum_k (|Wgate[c, k]| + |Wup[c, k]|) ||X^mlp_k|| + sum_i |Wdown[i, c]| ||X^down_c||
 
-    with ``||X_c|| = sqrt(sum_t x_{t,c}^2)`` over all calibration tokens. An encoder-decoder's cross-attention
-    KV group reads the decoder's hidden state in q and the encoder's output in k/v (:data:`CROSS_INPUTS`). The q/k/v biases (Qwen2) read
-    no input channel and are left out. This is Wanda's ``|W| * ||X||`` summed over every weight the
+    with ``||X_c|| = sqrt(sum_t x_{t,c}^2)`` over all calibration tokens. An encoder-decoder's
+    cross-attention KV group reads the decoder's hidden state in q and the encoder's output in k/v
+    (:data:`~nirvana.sources.activations.CROSS_INPUTS`). The q/k/v biases (Qwen2) read no input channel
+    and are left out. This is Wanda's ``|W| * ||X||`` summed over every weight the
     unit owns (Wanda-SP as FLAP's authors released it scores the o_proj / down_proj columns only and
     averages over rows; summing all the unit's weights makes it comparable with the other methods).
     Row contributions are float32 matrix-vector products ``|W| @ ||X||``, grouped in float64.
