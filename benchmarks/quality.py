@@ -285,7 +285,7 @@ class Bench:
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=[DEFAULT_GAMMA],
-                allocation=allocation_of("nirvana"), architecture=self.architecture,
+                allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
             )  # fmt: skip
             return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials}
 
@@ -297,7 +297,7 @@ class Bench:
             candidates = [selection.Candidate(0, self.scores("nirvana", 0)[0])]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=list(selection.GAMMA_GRID),
-                allocation=allocation_of("nirvana"), architecture=self.architecture,
+                allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
             )  # fmt: skip
             return {"study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials}
 

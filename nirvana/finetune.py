@@ -10,6 +10,10 @@ saves the result as a new checkpoint of exactly the same shapes and dtype:
   pruned model that needs neither peft nor any adapter file;
 - full fine-tuning (``full=True``): every parameter trains.
 
+An encoder-decoder (T5) trains on the split its scores used (:func:`nirvana.objective.split_window`):
+the cross-entropy of each window's second half given its first; LoRA then also adapts every
+cross-attention q/k/v/o.
+
 Training reads windows only from the part of the text before its held-out tail (the last
 ``nirvana.calibration.HELDOUT_FRACTION`` of the tokens, as calibration does), and ``"austen"`` never
 includes the held-out novel, so perplexity and KL measurements on held-out text stay clean. The loss

@@ -46,7 +46,8 @@ MAX_SELF_SAMPLES = 1024
 
 @dataclass
 class PruneSettings:
-    """Every flag of ``nirvana prune``; written into report.json as is."""
+    """Every flag of ``nirvana prune``; written into report.json as is, but for ``allocation``, which is
+    written as used (the method's own when None, see :attr:`resolved_allocation`)."""
 
     model: str = "smollm2"
     method: str = "nirvana"  # or a baseline: magnitude, random, taylor, wanda-sp, flap (nirvana.methods)
