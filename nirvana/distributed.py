@@ -26,9 +26,9 @@ picks the source by what the method ``needs``). What crosses the network, and wh
    (``|W| @ v`` per row, ``sum |W|`` and ``sum W**2`` per column), which ``nirvana.sources.fsdp.ShardedWeights``
    computes from the local rows with one all_reduce each. Every rank, so rank 0 too, holds the
    statistics: FLAP's ``compensate(model, plan, stats)`` runs in rank 0's final single-process step.
-5. Per-window gradients (``taylor``): :func:`nirvana.methods.taylor.sharded_taylor_scores` forms each window's ``dCE_s/dW =
-   dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its per-row / per-column
-   ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
+5. Per-window gradients (``taylor``): :func:`nirvana.methods.taylor.sharded_taylor_scores` forms each
+   window's ``dCE_s/dW = dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its
+   per-row / per-column ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
 6. ``magnitude`` reads the local shards only (``|W * 1|``); ``random`` draws from the seed, as one process.
 
 What equals one process, and what does not:
