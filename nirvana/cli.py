@@ -5,6 +5,7 @@ nirvana prune MODEL --scores PRUNED_DIR/scores.safetensors --sparsity 0.4 ... --
 torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
+nirvana export PRUNED_DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16] [--quantize q8_0|q4_k_m|...]
 nirvana report DIR
 nirvana demo
 """
@@ -43,6 +44,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .distributed import STRATEGIES
+    from .export import DTYPES as EXPORT_DTYPES
+    from .export import QUANT_TYPES
     from .methods import METHODS
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
 
@@ -99,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--device", default=None)
+
+    ex = sub.add_parser("export", help="write a pruned folder as one GGUF file that llama.cpp runs")
+    ex.add_argument("pruned_dir", help="a pruned (or dense) Llama/Mistral/SmolLM folder with its tokenizer")
+    ex.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (llama.cpp), the only format so far")
+    ex.add_argument("--out", required=True, help="the .gguf file to write (never replaced)")
+    ex.add_argument("--dtype", choices=EXPORT_DTYPES, default="f32", help="the float file's weights (default f32)")
+    ex.add_argument(
+        "--quantize", choices=QUANT_TYPES, default=None, help="then run llama.cpp's quantiser (needs llama_cpp)"
+    )
 
     ft = sub.add_parser("finetune", help="recovery fine-tuning of a pruned folder (LoRA, or --full)")
     ft.add_argument("pruned_dir")
@@ -226,6 +238,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_gguf
+
+    info = export_gguf(args.pruned_dir, args.out, dtype=args.dtype, quantize=args.quantize)
+    kind = args.quantize or args.dtype
+    print(f"wrote {info['path']} ({info['architecture']}, {kind}, {info['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from .finetune import finetune
     from .progress import library_bars
@@ -269,6 +290,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "apply": cmd_apply,
     "eval": cmd_eval,
+    "export": cmd_export,
     "finetune": cmd_finetune,
     "report": cmd_report,
     "demo": cmd_demo,
