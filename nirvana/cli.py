@@ -5,6 +5,7 @@ nirvana prune MODEL --scores PRUNED_DIR/scores.safetensors --sparsity 0.4 ... --
 torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
+nirvana eval FILE.gguf --engine llama.cpp --text FILE  (perplexity from llama.cpp's logits, same windows)
 nirvana export PRUNED_DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16] [--quantize q8_0|q4_k_m|...]
 nirvana report DIR
 nirvana demo
@@ -22,6 +23,7 @@ import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
+ENGINES = ("transformers", "llama.cpp")
 
 
 class CliError(Exception):
@@ -102,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="transformers",
+        help="transformers (default), or llama.cpp for a .gguf file (needs llama_cpp)",
+    )
 
     ex = sub.add_parser("export", help="write a pruned folder as one GGUF file that llama.cpp runs")
     ex.add_argument("pruned_dir", help="a pruned (or dense) Llama/Mistral/SmolLM folder with its tokenizer")
@@ -227,6 +235,8 @@ def cmd_eval(args) -> int:
 
     if args.text is None and args.tasks is None:
         raise CliError("eval: give --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    if args.engine == "llama.cpp":
+        return _eval_llama_cpp(args)
     text, label = _text_source(args.text) if args.text is not None else (None, None)
     model, tokenizer = load_any(args.model, args.device)
     if text is not None:
@@ -244,6 +254,25 @@ def cmd_export(args) -> int:
     info = export_gguf(args.pruned_dir, args.out, dtype=args.dtype, quantize=args.quantize)
     kind = args.quantize or args.dtype
     print(f"wrote {info['path']} ({info['architecture']}, {kind}, {info['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
+def _eval_llama_cpp(args) -> int:
+    from .evaluation import gguf_perplexity
+
+    if args.tasks is not None:
+        raise CliError("--tasks: lm-eval tasks run on the transformers engine only; drop --engine llama.cpp")
+    if args.text is None:
+        raise CliError("eval: --engine llama.cpp gives perplexity; give --text FILE")
+    if args.device not in (None, "cpu"):
+        raise CliError(f"--device: {args.device!r} is not used by --engine llama.cpp (it runs on the CPU here)")
+    if not args.model.endswith(".gguf") or not Path(args.model).expanduser().is_file():
+        raise CliError(f"model: {args.model!r} is not a .gguf file; --engine llama.cpp runs GGUF files only")
+    text, label = _text_source(args.text)
+    ppl = gguf_perplexity(
+        Path(args.model).expanduser(), text, seq_len=args.seq_len, max_windows=args.max_windows, progress=False
+    )
+    print(f"perplexity of {args.model} on {label} ({args.seq_len}-token windows, llama.cpp): {ppl:.3f}")
     return 0
 
 

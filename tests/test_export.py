@@ -428,3 +428,57 @@ def test_cli_pruned_model_runs_in_llama_cpp(cli_pruned, tmp_path, capsys):
     code, _, err = run(["export", cli_pruned, "--out", out], capsys)
     assert code == 0, err
     assert_logits_match(out, cli_pruned)
+
+
+# --------------------------------------------------------------------------------------------------
+# nirvana eval FILE.gguf --engine llama.cpp: the same perplexity as transformers on the same windows
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_llama_cpp
+def test_llama_cpp_perplexity_matches_transformers(tmp_path, capsys):
+    from nirvana.evaluation import gguf_perplexity, perplexity
+
+    folder, _ = pruned_folder(tmp_path, "non-uniform")
+    path = export_gguf(folder, tmp_path / "model.gguf")["path"]
+    text = TEXT * 3
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = load_pruned(folder, attn_implementation="eager")
+    expected = perplexity(model, tokenizer, text, seq_len=32, max_windows=5, progress=False)
+    # llama.cpp's own tokenizer, and the folder's: the same windows, so the same perplexity.
+    for given in (None, tokenizer):
+        ppl = gguf_perplexity(path, text, seq_len=32, max_windows=5, tokenizer=given, progress=False)
+        assert abs(ppl - expected) <= 1e-3 * expected, (ppl, expected)
+    (tmp_path / "text.txt").write_text(text)
+    capsys.readouterr()
+    argv = ["eval", path, "--engine", "llama.cpp", "--text", tmp_path / "text.txt", "--seq-len", "32"]
+    code, out, err = run([*argv, "--max-windows", "5"], capsys)
+    assert code == 0, err
+    assert abs(float(out.strip().rsplit(" ", 1)[1]) - expected) <= 1e-3 * expected + 1e-3, out
+
+
+ENGINE_ERRORS = {
+    "folder": (lambda gguf_file, folder: [folder, "--text", "persuasion"], [".gguf file"]),
+    "tasks": (lambda gguf_file, folder: [gguf_file, "--tasks", "hellaswag"], ["--tasks", "transformers"]),
+    "no-text": (lambda gguf_file, folder: [gguf_file], ["--text"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ENGINE_ERRORS), ids=list(ENGINE_ERRORS))
+def test_llama_cpp_engine_bad_input_is_one_line(case, tmp_path, capsys):
+    folder = _good(tmp_path)
+    path = export_gguf(folder, tmp_path / "model.gguf")["path"]
+    capsys.readouterr()
+    argv, needles = ENGINE_ERRORS[case]
+    code, out, err = run(["eval", *argv(path, folder), "--engine", "llama.cpp"], capsys)
+    one_line_error(code, err, *needles, stdout=out)
+
+
+def test_llama_cpp_engine_without_llama_cpp_says_how_to_install(tmp_path, monkeypatch, capsys):
+    folder = _good(tmp_path)
+    path = export_gguf(folder, tmp_path / "model.gguf")["path"]
+    (tmp_path / "text.txt").write_text(TEXT)
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    code, out, err = run(["eval", path, "--engine", "llama.cpp", "--text", tmp_path / "text.txt"], capsys)
+    one_line_error(code, err, f"pip install {LLAMA_CPP_REQUIREMENT}", stdout=out)
