@@ -55,6 +55,7 @@ QUANT_TYPES = (
 )
 LLAMA_CPP_REQUIREMENT = "llama-cpp-python==0.3.36"
 TOKENIZER_FILE = "tokenizer.json"
+WRITTEN_BY_KEY = "nirvana.written_by"  # what lets --overwrite replace a GGUF file: only one nirvana wrote
 
 # tokenizers' pre-tokenizer (as tokenizer.json spells it) -> llama.cpp's name for the same split.
 _LLAMA3_PATTERN = (
@@ -306,14 +307,34 @@ def gguf_tensors(model: torch.nn.Module, widths: list[dict], tie: bool, arch: st
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_out(out, pruned_dir: Path) -> Path:
+def written_by_nirvana(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GGUF file this module wrote (it carries :data:`WRITTEN_BY_KEY`)."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get(WRITTEN_BY_KEY)
+        return field is not None and field.contents() == output.MARKER["written_by"]
+    except Exception:  # not a GGUF file at all: the reader raises several unrelated types
+        return False
+
+
+def check_gguf_target(out, *, sources=()) -> Path:
+    """The real path of the ``.gguf`` file ``out``, once it is known that export may write it there.
+
+    Cheap, so it runs before any weight is read: ``out`` must end in ``.gguf``, must not exist (export
+    never replaces a file) and must not lie inside a source folder.
+
+    Raises:
+        OutputExistsError: ``out`` exists (also a ValueError).
+        ValueError: any other reason, in one line naming the path.
+    """
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise ValueError(f"out: expected a .gguf file path, got {out!r}")
     if not os.fspath(out).endswith(".gguf"):
         raise ValueError(f"out: {os.fspath(out)!r} must end in .gguf")
     if os.path.lexists(output.real_path(out)):
         raise output.OutputExistsError(f"out: {os.fspath(out)!r} already exists; export never replaces a file")
-    return output.check_target(out, sources=[pruned_dir], name="out")
+    return output.check_target(out, sources=list(sources), name="out")
 
 
 def _check_options(dtype, quantize) -> None:
@@ -345,6 +366,7 @@ def write_float_gguf(pruned_dir: Path, path: Path, dtype: str, config: dict, tok
 
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_string(WRITTEN_BY_KEY, output.MARKER["written_by"])
     writer.add_name(pruned_dir.name)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}
     writer.add_file_type(file_types.get(dtype, gguf.LlamaFileType.MOSTLY_BF16))
@@ -434,7 +456,7 @@ def export_gguf(pruned_dir: str | os.PathLike, out: str | os.PathLike, *, dtype:
     if not isinstance(pruned_dir, (str, os.PathLike)) or not os.path.isdir(pruned_dir):
         raise ValueError(f"pruned_dir: {pruned_dir!r} is not a folder")
     folder = Path(pruned_dir)
-    target = _check_out(out, folder)
+    target = check_gguf_target(out, sources=[folder])
     config = read_config(folder, label="pruned_dir")
     check_exportable(config, f"pruned_dir: {str(folder / CONFIG_FILE)!r}")
     vocab_size = config.get("vocab_size")
@@ -459,7 +481,9 @@ __all__ = [
     "FAMILIES",
     "LLAMA_CPP_REQUIREMENT",
     "QUANT_TYPES",
+    "WRITTEN_BY_KEY",
     "check_exportable",
+    "check_gguf_target",
     "export_gguf",
     "gguf_tensors",
     "interleave_rope_rows",
@@ -469,4 +493,5 @@ __all__ = [
     "rope_settings",
     "tokenizer_metadata",
     "write_float_gguf",
+    "written_by_nirvana",
 ]

@@ -23,7 +23,7 @@ from nirvana import cli
 from nirvana.adapters import get_adapter
 from nirvana.checkpoint import load_pruned, save_pruned
 from nirvana.compaction import compact_model
-from nirvana.export import LLAMA_CPP_REQUIREMENT, export_gguf, llama3_rope_factors
+from nirvana.export import LLAMA_CPP_REQUIREMENT, export_gguf, llama3_rope_factors, written_by_nirvana
 from nirvana.plan import LayerPlan, PruningPlan
 from tests.helpers import one_line_error
 from tests.test_cli import prune_args, run
@@ -194,6 +194,7 @@ def test_layout_read_back(case, tmp_path):
     assert field(reader, "tokenizer.ggml.bos_token_id") == 1 and field(reader, "tokenizer.ggml.eos_token_id") == 2
     assert len(field(reader, "tokenizer.ggml.merges")) == 300 - 256 - 3
     assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+    assert written_by_nirvana(info["path"]) and not written_by_nirvana(folder / "config.json")
 
 
 def test_q_and_k_rows_are_in_llama_cpps_rope_order(tmp_path):
@@ -386,6 +387,7 @@ def test_q8_0_export_loads_and_generates(tmp_path):
     assert info["bytes"] < float_size / 2
     t = tensors(gguf.GGUFReader(info["path"]))
     assert t["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert written_by_nirvana(info["path"])  # llama.cpp's quantiser keeps the metadata
     with llama(info["path"]) as llm:
         result = llm("It is a truth", max_tokens=8, temperature=0.0)
     assert result["usage"]["completion_tokens"] >= 1
@@ -482,3 +484,58 @@ def test_llama_cpp_engine_without_llama_cpp_says_how_to_install(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     code, out, err = run(["eval", path, "--engine", "llama.cpp", "--text", tmp_path / "text.txt"], capsys)
     one_line_error(code, err, f"pip install {LLAMA_CPP_REQUIREMENT}", stdout=out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real SmolLM2, pruned at 20%: llama.cpp's perplexity is transformers'
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_real_smollm2_pruned_export_keeps_its_perplexity_in_llama_cpp(tmp_path):
+    import subprocess
+
+    # A fresh process without TRITON_INTERPRET, as a CPU user runs it (the interpreter would take hours here).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NIRVANA_POISON_OUTPUTS")}
+
+    def nirvana(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "nirvana.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    out = tmp_path / "pruned"
+    nirvana("prune", "smollm2", "--sparsity", "0.2", "--num-samples", "8", "--device", "cpu", "--quiet", "--out", out)
+    window = ["--text", "persuasion", "--seq-len", "512", "--max-windows", "2"]
+
+    def ppl(model, *engine):
+        return float(nirvana("eval", model, *window, *engine).rsplit(":", 1)[1])
+
+    reference = ppl(out, "--device", "cpu")
+    for kind, flags, tolerance in (("f32", [], 0.01), ("q8_0", ["--quantize", "q8_0"], 0.03)):
+        path = tmp_path / f"pruned-{kind}.gguf"
+        nirvana("export", out, "--format", "gguf", "--out", path, *flags)
+        measured = ppl(path, "--engine", "llama.cpp")
+        assert abs(measured - reference) <= tolerance * reference, (kind, measured, reference)
+
+
+def test_demo_refuses_a_foreign_gguf_beside_its_folder_before_it_loads_anything(tmp_path, capsys, monkeypatch):
+    import nirvana.models
+
+    foreign = tmp_path / "results.gguf"  # the demo exports --out DIR to DIR.gguf
+    foreign.write_bytes(b"someone's own model")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo loaded its model before checking its GGUF output")
+
+    monkeypatch.setattr(nirvana.models, "load_model", refuse)
+    monkeypatch.setattr(nirvana.models, "default_model_dir", refuse)
+    code, out, err = run(["demo", "--out", tmp_path / "results"], capsys)
+    one_line_error(code, err, str(foreign), "not a GGUF file nirvana wrote", stdout=out)
+    assert foreign.read_bytes() == b"someone's own model"
