@@ -272,10 +272,19 @@ def _as_array(tensor: torch.Tensor, dtype: str):
     return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
 
 
+def gguf_widths(widths: list[dict]) -> list[dict]:
+    """The per-layer widths the GGUF file describes: those of ``widths``, with at least one MLP channel.
+
+    llama.cpp's deci graph ends a layer whose ``feed_forward_length`` is 0 before adding its attention
+    output to the residual; one zero channel (zero gate, up and down rows) adds exactly nothing instead.
+    """
+    return [{**w, "intermediate_size": max(1, w["intermediate_size"])} for w in widths]
+
+
 def gguf_tensors(model: torch.nn.Module, widths: list[dict], tie: bool, arch: str):
     """(GGUF name, weight) for every tensor llama.cpp reads, in transformers' float values.
 
-    Layers that keep no heads (or no MLP channels) have no tensors for that block, as deci expects.
+    A layer that keeps no MLP channel is given one zero channel (see :func:`gguf_widths`).
     """
     import gguf
 
@@ -291,10 +300,10 @@ def gguf_tensors(model: torch.nn.Module, widths: list[dict], tie: bool, arch: st
         parts = name.split(".")
         if "layers" in parts:
             w = widths[int(parts[parts.index("layers") + 1])]
-            if (w["num_heads"] == 0 and ("self_attn" in parts or "input_layernorm" in parts)) or (
-                w["intermediate_size"] == 0 and ("mlp" in parts or "post_attention_layernorm" in parts)
-            ):
-                continue
+            if "mlp" in parts and tensor.numel() == 0:
+                # deci skips the rest of a layer without an MLP, its attention's residual included, so a layer
+                # that keeps no channel gets one zero channel instead: silu(0) * 0 through a zero row adds 0.
+                tensor = torch.zeros(1, tensor.shape[1]) if tensor.shape[0] == 0 else torch.zeros(tensor.shape[0], 1)
             if name.endswith("self_attn.q_proj.weight"):
                 tensor = interleave_rope_rows(tensor, w["num_heads"])
             elif name.endswith("self_attn.k_proj.weight"):
@@ -353,7 +362,7 @@ def write_float_gguf(pruned_dir: Path, path: Path, dtype: str, config: dict, tok
 
     model = load_pruned(pruned_dir, dtype=torch.float32)
     cfg = model.config
-    widths = layer_widths(model)
+    widths = gguf_widths(layer_widths(model))
     uniform = len({(w["num_heads"], w["num_kv_heads"], w["intermediate_size"]) for w in widths}) == 1
     arch = FAMILIES[_base_architecture(config)] if uniform else NON_UNIFORM_ARCH
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -486,6 +495,7 @@ __all__ = [
     "check_gguf_target",
     "export_gguf",
     "gguf_tensors",
+    "gguf_widths",
     "interleave_rope_rows",
     "llama3_rope_factors",
     "quantize_gguf",
