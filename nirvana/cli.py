@@ -7,6 +7,7 @@ nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
 nirvana eval FILE.gguf --engine llama.cpp --text FILE  (perplexity from llama.cpp's logits, same windows)
 nirvana export PRUNED_DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16] [--quantize q8_0|q4_k_m|...]
+               [--tokenizer-from SOURCE.gguf]
 nirvana report DIR
 nirvana demo
 """
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=EXPORT_DTYPES, default="f32", help="the float file's weights (default f32)")
     ex.add_argument(
         "--quantize", choices=QUANT_TYPES, default=None, help="then run llama.cpp's quantiser (needs llama_cpp)"
+    )
+    ex.add_argument(
+        "--tokenizer-from", default=None, metavar="FILE.gguf", help="copy this GGUF file's tokenizer metadata as is"
     )
 
     ft = sub.add_parser("finetune", help="recovery fine-tuning of a pruned folder (LoRA, or --full)")
@@ -251,7 +255,9 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_gguf
 
-    info = export_gguf(args.pruned_dir, args.out, dtype=args.dtype, quantize=args.quantize)
+    info = export_gguf(
+        args.pruned_dir, args.out, dtype=args.dtype, quantize=args.quantize, tokenizer_from=args.tokenizer_from
+    )
     kind = args.quantize or args.dtype
     print(f"wrote {info['path']} ({info['architecture']}, {kind}, {info['bytes'] / 2**20:.1f} MiB)")
     return 0

@@ -242,6 +242,36 @@ def tokenizer_metadata(folder: Path, n_vocab: int) -> dict:
     return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "special": special}
 
 
+def gguf_tokenizer_metadata(path: str | os.PathLike, n_vocab: int) -> dict:
+    """``{"fields": [(key, value, type, array item type), ...]}``: every ``tokenizer.*`` key of a GGUF file.
+
+    For a model pruned from a GGUF source: llama.cpp then tokenises as it did for the source.
+
+    Raises:
+        ValueError: not a GGUF file, no tokenizer in it, or a token count other than ``n_vocab``.
+    """
+    import gguf
+
+    where = f"tokenizer_from: {os.fspath(path)!r}"
+    if not os.fspath(path).endswith(".gguf") or not os.path.isfile(path):
+        raise ValueError(f"{where} is not a .gguf file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises several unrelated types for a damaged file
+        raise ValueError(f"{where} is not a readable GGUF file ({type(err).__name__}: {err})") from None
+    fields = [
+        (key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+        for key, f in reader.fields.items()
+        if key.startswith("tokenizer.")
+    ]
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(f"{where} holds no tokenizer (no tokenizer.ggml.tokens)")
+    if len(tokens.data) != n_vocab:
+        raise ValueError(f"{where} has {len(tokens.data)} tokens, but the model has {n_vocab} embedding rows")
+    return {"fields": fields}
+
+
 # --------------------------------------------------------------------------------------------------
 # Tensors
 # --------------------------------------------------------------------------------------------------
@@ -398,11 +428,15 @@ def write_float_gguf(pruned_dir: Path, path: Path, dtype: str, config: dict, tok
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
 
-    writer.add_tokenizer_model(tokenizer["model"])
-    writer.add_tokenizer_pre(tokenizer["pre"])
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    tokenizer["special"].add_to_gguf(writer, quiet=True)
+    if "fields" in tokenizer:  # copied from a GGUF file as they are
+        for key, value, vtype, sub_type in tokenizer["fields"]:
+            writer.add_key_value(key, value, vtype, sub_type)
+    else:
+        writer.add_tokenizer_model(tokenizer["model"])
+        writer.add_tokenizer_pre(tokenizer["pre"])
+        writer.add_token_list(tokenizer["tokens"])
+        writer.add_token_types(tokenizer["types"])
+        tokenizer["special"].add_to_gguf(writer, quiet=True)
 
     if rope["type"] == "llama3":
         writer.add_tensor(
@@ -443,7 +477,14 @@ def _publish_file(tmp: Path, out: Path) -> None:
         os.close(dir_fd)
 
 
-def export_gguf(pruned_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f32", quantize=None) -> dict:
+def export_gguf(
+    pruned_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "f32",
+    quantize=None,
+    tokenizer_from: str | os.PathLike | None = None,
+) -> dict:
     """Write the pruned (or dense) checkpoint folder ``pruned_dir`` as one GGUF file ``out`` for llama.cpp.
 
     Args:
@@ -453,6 +494,8 @@ def export_gguf(pruned_dir: str | os.PathLike, out: str | os.PathLike, *, dtype:
         dtype: the 2-D weights' type in the float file: ``"f32"``, ``"f16"`` or ``"bf16"`` (norms stay f32).
         quantize: one of :data:`QUANT_TYPES` (``"q8_0"``, ``"q4_k_m"``, ...) to run llama.cpp's
             quantiser on the float file; needs ``llama_cpp``.
+        tokenizer_from: a ``.gguf`` file (the model's GGUF source) whose ``tokenizer.*`` metadata is copied
+            as it is, instead of building it from ``pruned_dir``'s tokenizer.json.
 
     Returns:
         ``{"path", "architecture" ("llama" or "deci"), "widths" (per layer), "dtype", "quantize", "bytes"}``.
@@ -471,7 +514,10 @@ def export_gguf(pruned_dir: str | os.PathLike, out: str | os.PathLike, *, dtype:
     vocab_size = config.get("vocab_size")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"pruned_dir: {str(folder / CONFIG_FILE)!r} has vocab_size {vocab_size!r}")
-    tokenizer = tokenizer_metadata(folder, vocab_size)
+    if tokenizer_from is not None:
+        tokenizer = gguf_tokenizer_metadata(tokenizer_from, vocab_size)
+    else:
+        tokenizer = tokenizer_metadata(folder, vocab_size)
     if quantize is not None:
         require_llama_cpp(f"quantize {quantize!r}")
     with output.scratch(target, name="out") as tmp:
@@ -494,6 +540,7 @@ __all__ = [
     "check_exportable",
     "check_gguf_target",
     "export_gguf",
+    "gguf_tokenizer_metadata",
     "gguf_tensors",
     "gguf_widths",
     "interleave_rope_rows",

@@ -541,3 +541,28 @@ def test_demo_refuses_a_foreign_gguf_beside_its_folder_before_it_loads_anything(
     code, out, err = run(["demo", "--out", tmp_path / "results"], capsys)
     one_line_error(code, err, str(foreign), "not a GGUF file nirvana wrote", stdout=out)
     assert foreign.read_bytes() == b"someone's own model"
+
+
+def test_tokenizer_is_copied_from_a_gguf_source(tmp_path, capsys):
+    source = export_gguf(pruned_folder(tmp_path, "non-uniform")[0], tmp_path / "source.gguf")["path"]
+    folder = _no_tokenizer(tmp_path)  # a folder without tokenizer.json: its tokenizer comes from the source
+    capsys.readouterr()
+    out = tmp_path / "copied.gguf"
+    code, text, err = run(["export", folder, "--out", out, "--tokenizer-from", source], capsys)
+    assert code == 0, err
+    want, got = gguf.GGUFReader(source), gguf.GGUFReader(out)
+    keys = [k for k in want.fields if k.startswith("tokenizer.")]
+    assert "tokenizer.ggml.merges" in keys and "tokenizer.chat_template" in keys
+    assert keys == [k for k in got.fields if k.startswith("tokenizer.")]
+    for key in keys:
+        assert field(got, key) == field(want, key), key
+    # A source whose vocabulary is not the model's is refused in one line.
+    small = save_pruned(*_compacted(tiny_model("llama")), tmp_path / "small")
+    capsys.readouterr()
+    code, text, err = run(["export", small, "--out", tmp_path / "x.gguf", "--tokenizer-from", source], capsys)
+    one_line_error(code, err, "320 tokens", "128 embedding rows", stdout=text)
+
+
+def _compacted(model):
+    plan = make_plan(model, [([1], list(range(24))), ([0, 1], list(range(48)))])
+    return compact_model(model, plan), None, plan
