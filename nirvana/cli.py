@@ -5,6 +5,9 @@ nirvana prune MODEL --scores PRUNED_DIR/scores.safetensors --sparsity 0.4 ... --
 torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
+nirvana eval FILE.gguf --engine llama.cpp --text FILE  (perplexity from llama.cpp's logits, same windows)
+nirvana export PRUNED_DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16] [--quantize q8_0|q4_k_m|...]
+               [--tokenizer-from SOURCE.gguf]
 nirvana report DIR
 nirvana demo
 """
@@ -21,6 +24,7 @@ import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
+ENGINES = ("transformers", "llama.cpp")
 
 
 class CliError(Exception):
@@ -44,6 +48,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATIONS
     from .distributed import STRATEGIES
+    from .export import DTYPES as EXPORT_DTYPES
+    from .export import QUANT_TYPES
     from .methods import METHODS, get_method
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
 
@@ -107,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512)
     ev.add_argument("--max-windows", type=int, default=None)
     ev.add_argument("--device", default=None)
+    ev.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="transformers",
+        help="transformers (default), or llama.cpp for a .gguf file (needs llama_cpp)",
+    )
+
+    ex = sub.add_parser("export", help="write a pruned folder as one GGUF file that llama.cpp runs")
+    ex.add_argument("pruned_dir", help="a pruned (or dense) Llama/Mistral/SmolLM folder with its tokenizer")
+    ex.add_argument("--format", choices=("gguf",), default="gguf", help="gguf (llama.cpp), the only format so far")
+    ex.add_argument("--out", required=True, help="the .gguf file to write (never replaced)")
+    ex.add_argument("--dtype", choices=EXPORT_DTYPES, default="f32", help="the float file's weights (default f32)")
+    ex.add_argument(
+        "--quantize", choices=QUANT_TYPES, default=None, help="then run llama.cpp's quantiser (needs llama_cpp)"
+    )
+    ex.add_argument(
+        "--tokenizer-from", default=None, metavar="FILE.gguf", help="copy this GGUF file's tokenizer metadata as is"
+    )
 
     ft = sub.add_parser("finetune", help="recovery fine-tuning of a pruned folder (LoRA, or --full)")
     ft.add_argument("pruned_dir")
@@ -223,6 +247,8 @@ def cmd_eval(args) -> int:
 
     if args.text is None and args.tasks is None:
         raise CliError("eval: give --text FILE (perplexity) and/or --tasks T1,T2 (lm-eval)")
+    if args.engine == "llama.cpp":
+        return _eval_llama_cpp(args)
     text, label = _text_source(args.text) if args.text is not None else (None, None)
     model, tokenizer = load_any(args.model, args.device)
     if text is not None:
@@ -231,6 +257,36 @@ def cmd_eval(args) -> int:
     if args.tasks is not None:
         results = lm_eval_tasks(model, tokenizer, [t for t in args.tasks.split(",") if t])
         print(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf
+
+    info = export_gguf(
+        args.pruned_dir, args.out, dtype=args.dtype, quantize=args.quantize, tokenizer_from=args.tokenizer_from
+    )
+    kind = args.quantize or args.dtype
+    print(f"wrote {info['path']} ({info['architecture']}, {kind}, {info['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
+def _eval_llama_cpp(args) -> int:
+    from .evaluation import gguf_perplexity
+
+    if args.tasks is not None:
+        raise CliError("--tasks: lm-eval tasks run on the transformers engine only; drop --engine llama.cpp")
+    if args.text is None:
+        raise CliError("eval: --engine llama.cpp gives perplexity; give --text FILE")
+    if args.device not in (None, "cpu"):
+        raise CliError(f"--device: {args.device!r} is not used by --engine llama.cpp (it runs on the CPU here)")
+    if not args.model.endswith(".gguf") or not Path(args.model).expanduser().is_file():
+        raise CliError(f"model: {args.model!r} is not a .gguf file; --engine llama.cpp runs GGUF files only")
+    text, label = _text_source(args.text)
+    ppl = gguf_perplexity(
+        Path(args.model).expanduser(), text, seq_len=args.seq_len, max_windows=args.max_windows, progress=False
+    )
+    print(f"perplexity of {args.model} on {label} ({args.seq_len}-token windows, llama.cpp): {ppl:.3f}")
     return 0
 
 
@@ -277,6 +333,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "apply": cmd_apply,
     "eval": cmd_eval,
+    "export": cmd_export,
     "finetune": cmd_finetune,
     "report": cmd_report,
     "demo": cmd_demo,

@@ -112,6 +112,57 @@ def model_logits(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows).logits
 
 
+def gguf_perplexity(
+    path,
+    text: str,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> float:
+    """:func:`perplexity` computed from llama.cpp's own logits for a GGUF file, on the same windows.
+
+    The text is tokenized without special tokens by ``tokenizer`` when given (a Hugging Face tokenizer,
+    exactly as :func:`perplexity` does), else by llama.cpp's tokenizer in the file, which
+    :func:`nirvana.export.export_gguf` makes tokenise as the folder's tokenizer does. Each
+    ``seq_len``-token window is evaluated from an empty KV cache; the NLL of tokens 2..seq_len is taken
+    from llama.cpp's float32 logits, accumulated in float64. Needs ``llama_cpp``.
+    """
+    import os
+
+    from .export import require_llama_cpp
+
+    if not isinstance(text, str):
+        raise ValueError(f"text: expected a str, got {type(text).__name__}")
+    _positive_int("seq_len", seq_len, 2)
+    if max_windows is not None:
+        _positive_int("max_windows", max_windows)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).endswith(".gguf") or not os.path.isfile(path):
+        raise ValueError(f"model: {path!r} is not a .gguf file (llama.cpp runs GGUF files only)")
+    llama_cpp = require_llama_cpp("evaluating with --engine llama.cpp")
+    batch = min(seq_len, 512)
+    llm = llama_cpp.Llama(os.fspath(path), n_ctx=seq_len, n_batch=batch, n_ubatch=batch, logits_all=True, verbose=False)
+    try:
+        if tokenizer is not None:
+            ids = tokenize(text, tokenizer)
+        else:
+            ids = torch.tensor(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), dtype=torch.long)
+        windows = text_windows(ids, seq_len, max_windows)
+        if windows.shape[0] == 0:
+            raise ValueError(f"text: has {ids.numel()} tokens; one window needs seq_len={seq_len}")
+        total, count = 0.0, 0
+        for window in tqdm(windows, desc="perplexity (llama.cpp)", disable=not progress, unit="window"):
+            llm.reset()  # each window from an empty cache, as transformers sees it
+            llm.eval(window.tolist())
+            logits = torch.from_numpy(llm.scores[: seq_len - 1].copy()).float()
+            total += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            count += seq_len - 1
+    finally:
+        llm.close()
+    return math.exp(total / count)
+
+
 def window_logits(
     model,
     windows: torch.Tensor,
@@ -231,6 +282,7 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, **
 
 
 __all__ = [
+    "gguf_perplexity",
     "kl_divergence",
     "kl_to_model",
     "lm_eval_tasks",
