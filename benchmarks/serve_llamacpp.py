@@ -68,7 +68,9 @@ def measure(path: str, prompt: int, generate: int, threads: int) -> dict:
     n_ctx = prompt + generate
     # A batch as long as the context: the prompt goes in one eval, and llama-cpp-python keeps a row of
     # logits per position only up to n_batch.
-    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     text = corpus.read_book(corpus.HELDOUT_BOOK)[:20000]
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)[:prompt]
     if len(tokens) < prompt:
