@@ -153,6 +153,12 @@ def kl_divergence(dense_logits: torch.Tensor, pruned_logits: torch.Tensor) -> fl
     return total / rows
 
 
+def kl_sum(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, int]:
+    """``(sum of KL(dense || pruned) over positions, position count)`` for ``[..., vocab]`` logits of one
+    batch: the part :func:`kl_to_model` adds per batch (float64 sum; float32 math unless an input is float64)."""
+    return _kl_sum(dense, pruned)
+
+
 def kl_to_model(
     dense_logits: torch.Tensor,
     model,
@@ -205,4 +211,4 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, **
     return dict(results["results"])
 
 
-__all__ = ["kl_divergence", "kl_to_model", "lm_eval_tasks", "perplexity", "text_windows", "window_logits"]
+__all__ = ["kl_divergence", "kl_sum", "kl_to_model", "lm_eval_tasks", "perplexity", "text_windows", "window_logits"]

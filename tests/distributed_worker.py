@@ -55,6 +55,15 @@ def compensated_biases(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def streamed_biases(biases: dict | None) -> dict[str, torch.Tensor]:
+    """:func:`compensated_biases`'s entries from a distributed run's float64 biases by parameter name."""
+    out = {}
+    for name, value in (biases or {}).items():
+        layer = name.split(".layers.")[1].split(".")[0]
+        out[f"{layer}.{'o' if 'o_proj' in name else 'down'}"] = value.to(torch.float32)
+    return out
+
+
 def main(argv: list[str]) -> None:
     out, calib, models = Path(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(1)
@@ -76,7 +85,7 @@ def main(argv: list[str]) -> None:
                 "plan": result.plan.to_dict(),
             }
             if rank == 0:
-                saved.update(selection=result.report["selection"], biases=compensated_biases(result.model))
+                saved.update(selection=result.report["selection"], biases=streamed_biases(result.biases))
             torch.save(saved, out / f"{name}.{case}.rank{rank}.pt")
         torch.save(shard_scores(folder, calib), out / f"{name}.shards.rank{rank}.pt")
     dist.destroy_process_group()
