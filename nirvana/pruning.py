@@ -167,7 +167,9 @@ class PruneSettings:
                 raise ValueError(f"device_map: {self.device_map!r} places the model itself; drop --{other}")
         if self.distributed is not None:
             from .distributed import check_launch, check_method
+            from .rank_load import check_source
 
+            check_source(self.model)
             check_launch(self.distributed, self.device)
             check_method(self.method, self.saliency)
 
@@ -388,6 +390,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     """
     from . import distributed
     from .apply import DEFAULT_MAX_SHARD_SIZE, parse_size, prepare_stream, write_stream
+    from .rank_load import checkpoint_params
 
     settings.check()
     timer = _Timer()
@@ -442,7 +445,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
         report = build_report(
             settings=asdict(settings),
             plan=plan,
-            params_before=_checkpoint_params(run.folder),
+            params_before=checkpoint_params(run.folder),
             params_after=sum(math.prod(s.shape) for s in stream.specs),
             timings=dict(timer),
             device=run.info.device,
@@ -466,13 +469,6 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     if result is not None:
         return result
     return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
-
-
-def _checkpoint_params(folder: Path) -> int:
-    """Elements in the dense checkpoint's tensors (a tied lm_head is stored, and counted, once)."""
-    from .tensorfile import check_folder
-
-    return sum(math.prod(info.shape) for _, info in check_folder(folder, label="model").values())
 
 
 def _warn_past_positions(settings: PruneSettings, config) -> None:
