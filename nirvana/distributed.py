@@ -364,6 +364,9 @@ def _sharded_gradients(
     sums: list[torch.Tensor | None] = [None] * len(params)
     moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
     stashed = [p.grad for p in params]
+    # float32 parameters and no per-step second moment: FSDP's own accumulation into .grad is the
+    # same float32 sum, in the same order, without a second gradient shard beside it.
+    in_grad = moments is None and all(local_rows(p.detach())[1].dtype == torch.float32 for p in params)
     value = 0.0
     bar = progress_bar(len(steps), progress and rank == 0)
     try:
@@ -379,6 +382,9 @@ def _sharded_gradients(
                 scaled.backward()
                 del scaled
                 share = count / n
+                if in_grad:
+                    bar.update(1)
+                    continue
                 for i, p in enumerate(params):
                     # Summed here in float32 rather than in .grad, which keeps the parameter's dtype.
                     g = (
@@ -392,6 +398,11 @@ def _sharded_gradients(
                         moments[i] = m if moments[i] is None else moments[i].add_(m)
                     sums[i] = g if sums[i] is None else sums[i].add_(g)
                 bar.update(1)
+        if in_grad:
+            sums = [
+                p.grad.to_local() if p.grad is not None else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
+                for p in params
+            ]
     finally:
         for p, g in zip(params, stashed):
             p.grad = g
