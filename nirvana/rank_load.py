@@ -127,7 +127,9 @@ def computed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Each module holding one (the rotary embedding's ``inv_freq``) is rebuilt from its ``config`` on the
     CPU, which is cheap since it holds no parameter; its buffers (and the plain attributes computed
-    with them, such as ``attention_scaling``) are taken from that copy.
+    with them, such as ``attention_scaling``) are taken from that copy. A buffer its module also keeps
+    as a number in ``scalar_<name>`` (Gemma's scaled embedding) is ``torch.tensor`` of that number,
+    as the class makes it.
 
     Raises:
         ValueError: a module with such a buffer also holds parameters or has no ``config``, so it
@@ -139,6 +141,11 @@ def computed_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
         if not own:
             continue
         where = f"{name}.{own[0]}" if name else own[0]
+        # A scaled embedding (Gemma) keeps the scalar its buffer was made from: torch.tensor(scalar).
+        scalars = {b: getattr(module, f"scalar_{b}", None) for b in own}
+        if all(isinstance(v, (int, float)) for v in scalars.values()):
+            out.update({f"{name}.{b}" if name else b: torch.tensor(v) for b, v in scalars.items()})
+            continue
         if next(module.parameters(), None) is not None or getattr(module, "config", None) is None:
             raise ValueError(
                 f"model: buffer {where!r} ({type(module).__name__}) is computed by a module that cannot be "

@@ -34,7 +34,7 @@ from .distributed_worker import (
     fake_gradients,
 )
 from .helpers import assert_bitwise_equal, assert_close
-from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+from .tiny_models import ARCHITECTURES, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -609,3 +609,47 @@ def test_convert_writes_a_safetensors_folder_that_loads_the_same_model(llama_fol
     assert cli.main(argv) == cli.EXIT_USAGE
     assert cli.main(["convert", str(llama_folder), "--out", str(llama_folder / "inside")]) == cli.EXIT_USAGE
     assert not (llama_folder / "inside").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-local loading's pieces, in one process
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_computed_buffers_equal_the_model_class_own(arch):
+    from transformers import AutoModelForCausalLM
+
+    from nirvana.rank_load import computed_buffers
+
+    config = tiny_config(arch)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    built = dict(AutoModelForCausalLM.from_config(config).named_buffers())
+    got = computed_buffers(meta)
+    assert sorted(got) == sorted(built)
+    for name, value in got.items():
+        assert_bitwise_equal(value, built[name], name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64], ids=["f32", "bf16", "i64"])
+def test_read_rows_reads_exactly_the_rows_get_slice_gives(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nirvana.rank_load import read_rows
+    from nirvana.tensorfile import read_header
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "matrix": (torch.randn(7, 5, generator=gen) * 100).to(dtype),
+        "vector": (torch.randn(9, generator=gen) * 100).to(dtype),
+        "cube": (torch.randn(4, 3, 2, generator=gen) * 100).to(dtype),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    header = read_header(tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        for name, t in tensors.items():
+            for start, stop in ((0, t.shape[0]), (1, 3), (t.shape[0] - 1, t.shape[0]), (2, 2)):
+                got = read_rows(tmp_path / "t.safetensors", header[name], start, stop)
+                assert_bitwise_equal(got, f.get_slice(name)[start:stop], name=f"{name}[{start}:{stop}]")
