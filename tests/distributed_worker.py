@@ -42,7 +42,8 @@ CASES = {
 # cases instead: each prune writes its checkpoint, and each rank records what its loader read and the
 # shapes of every tensor it created while loading.
 STREAMED = "llama-3shards"
-STREAMED_CASES = {"stream": {}, "stream-flap": dict(method="flap")}
+# "stream-self" samples its calibration windows from the sharded model (--calib self).
+STREAMED_CASES = {"stream": {}, "stream-flap": dict(method="flap"), "stream-self": dict(calib="self")}
 # Adam's state for the optimizer case: lr 0 leaves the weights alone, one step sets exp_avg_sq.
 ADAM = dict(lr=0.0, betas=(0.9, 0.99), eps=1e-6)
 
@@ -135,8 +136,8 @@ def streamed_cases(folder: str, calib: str, out: Path, rank: int) -> None:
         rank_load.load_sharded = recorded
         try:
             settings = PruneSettings(
-                model=folder, calib=calib, device="cpu", distributed="fsdp", out=str(out / case),
-                **{**SETTINGS, **overrides},
+                model=folder, device="cpu", distributed="fsdp", out=str(out / case),
+                **{**SETTINGS, "calib": calib, **overrides},
             )  # fmt: skip
             result = prune(settings, progress=False)
         finally:

@@ -170,11 +170,8 @@ def test_no_rank_built_a_full_size_prunable_weight_while_loading(fsdp_run):
 
 
 def _single_streamed(folders: dict, calib: Path, case: str, out: Path):
-    settings = {**SETTINGS, **STREAMED_CASES[case]}
-    return prune(
-        PruneSettings(model=str(folders[STREAMED]), calib=str(calib), device="cpu", out=str(out), **settings),
-        progress=False,
-    )
+    settings = {**SETTINGS, "calib": str(calib), **STREAMED_CASES[case]}
+    return prune(PruneSettings(model=str(folders[STREAMED]), device="cpu", out=str(out), **settings), progress=False)
 
 
 @pytest.mark.parametrize("case", list(STREAMED_CASES))
