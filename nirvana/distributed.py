@@ -798,18 +798,31 @@ def select_on_ranks(
     return best
 
 
-def share_plan(run: RankScores, plan: PruningPlan | None) -> tuple[int, PruningPlan]:
+def share_plan(run: RankScores, plan: PruningPlan | None, *, failed: bool = False) -> tuple[int, PruningPlan]:
     """Rank 0's ``plan`` and its calibration seed, on every rank (the others pass None).
 
-    The broadcast doubles as the barrier: the other ranks wait in it until rank 0 has saved. Destroys
-    the process group if :func:`score_on_ranks` initialised it.
+    The broadcast doubles as the barrier: the other ranks wait in it until rank 0 has saved. Rank 0
+    passes ``failed=True`` when it could not finish (it then re-raises its own error), so that the
+    others raise :class:`RankZeroFailed` at once instead of waiting out the timeout. Destroys the
+    process group if :func:`score_on_ranks` initialised it.
     """
-    shared = [None] if plan is None else [(plan.meta["calibration_seed"], plan.to_dict())]
+    if failed:
+        shared = [("failed", None)]
+    else:
+        shared = [None] if plan is None else [(plan.meta["calibration_seed"], plan.to_dict())]
     dist.broadcast_object_list(shared, src=0)
     if run.owned:
         dist.destroy_process_group()
     seed, plan_dict = shared[0]
+    if seed == "failed":
+        if failed:
+            return -1, plan
+        raise RankZeroFailed("distributed: rank 0 failed after scoring (its error is above); nothing was written")
     return seed, plan if plan is not None else PruningPlan.from_dict(plan_dict)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 could not allocate or write the output."""
 
 
 __all__ = [
@@ -821,6 +834,7 @@ __all__ = [
     "STRATEGIES",
     "RankInfo",
     "RankScores",
+    "RankZeroFailed",
     "check_launch",
     "check_method",
     "dense_logits_on_ranks",

@@ -389,8 +389,6 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     (nothing is compacted in memory), and only rank 0's has the report and the output folder.
     """
     from . import distributed
-    from .apply import DEFAULT_MAX_SHARD_SIZE, parse_size, prepare_stream, write_stream
-    from .rank_load import checkpoint_params
 
     settings.check()
     timer = _Timer()
@@ -432,8 +430,31 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
         with timer.stage("compaction"):
             biases = compensation(run.sharded, plan, run.stats[best.seed])
     run.drop_model()
+    try:
+        result = _finish_on_rank_0(
+            settings, run, plan, best, chosen=chosen, gammas=gammas, biases=biases, timer=timer,
+            extra_report=extra_report, progress=progress,
+        )  # fmt: skip
+    except BaseException:
+        if rank0:  # release the others, then fail with rank 0's own error
+            distributed.share_plan(run, None, failed=True)
+        raise
+    seed, plan = distributed.share_plan(run, None if result is None else result.plan)
+    if result is not None:
+        return result
+    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+
+
+def _finish_on_rank_0(
+    settings: PruneSettings, run, plan, best, *, chosen, gammas, biases, timer, extra_report, progress: bool
+) -> PruneResult | None:
+    """Rank 0's report and streamed checkpoint (None on the other ranks): ``run`` is the
+    :class:`nirvana.distributed.RankScores`, ``best`` the chosen candidate, ``chosen`` the KL selection or None."""
+    from .apply import DEFAULT_MAX_SHARD_SIZE, parse_size, prepare_stream, write_stream
+    from .rank_load import checkpoint_params
+
     result = None
-    if rank0:
+    if run.info.rank == 0:
         extra = dict(extra_report or {}, distributed=run.report)
         extra["selection"] = (
             {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
@@ -465,10 +486,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             out = real_path(settings.out)
             report["timings_s"]["save"] = round(timer["save"], 3)
         result = PruneResult(None, run.tokenizer, plan, best.scores, report, out, biases)
-    seed, plan = distributed.share_plan(run, None if result is None else result.plan)
-    if result is not None:
-        return result
-    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+    return result
 
 
 def _warn_past_positions(settings: PruneSettings, config) -> None:

@@ -83,6 +83,7 @@ def main(argv: list[str]) -> None:
         name = Path(folder).name
         if name == STREAMED:
             streamed_cases(folder, calib, out, rank)
+            rank_zero_fails(folder, calib, out, rank)
             continue
         for case, overrides in CASES.items():
             target = dict(out=str(out / name)) if case == "nirvana" else {}
@@ -144,6 +145,29 @@ def streamed_cases(folder: str, calib: str, out: Path, rank: int) -> None:
             rank_load.load_sharded = original
         saved = {"plan": result.plan.to_dict(), "report": result.report, **seen}
         torch.save(saved, out / f"{case}.rank{rank}.pt")
+
+
+def rank_zero_fails(folder: str, calib: str, out: Path, rank: int) -> None:
+    """Rank 0's write fails: every rank records what it raised, and no rank waits for the timeout."""
+    from nirvana import apply
+
+    original = apply.write_stream
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    apply.write_stream = broken
+    try:
+        settings = PruneSettings(
+            model=folder, calib=calib, device="cpu", distributed="fsdp", out=str(out / "failed"), **SETTINGS
+        )
+        prune(settings, progress=False)
+        raised = None
+    except Exception as err:  # what each rank saw is the record
+        raised = f"{type(err).__name__}: {err}"
+    finally:
+        apply.write_stream = original
+    torch.save({"raised": raised}, out / f"failed.rank{rank}.pt")
 
 
 def shard_scores(folder: str, calib: str) -> dict:

@@ -220,6 +220,15 @@ def test_streamed_checkpoint_is_byte_identical_to_nirvana_apply_of_its_plan(fsdp
     assert scores.meta["distributed"] == {"strategy": "fsdp", "world_size": WORLD}
 
 
+def test_a_failure_on_rank_0_after_scoring_releases_the_other_ranks(fsdp_run):
+    _, _, out = fsdp_run
+    raised = [torch.load(out / f"failed.rank{r}.pt")["raised"] for r in range(WORLD)]
+    assert raised[0] == "OSError: disk full (simulated)"
+    assert all(r is not None and r.startswith("RankZeroFailed: distributed: rank 0 failed") for r in raised[1:])
+    assert not (out / "failed").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".failed")]  # no staging folder left
+
+
 def _single_process_scores(folder: Path, calib: Path):
     model, tokenizer = load_model(folder)
     windows = calibration_windows(
