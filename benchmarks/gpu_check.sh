@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check and time every nirvana kernel on a CUDA GPU (an H200 in mind) in one call, from the repo root:
 #     bash benchmarks/gpu_check.sh [gpu_check.py options]
-# Prints one markdown table and, when $OUT is set, writes it to $OUT/gpu_check.md as well. Then it runs the
+# Prints one markdown table and, when $OUT is set, writes it to $OUT/gpu_check.md as well. Then the end-to-end
+# distributed case (benchmarks/distributed_e2e.py, $OUT/distributed_e2e.md). Then it runs the
 # kernel tests' full grid (NIRVANA_FULL_GRID=1; CI runs a pairwise subset in the interpreter) compiled, on
 # CUDA tensors, in what is left of the call's 5 minutes; with $OUT set, their output goes to
 # $OUT/kernel_tests.txt too.
@@ -27,6 +28,23 @@ rc=0
 "$PY" benchmarks/gpu_check.py --budget-s 180 "$@" || rc=$?
 
 left=$((SLOT_S - (SECONDS - start)))
+# End to end (benchmarks/distributed_e2e.py): Llama-3.1-8B layer shapes, 4 layers, bf16, pruned by one
+# process and by --distributed fsdp at world size 1 (NCCL), against a plain forward+backward; the plans
+# must be identical. At most 100 s of the slot, and only with 150 s left, so the kernel tests keep 50.
+if ((rc != 2)) && [[ "${TRITON_INTERPRET:-0}" != 1 ]] && ((left >= 150)); then
+    echo
+    set +e
+    timeout -s INT -k 10 100 "$PY" benchmarks/distributed_e2e.py --device cuda --layers 4
+    e2e_rc=$?
+    set -e
+    if ((e2e_rc == 124)); then
+        echo "gpu_check: distributed_e2e not finished in its 100 s"
+    elif ((e2e_rc != 0)); then
+        echo "gpu_check: distributed_e2e failed (exit status $e2e_rc)"
+        rc=1
+    fi
+    left=$((SLOT_S - (SECONDS - start)))
+fi
 if ((rc == 2)) || [[ "${TRITON_INTERPRET:-0}" == 1 ]]; then
     exit "$rc"  # no GPU run (the machine cannot, or a --smoke run in the interpreter): no GPU tests either
 elif ! "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then

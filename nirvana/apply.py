@@ -31,7 +31,7 @@ import re
 import shutil
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ _ITEMSIZE = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 _FLOAT_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_SAFETENSORS_NAMES = {getattr(torch, v): k for k, v in _FLOAT_NAMES.items()}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
 
@@ -91,6 +92,8 @@ class TensorSpec:
     dtype: str  # safetensors dtype name ("BF16", ...)
     shape: tuple[int, ...]  # after compaction
     gather: Gather | None  # None: copied through unchanged
+    # A tensor that is not in the source (FLAP's compensation biases): written as it is, on the CPU.
+    value: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -250,11 +253,19 @@ def _header(specs: list[TensorSpec]) -> tuple[bytes, list[TensorSpec]]:
 
 
 def output_tensor(spec: TensorSpec, device: torch.device) -> torch.Tensor:
-    """The tensor ``spec`` describes, on the CPU: read from its source shard, then gathered on ``device``."""
+    """The tensor ``spec`` describes, on the CPU: read from its source shard, then gathered on ``device``.
+
+    A float tensor whose source dtype differs from ``spec.dtype`` is cast first (as ``from_pretrained``
+    with a ``dtype`` casts it before compaction; a cast commutes with a gather bit for bit).
+    """
+    if spec.value is not None:
+        return spec.value
     with safe_open(spec.source, framework="pt") as f:
         # Backed by the file's memory map, which lives as long as the tensor: its pages are read as
         # they are touched and dropped with it, so copying it through costs no second buffer.
         tensor = f.get_tensor(spec.name)
+    if spec.dtype in _FLOAT_NAMES and tensor.dtype != getattr(torch, _FLOAT_NAMES[spec.dtype]):
+        tensor = tensor.to(getattr(torch, _FLOAT_NAMES[spec.dtype]))
     if spec.gather is not None:
         g = spec.gather
         # Built on the host from the plan, validated when the specs were made: the kernel copies it
@@ -289,7 +300,9 @@ def _shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _write_config(folder: Path, config, model: nn.Module, plan: PruningPlan, specs: list[TensorSpec]) -> None:
+def _write_config(
+    folder: Path, config, model: nn.Module, plan: PruningPlan, specs: list[TensorSpec], biases: list[str] = ()
+) -> None:
     """The config.json :func:`nirvana.checkpoint.save_pruned` writes for the compacted model."""
     # save_pretrained records the dtype of the model's first floating parameter.
     dtypes = {s.name: s.dtype for s in specs}
@@ -297,7 +310,7 @@ def _write_config(folder: Path, config, model: nn.Module, plan: PruningPlan, spe
     if first is not None:
         config.dtype = _FLOAT_NAMES[first]
     base = base_architecture(model)
-    sizes, block = config_updates(config, plan_widths(plan), base, plan.geometry.head_dim)
+    sizes, block = config_updates(config, plan_widths(plan), base, plan.geometry.head_dim, biases)
     config.save_pretrained(folder)
     rewrite_config(folder, sizes, block, base)
 
@@ -396,6 +409,119 @@ def meta_model(src: Path):
     return config, model
 
 
+@dataclass
+class Stream:
+    """Everything a streamed checkpoint needs, checked before anything is written (:func:`prepare_stream`)."""
+
+    config: object  # the dense config (transformers PretrainedConfig), edited for extra biases
+    meta: nn.Module  # the dense model on the meta device
+    specs: list[TensorSpec]
+    sides: list[Path]
+    biases: list[str]  # extra-bias paths inside a decoder layer for config.json's nirvana block
+
+
+def bias_specs(
+    meta: nn.Module, config, plan: PruningPlan, biases: dict[str, torch.Tensor], dtype: torch.dtype
+) -> tuple[list[TensorSpec], list[str]]:
+    """FLAP's compensation biases as output tensors, and the extra-bias paths config.json then lists.
+
+    ``biases``: parameter name -> the full o_proj / down_proj bias of every layer (any float dtype,
+    float64 from the compensation), written in ``dtype``. As
+    :func:`nirvana.methods.flap.apply_flap_compensation` does in memory, a config with Llama's
+    ``attention_bias`` / ``mlp_bias`` flags gets both set, and every q/k/v/gate/up linear without a bias
+    a zero one of its compacted width; ``meta`` gets meta-device biases where it now has them, so that
+    :func:`nirvana.checkpoint.extra_biases` can compare it with the stock class.
+    """
+    from .adapters import text_config
+    from .checkpoint import extra_biases
+    from .methods.flap import stock_bias_flags
+
+    adapter = get_adapter(meta)
+    names = {id(m): name for name, m in meta.named_modules()}
+    g = plan.geometry
+    qd = g.group_size * g.head_dim
+    flags = stock_bias_flags(config)
+    if flags:
+        c = text_config(config)
+        c.attention_bias, c.mlp_bias = True, True
+    wanted = {}
+    for lm, lp in zip(adapter.layers(meta), plan.layers):
+        for linear in (lm.o, lm.down):
+            name = f"{names[id(linear)]}.bias"
+            if name not in biases:
+                raise ValueError(f"biases: no compensation bias {name!r}")
+            wanted[name] = biases[name].detach().to("cpu", dtype)
+            linear.bias = nn.Parameter(torch.empty(linear.out_features, device="meta"), requires_grad=False)
+        if not flags:
+            continue
+        widths = (
+            (lm.q, len(lp.kv_groups_kept) * qd),
+            (lm.k, len(lp.kv_groups_kept) * g.head_dim),
+            (lm.v, len(lp.kv_groups_kept) * g.head_dim),
+            (lm.gate, len(lp.mlp_channels_kept)),
+            (lm.up, len(lp.mlp_channels_kept)),
+        )
+        for linear, width in widths:
+            if linear is not None and linear.bias is None:
+                wanted[f"{names[id(linear)]}.bias"] = torch.zeros(width, dtype=dtype)
+                linear.bias = nn.Parameter(torch.empty(linear.out_features, device="meta"), requires_grad=False)
+    kind = _SAFETENSORS_NAMES[dtype]
+    specs = [TensorSpec(n, Path(), kind, tuple(v.shape), None, v) for n, v in sorted(wanted.items())]
+    return specs, extra_biases(meta, adapter)
+
+
+def prepare_stream(
+    src: Path, plan: PruningPlan, *, dtype: torch.dtype | None = None, biases: dict[str, torch.Tensor] | None = None
+) -> Stream:
+    """Check the dense folder ``src`` against ``plan`` and list every output tensor; nothing is written.
+
+    ``dtype``: cast every float tensor to it (what loading with that dtype and compacting gives);
+    None keeps the checkpoint's. ``biases``: FLAP's compensation (see :func:`bias_specs`), added to
+    the stream after the source's tensors; a source tensor of the same name is replaced.
+    """
+    config, meta = meta_model(src)
+    check_plan(meta, plan, get_adapter(meta))
+    specs = tensor_specs(check_source(src, meta), meta, plan)
+    if dtype is not None:
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"dtype: {dtype} is not a float dtype a checkpoint holds")
+        kind = _SAFETENSORS_NAMES[dtype]
+        specs = [replace(s, dtype=kind) if s.dtype in _FLOAT_NAMES else s for s in specs]
+    paths: list[str] = []
+    if biases:
+        by_name = {s.name: s for s in specs}
+        bias_dtype = dtype or getattr(torch, _FLOAT_NAMES[by_name[next(iter(gathers(meta, plan)))].dtype])
+        extra, paths = bias_specs(meta, config, plan, biases, bias_dtype)
+        new = {s.name for s in extra}
+        specs = [s for s in specs if s.name not in new] + extra
+    return Stream(config, meta, specs, side_files(src), paths)
+
+
+def write_stream(
+    stream: Stream, plan: PruningPlan, tmp: Path, *, max_bytes: int, device: torch.device, progress: bool = False
+) -> None:
+    """Write the checkpoint ``stream`` describes into the new folder ``tmp``: shards, index, side files,
+    config.json and plan.json, one tensor at a time (see the module docstring)."""
+    shards = shard(stream.specs, max_bytes)
+    names = _shard_names(len(shards))
+    total = sum(s.nbytes for s in stream.specs)
+    # A 70B checkpoint takes minutes to write: a byte count on stderr, unless asked for quiet.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, file=sys.stderr)
+    with bar, torch.no_grad():
+        for name, specs_in in zip(names, shards):
+            write_shard(tmp / name, specs_in, device, bar)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {s.name: name for name, group in zip(names, shards) for s in group},
+            }
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for path in stream.sides:
+            copy_file(path, tmp / path.name)
+        _write_config(tmp, stream.config, stream.meta, plan, stream.specs, stream.biases)
+        plan.save(tmp / PLAN_FILE)
+
+
 def apply_plan(
     plan: PruningPlan | str | os.PathLike,
     model: str | os.PathLike,
@@ -443,37 +569,19 @@ def apply_plan(
     plan = read_plan(plan)
     check_method(plan)
     out = check_target(out_dir, sources=[src], overwrite=overwrite, name="out_dir")
-    config, meta = meta_model(src)
-    check_plan(meta, plan, get_adapter(meta))
-    specs = tensor_specs(check_source(src, meta), meta, plan)
-    sides = side_files(src)
-    shards = shard(specs, max_bytes)
-    names = _shard_names(len(shards))
-
-    total = sum(s.nbytes for s in specs)
-    # A 70B checkpoint takes minutes to write: a byte count on stderr, unless asked for quiet.
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress, file=sys.stderr)
-    with bar, staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp, torch.no_grad():
-        for name, specs_in in zip(names, shards):
-            write_shard(tmp / name, specs_in, dev, bar)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {s.name: name for name, group in zip(names, shards) for s in group},
-            }
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for path in sides:
-            copy_file(path, tmp / path.name)
-        _write_config(tmp, config, meta, plan, specs)
-        plan.save(tmp / PLAN_FILE)
+    stream = prepare_stream(src, plan)
+    with staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp:
+        write_stream(stream, plan, tmp, max_bytes=max_bytes, device=dev, progress=progress)
     return out
 
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
     "Gather",
+    "Stream",
     "TensorSpec",
     "apply_plan",
+    "bias_specs",
     "check_method",
     "check_source",
     "copy_file",
@@ -481,10 +589,12 @@ __all__ = [
     "meta_model",
     "output_tensor",
     "parse_size",
+    "prepare_stream",
     "read_plan",
     "shard",
     "side_files",
     "source_tensors",
     "tensor_specs",
     "write_shard",
+    "write_stream",
 ]

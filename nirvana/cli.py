@@ -4,6 +4,7 @@ nirvana prune MODEL --sparsity 0.2 [--gamma 3.0|auto] [--calib SOURCE] ... --out
 nirvana prune MODEL --scores PRUNED_DIR/scores.safetensors --sparsity 0.4 ... --out DIR  (no backward pass)
 torchrun --nproc-per-node N -m nirvana prune MODEL ... --distributed fsdp --out DIR
 nirvana apply PLAN.json --model DENSE_DIR --out DIR [--max-shard-size 5GB]
+nirvana convert SRC.gguf|HUB_NAME --out DIR  (a safetensors folder, as --distributed needs)
 nirvana eval MODEL_OR_DIR --text FILE [--seq-len 512]
 nirvana eval FILE.gguf --engine llama.cpp --text FILE  (perplexity from llama.cpp's logits, same windows)
 nirvana export PRUNED_DIR --format gguf --out FILE.gguf [--dtype f32|f16|bf16] [--quantize q8_0|q4_k_m|...]
@@ -101,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cv = sub.add_parser("convert", help="write a .gguf file or hub model as a safetensors folder (for --distributed)")
+    cv.add_argument("source", help=".gguf file, hub name, model folder or 'smollm2'")
+    cv.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    cv.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    cv.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB")
+    cv.add_argument("--overwrite", action="store_true")
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("model", help="model folder (pruned or dense), .gguf file or 'smollm2'")
@@ -242,6 +250,14 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    out = convert(args.source, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"saved to {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluation import lm_eval_tasks, perplexity
 
@@ -332,6 +348,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "prune": cmd_prune,
     "apply": cmd_apply,
+    "convert": cmd_convert,
     "eval": cmd_eval,
     "export": cmd_export,
     "finetune": cmd_finetune,

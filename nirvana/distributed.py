@@ -24,8 +24,8 @@ picks the source by what the method ``needs``). What crosses the network, and wh
    rank's full activations; the float64 sums of ``x`` and ``x**2`` and the token count are all-reduced
    (``nirvana.sources.fsdp.sharded_statistics``). The methods read the weights only through three reductions
    (``|W| @ v`` per row, ``sum |W|`` and ``sum W**2`` per column), which ``nirvana.sources.fsdp.ShardedWeights``
-   computes from the local rows with one all_reduce each. Every rank, so rank 0 too, holds the
-   statistics: FLAP's ``compensate(model, plan, stats)`` runs in rank 0's final single-process step.
+   computes from the local rows with one all_reduce each. Every rank holds the statistics; FLAP's
+   compensation ``b + W[:, R] @ mu[R]`` is computed row-locally on the shards (:func:`flap_biases_on_ranks`).
 5. Per-window gradients (``taylor``): :func:`nirvana.methods.taylor.sharded_taylor_scores` forms each
    window's ``dCE_s/dW = dY_s^T X_s`` in hooks that run while FSDP has the layer unsharded, adds its
    per-row / per-column ``|W * dCE_s/dW|`` sums on the rank that ran the window, and all-reduces them once.
@@ -46,25 +46,30 @@ What equals one process, and what does not:
   ``meta["global_micro_batch_size"]`` records ``W*m``.
 * ``taylor`` (per-window) equals one process: each window's gradient is its own on whichever rank ran it.
 * Everywhere: sums run in a different order than on one process, so agreement is to float32 rounding.
-* ``--select-calib K`` and ``--gamma auto`` run in rank 0's final single-process step from the K sets'
-  distributed scores (and statistics), with the held-out windows one process draws: the same choice.
+* ``--select-calib K`` and ``--gamma auto``: every rank allocates each trial's plan from the same
+  scores, masks the sharded model with it (:func:`masked_on_ranks`: the pruned rows and columns of
+  each local shard zeroed, FLAP's biases added by hooks) and the KL to the dense logits on the
+  held-out windows one process draws is summed over ranks (:func:`select_on_ranks`): the same choice.
 
-After scoring, the sharded model is dropped; rank 0 reloads the dense model unsharded (on ``--device``,
-default the CPU, since a model that needs FSDP does not fit one GPU), allocates (with KL selection),
-compensates, compacts and saves through the ordinary single-process flow with the scores and
-statistics it already has, then broadcasts the plan; the other ranks wait for that broadcast and exit.
-This module only scores and shares the plan (:func:`score_on_ranks`, :func:`share_plan`);
-:func:`nirvana.pruning.prune` runs the rest, so nothing here calls back into the flow.
+Loading and writing. No rank ever holds the dense model: each builds it on the meta device, shards it
+and reads only its own rows of the safetensors files (:func:`nirvana.rank_load.load_sharded`). After
+scoring and selection the sharded model is dropped; rank 0 writes ``plan.json``, ``scores.safetensors``,
+``report.json`` and the pruned checkpoint, streamed tensor by tensor from the dense safetensors on disk
+by :func:`nirvana.apply.write_stream` (FLAP's biases added to the stream), and broadcasts the plan; the
+other ranks wait for that broadcast and exit. The dense model is never reloaded.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,10 +84,11 @@ from .methods.common import with_window_meta
 from .methods.taylor import sharded_taylor_scores
 from .objective import check_objective
 from .plan import Geometry, PruningPlan
+from .rank_load import LoadRecord
 from .saliency import ADAM_EPS, SALIENCIES, as_grad_dtype, check_dense_layers, ones_view
 from .scores import Scores, check_finite_scores
 from .sources.common import check_micro_batch, progress_bar, scoring_state
-from .sources.fsdp import SHARDED_WEIGHTS, local_rows, rank_steps, shard_for_scoring, sharded_statistics
+from .sources.fsdp import LOGITS, SHARDED_WEIGHTS, local_rows, rank_steps, shard_for_scoring, sharded_statistics
 from .sources.gradients import check_gradient_windows, optimizer_second_moments, prunable_parameters
 
 STRATEGIES = ("fsdp",)
@@ -358,6 +364,9 @@ def _sharded_gradients(
     sums: list[torch.Tensor | None] = [None] * len(params)
     moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
     stashed = [p.grad for p in params]
+    # float32 parameters and no per-step second moment: FSDP's own accumulation into .grad is the
+    # same float32 sum, in the same order, without a second gradient shard beside it.
+    in_grad = moments is None and all(local_rows(p.detach())[1].dtype == torch.float32 for p in params)
     value = 0.0
     bar = progress_bar(len(steps), progress and rank == 0)
     try:
@@ -373,6 +382,9 @@ def _sharded_gradients(
                 scaled.backward()
                 del scaled
                 share = count / n
+                if in_grad:
+                    bar.update(1)
+                    continue
                 for i, p in enumerate(params):
                     # Summed here in float32 rather than in .grad, which keeps the parameter's dtype.
                     g = (
@@ -386,6 +398,11 @@ def _sharded_gradients(
                         moments[i] = m if moments[i] is None else moments[i].add_(m)
                     sums[i] = g if sums[i] is None else sums[i].add_(g)
                 bar.update(1)
+        if in_grad:
+            sums = [
+                p.grad.to_local() if p.grad is not None else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
+                for p in params
+            ]
     finally:
         for p, g in zip(params, stashed):
             p.grad = g
@@ -407,6 +424,10 @@ def check_method(method, saliency: str) -> None:
         raise ValueError(
             f"method: {method!r} is not supported under --distributed: it needs {scorer.needs} and has no "
             "sharded version of its per-window hooks; score it on one process"
+        )
+    if scorer.compensates and scorer.name not in SHARDED_COMPENSATIONS:
+        raise ValueError(
+            f"method: {method!r} compensates weights and has no sharded compensation; prune on one process"
         )
     if saliency not in DISTRIBUTED_SALIENCIES:
         raise ValueError(f"saliency: must be one of {', '.join(DISTRIBUTED_SALIENCIES)}, got {saliency!r}")
@@ -465,41 +486,49 @@ class RankScores:
     owned: bool  # this run initialised the process group, so share_plan destroys it
     tokenizer: object
     scores: dict[int, Scores]  # calibration seed -> the full scores (equal on every rank)
-    settings: object  # what rank 0 finishes with in one process: the same, placed on --device or the CPU
+    settings: object  # the checked PruneSettings, dtype filled in with what the ranks computed in
     report: dict  # the report's "distributed" entry
     # calibration seed -> the method's all-reduced activation statistics (wanda-sp, flap), for its compensation
     stats: dict[int, object] = field(default_factory=dict)
+    sharded: nn.Module | None = None  # the FSDP2 root, kept for the KL selection and the compensation
+    folder: Path | None = None  # the dense safetensors folder the ranks read from (and rank 0 streams)
+    load: LoadRecord | None = None  # what this rank read
+
+    def drop_model(self) -> None:
+        """Free the sharded model (every rank's shards)."""
+        self.sharded = None
+        gc.collect()
+        if self.info.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
     """Score every calibration set of ``settings`` (checked :class:`nirvana.pruning.PruneSettings`) on all ranks.
 
-    Each rank loads the model on the CPU, shards it and takes part in :func:`method_scores_on_ranks`;
-    the sharded model is dropped before this returns. Initialises the process group when nobody has.
+    Each rank reads only its own rows of the dense safetensors (:func:`nirvana.rank_load.load_sharded`;
+    no rank holds a dense parameter) and takes part in :func:`method_scores_on_ranks`. The sharded
+    model stays in the result (``.sharded``) for the KL selection and the compensation; call
+    :meth:`RankScores.drop_model` after. Initialises the process group when nobody has.
     """
-    from .models import load_model
+    from transformers import AutoTokenizer
 
+    from . import rank_load
+
+    folder = rank_load.checkpoint_folder(settings.model)  # a GGUF or hub name fails here, before any collective
     owned = not dist.is_initialized()
     info = init(settings.device)
     show = progress and info.rank == 0
     timings: dict[str, float] = {}
     start = time.perf_counter()
     dtype = settings.torch_dtype or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
-    # Loaded on the CPU: fully_shard moves each rank's shards to its device, so no GPU ever holds it all.
-    model, tokenizer = load_model(settings.model, device="cpu", dtype=dtype)
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"model: {settings.model!r} is an encoder-decoder; --distributed fsdp scores decoder-only models "
-            "(score a T5 in one process)"
-        )
+    sharded, record = rank_load.load_sharded(folder, info.device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     timings["load"] = time.perf_counter() - start
     seeds = [settings.seed + k for k in range(settings.select_calib)]
     start = time.perf_counter()
-    # Before sharding: the "self" source samples text from the model.
-    windows = {seed: settings.calibration_windows(tokenizer, seed, model) for seed in seeds}
+    windows = {seed: sharded_calibration(sharded, settings, tokenizer, seed) for seed in seeds}
     timings["calibration"] = time.perf_counter() - start
     start = time.perf_counter()
-    sharded = shard_for_scoring(model, info.device)
     method = get_method(settings.method)
     options = {name: getattr(settings, name) for name in method.settings}
     scores, stats = {}, {}
@@ -511,36 +540,289 @@ def score_on_ranks(settings, *, progress: bool = True) -> RankScores:
         if found is not None:
             stats[seed] = found
     timings["saliency"] = time.perf_counter() - start
-    del sharded, model
-    gc.collect()
-    if info.device.type == "cuda":
-        torch.cuda.empty_cache()
+    reads = [None] * info.world_size
+    dist.all_gather_object(reads, record.bytes_read)
     report = {
         "strategy": settings.distributed,
         "world_size": info.world_size,
         "scoring_device": info.device.type,
+        "loading": "rank-local",
+        "bytes_read": reads,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-    single = replace(
-        settings,
-        device=settings.device if settings.device == "cuda" else "cpu",
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    return RankScores(info, owned, tokenizer, scores, single, report, stats)
+    single = replace(settings, dtype=str(dtype).removeprefix("torch."))
+    return RankScores(info, owned, tokenizer, scores, single, report, stats, sharded, folder, record)
 
 
-def share_plan(run: RankScores, plan: PruningPlan | None) -> tuple[int, PruningPlan]:
+def sharded_calibration(sharded: nn.Module, settings, tokenizer, seed: int, heldout: bool = False) -> torch.Tensor:
+    """The calibration (or, with ``heldout``, the held-out) windows of ``settings`` drawn with ``seed``; collective
+    only for ``--calib self``, which samples from the sharded model (every rank the same sequences)."""
+    from .calibration import SELF, heldout_windows
+
+    model = None
+    root = None
+    if settings.calib == SELF:
+        root = sharded
+        # A first forward through the root sets FSDP up with the root as root; then the root unit
+        # (embeddings, norm, lm_head) is gathered while generate() calls the decoder directly,
+        # whose layers gather themselves.
+        root(torch.zeros(1, 1, dtype=torch.long, device=model_device_of(sharded)), None)
+        root.unshard()
+        model = sharded.lm
+    try:
+        if heldout:
+            return heldout_windows(
+                settings.calib, tokenizer, num_samples=settings.heldout_samples, seq_len=settings.seq_len,
+                seed=settings.seed, model=model,
+            )  # fmt: skip
+        return settings.calibration_windows(tokenizer, seed, model)
+    finally:
+        if root is not None:
+            root.reshard()
+
+
+def model_device_of(sharded: nn.Module) -> torch.device:
+    """The device this rank's shards live on."""
+    return local_rows(next(sharded.parameters()).detach())[1].device
+
+
+# --------------------------------------------------------------------------------------------------
+# After scoring: compensation and KL selection on the sharded model
+# --------------------------------------------------------------------------------------------------
+
+
+def flap_biases_on_ranks(sharded: nn.Module, plan: PruningPlan, stats) -> dict[str, torch.Tensor]:
+    """FLAP's compensated o_proj / down_proj biases (float64, CPU, full length) by parameter name; collective.
+
+    :func:`nirvana.methods.flap.apply_flap_compensation`'s ``b + W[:, R] @ mu[R]`` for every layer: a
+    bias row lies with its weight row on one rank, so each rank computes its local rows from its
+    local shard and the all-reduced means; one ``all_reduce`` of the zero-padded vectors gathers them.
+    """
+    from .compaction import pruned_indices
+    from .sources.activations import check_stats
+
+    model = sharded.lm
+    adapter = get_adapter(model)
+    g = adapter.geometry(model.config)
+    stats = check_stats(stats, g)
+    names = {id(m): name for name, m in model.named_modules()}
+    mean_o, mean_down = stats.mean("o"), stats.mean("down")
+    parts, keys = [], []
+    for i, (lm, lp) in enumerate(zip(adapter.layers(model), plan.layers)):
+        for linear, kept, total, width, mean in (
+            (lm.o, lp.kv_groups_kept, g.num_kv_heads, g.group_size * g.head_dim, mean_o[i]),
+            (lm.down, lp.mlp_channels_kept, g.intermediate_size, 1, mean_down[i]),
+        ):
+            start, w = local_rows(linear.weight.detach())
+            bias = torch.zeros(linear.out_features, dtype=torch.float64)
+            local = torch.zeros(w.shape[0], dtype=torch.float64)
+            if linear.bias is not None:
+                local += local_rows(linear.bias.detach())[1].to("cpu", torch.float64)
+            cols = pruned_indices(kept, total, width)
+            if cols.numel() and w.shape[0]:
+                removed = w.index_select(1, cols.to(w.device)).to(torch.float64)
+                local += (removed @ mean[cols].to(w.device)).cpu()
+            bias[start : start + w.shape[0]] = local
+            parts.append(bias)
+            keys.append(f"{names[id(linear)]}.bias")
+    flat = torch.cat(parts).to(model_device_of(sharded))
+    dist.all_reduce(flat)
+    flat = flat.cpu()
+    out, pos = {}, 0
+    for key, part in zip(keys, parts):
+        out[key] = flat[pos : pos + part.numel()].clone()
+        pos += part.numel()
+    return out
+
+
+# Methods that change weights beyond the plan (``Method.compensates``): their compensation on the shards.
+SHARDED_COMPENSATIONS = {"flap": flap_biases_on_ranks}
+
+
+@contextmanager
+def masked_on_ranks(sharded: nn.Module, plan: PruningPlan, biases: dict[str, torch.Tensor] | None = None):
+    """The sharded model as :func:`nirvana.compaction.mask_model` of ``plan`` leaves a dense one, inside the block.
+
+    Each rank zeroes its local rows of the pruned q/k/v rows (and biases) and gate/up rows (and
+    biases), and the pruned o/down columns of its local rows, keeping the zeroed values to put back
+    on leaving (no dense copy: only the pruned slices are kept). ``biases`` (FLAP's, by parameter
+    name) are added to the o/down outputs by forward hooks for the block's duration, as a changed
+    bias would.
+    """
+    from .compaction import pruned_indices
+
+    model = sharded.lm
+    adapter = get_adapter(model)
+    g = plan.geometry
+    qd = g.group_size * g.head_dim
+    names = {id(m): name for name, m in model.named_modules()}
+    saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+
+    def zero(param, dim: int, rows: torch.Tensor) -> None:
+        if param is None or not rows.numel():
+            return
+        start, local = local_rows(param.data)
+        if dim == 0:
+            rows = rows[(rows >= start) & (rows < start + local.shape[0])] - start
+        if not rows.numel():
+            return
+        rows = rows.to(local.device)
+        saved.append((local, dim, rows, local.index_select(dim, rows).clone()))
+        local.index_fill_(dim, rows, 0)
+
+    handles = []
+    try:
+        with torch.no_grad():
+            for lm, lp in zip(adapter.layers(model), plan.layers):
+                keep = lp.kv_groups_kept
+                q_rows = pruned_indices(keep, g.num_kv_heads, qd, "cpu")
+                kv_rows = pruned_indices(keep, g.num_kv_heads, g.head_dim, "cpu")
+                for linear, rows in ((lm.q, q_rows), (lm.k, kv_rows), (lm.v, kv_rows)):
+                    zero(linear.weight, 0, rows)
+                    zero(linear.bias, 0, rows)
+                zero(lm.o.weight, 1, q_rows)
+                ch = pruned_indices(lp.mlp_channels_kept, g.intermediate_size, 1, "cpu")
+                for linear in (lm.gate, lm.up):
+                    if linear is not None:
+                        zero(linear.weight, 0, ch)
+                        zero(linear.bias, 0, ch)
+                zero(lm.down.weight, 1, ch)
+                for linear in (lm.o, lm.down) if biases else ():
+                    new = biases[f"{names[id(linear)]}.bias"]
+                    old = torch.zeros_like(new) if linear.bias is None else linear.bias.detach().full_tensor()
+                    delta = (new - old.to("cpu", torch.float64)).to(model_device_of(sharded))
+                    handles.append(linear.register_forward_hook(lambda _m, _a, y, d=delta: y + d.to(y.dtype)))
+        yield sharded
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for local, dim, rows, values in reversed(saved):
+                local.index_copy_(dim, rows, values)
+
+
+def _logit_steps(sharded: nn.Module, windows: torch.Tensor, batch_size: int):
+    """This rank's ``(logits or None, ids)`` for every global step over ``windows`` (collective per step)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = model_device_of(sharded)
+    for start, stop, _ in rank_steps(windows.shape[0], world, rank, batch_size):
+        ids = windows[start:stop] if stop > start else windows[:1]
+        logits = sharded(ids.to(device), LOGITS)
+        yield (logits if stop > start else None), start
+
+
+def kl_on_ranks(sharded: nn.Module, dense: list, windows: torch.Tensor, batch_size: int) -> float:
+    """Token-mean KL(dense || the sharded model as it is) over ``windows``; collective.
+
+    ``dense``: this rank's dense logits per global step (from :func:`dense_logits_on_ranks`). Each rank
+    sums :func:`nirvana.evaluation.kl_sum` over its windows; one all_reduce of (sum, count).
+    """
+    from .evaluation import kl_sum
+
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for (logits, _), ref in zip(_logit_steps(sharded, windows, batch_size), dense):
+            if logits is not None:
+                part, n = kl_sum(ref, logits)
+                total += torch.tensor([part, float(n)], dtype=torch.float64)
+    total = total.to(model_device_of(sharded))
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def dense_logits_on_ranks(sharded: nn.Module, windows: torch.Tensor, batch_size: int) -> list:
+    """This rank's float32 CPU logits per global step over ``windows`` (None for a step it has no window of)."""
+    with torch.no_grad():
+        return [
+            None if logits is None else logits.to("cpu", torch.float32)
+            for logits, _ in _logit_steps(sharded, windows, batch_size)
+        ]
+
+
+def select_on_ranks(
+    sharded: nn.Module,
+    candidates: Sequence,
+    heldout: torch.Tensor,
+    *,
+    sparsity: float,
+    gammas: Sequence[float] = (3.0,),
+    allocation: str = "global",
+    round_to: int = 8,
+    architecture: str = "",
+    batch_size: int = 8,
+    compensation=None,
+    stats: dict | None = None,
+    progress: bool = False,
+):
+    """:func:`nirvana.selection.select` on the sharded model; collective, every rank returns the same choice.
+
+    Every trial's plan is allocated on every rank from the same (all-reduced) scores; its KL is that
+    of the sharded model masked with the plan (:func:`masked_on_ranks`, with ``compensation(sharded,
+    plan, stats[seed])``'s biases for a method that compensates), so nothing is compacted or reloaded.
+    Ties and skipped gammas go as one process has them.
+    """
+    from tqdm.auto import tqdm
+
+    from .allocation import allocate
+    from .selection import Selection
+
+    if not candidates:
+        raise ValueError("candidates: at least one calibration set is needed")
+    if not gammas:
+        raise ValueError("gammas: at least one gamma is needed")
+    dense = dense_logits_on_ranks(sharded, heldout, batch_size)
+    best, trials = None, []
+    pairs = [(c, gm) for c in candidates for gm in gammas]
+    for cand, gamma in tqdm(pairs, desc="KL selection", unit="trial", disable=not progress):
+        try:
+            plan = allocate(
+                cand.scores.attention, cand.scores.mlp, cand.scores.geometry, sparsity=sparsity, gamma=gamma,
+                allocation=allocation, round_to=round_to, architecture=architecture,
+            )  # fmt: skip
+        except ValueError as e:
+            if len(gammas) == 1:
+                raise
+            trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
+            continue
+        biases = None if compensation is None else compensation(sharded, plan, stats[cand.seed])
+        with masked_on_ranks(sharded, plan, biases):
+            kl = kl_on_ranks(sharded, dense, heldout, batch_size)
+        trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
+        if best is None or kl < best.kl:
+            best = Selection(cand.seed, gamma, plan, kl)
+    if best is None:
+        raise ValueError(f"gamma: none of {list(gammas)} can reach sparsity {sparsity}")
+    if not math.isfinite(best.kl):
+        raise ValueError(f"kl: the best candidate's KL is {best.kl}; the scores or the model are broken")
+    best.trials = trials
+    return best
+
+
+def share_plan(run: RankScores, plan: PruningPlan | None, *, failed: bool = False) -> tuple[int, PruningPlan]:
     """Rank 0's ``plan`` and its calibration seed, on every rank (the others pass None).
 
-    The broadcast doubles as the barrier: the other ranks wait in it until rank 0 has saved. Destroys
-    the process group if :func:`score_on_ranks` initialised it.
+    The broadcast doubles as the barrier: the other ranks wait in it until rank 0 has saved. Rank 0
+    passes ``failed=True`` when it could not finish (it then re-raises its own error), so that the
+    others raise :class:`RankZeroFailed` at once instead of waiting out the timeout. Destroys the
+    process group if :func:`score_on_ranks` initialised it.
     """
-    shared = [None] if plan is None else [(plan.meta["calibration_seed"], plan.to_dict())]
+    if failed:
+        shared = [("failed", None)]
+    else:
+        shared = [None] if plan is None else [(plan.meta["calibration_seed"], plan.to_dict())]
     dist.broadcast_object_list(shared, src=0)
     if run.owned:
         dist.destroy_process_group()
     seed, plan_dict = shared[0]
+    if seed == "failed":
+        if failed:
+            return -1, plan
+        raise RankZeroFailed("distributed: rank 0 failed after scoring (its error is above); nothing was written")
     return seed, plan if plan is not None else PruningPlan.from_dict(plan_dict)
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 could not allocate or write the output."""
 
 
 __all__ = [
@@ -548,17 +830,26 @@ __all__ = [
     "DISTRIBUTED_SALIENCIES",
     "LAUNCH_ENV",
     "PER_WINDOW_SCORERS",
+    "SHARDED_COMPENSATIONS",
     "STRATEGIES",
     "RankInfo",
     "RankScores",
+    "RankZeroFailed",
     "check_launch",
     "check_method",
+    "dense_logits_on_ranks",
+    "flap_biases_on_ranks",
     "fsdp_scores",
     "init",
+    "kl_on_ranks",
     "layer_partial_scores",
     "local_rows",
+    "masked_on_ranks",
     "method_scores_on_ranks",
+    "model_device_of",
     "score_on_ranks",
+    "select_on_ranks",
     "shard_for_scoring",
     "share_plan",
+    "sharded_calibration",
 ]

@@ -194,8 +194,9 @@ def _check_windows(windows) -> None:
         raise ValueError(f"windows: expected LongTensor[n, seq_len], got {shape}")
 
 
-def _kl_sum(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, int]:
-    # Sum over rows of KL(p || q) for [..., vocab] logits, in float64 if either input is, else float32.
+def kl_sum(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, int]:
+    """``(sum of KL(dense || pruned) over positions, position count)`` for ``[..., vocab]`` logits of one
+    batch: the part :func:`kl_to_model` adds per batch (float64 sum; float32 math unless an input is float64)."""
     dtype = torch.float64 if torch.float64 in (dense.dtype, pruned.dtype) else torch.float32
     vocab = dense.shape[-1]
     p_logits, q_logits = dense.reshape(-1, vocab), pruned.reshape(-1, vocab)
@@ -224,7 +225,7 @@ def kl_divergence(dense_logits: torch.Tensor, pruned_logits: torch.Tensor) -> fl
         raise ValueError(
             f"pruned_logits: shape {tuple(pruned_logits.shape)} differs from dense_logits {tuple(dense_logits.shape)}"
         )
-    total, rows = _kl_sum(dense_logits, pruned_logits)
+    total, rows = kl_sum(dense_logits, pruned_logits)
     return total / rows
 
 
@@ -256,7 +257,7 @@ def kl_to_model(
             dense = dense_logits[start : start + batch.shape[0]].to(logits.device)
             if dense.shape != logits.shape:
                 raise ValueError(f"dense_logits: vocab {dense.shape[-1]} differs from the model's {logits.shape[-1]}")
-            part, n = _kl_sum(dense, logits)
+            part, n = kl_sum(dense, logits)
             total, rows, start = total + part, rows + n, start + batch.shape[0]
     return total / rows
 
@@ -284,6 +285,7 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], *, batch_size: int = 1, **
 __all__ = [
     "gguf_perplexity",
     "kl_divergence",
+    "kl_sum",
     "kl_to_model",
     "lm_eval_tasks",
     "model_logits",

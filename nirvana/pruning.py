@@ -23,11 +23,11 @@ from . import _remote_modeling as remote
 from . import calibration, replan, selection
 from .adapters import architecture_names, get_adapter
 from .allocation import ALLOCATIONS, allocate
-from .checkpoint import CONFIG_FILE, PLAN_FILE, save_pruned
+from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, save_pruned
 from .compaction import compact_model
 from .methods import METHODS, get_method
 from .objective import OBJECTIVES
-from .output import check_target, scratch
+from .output import check_target, real_path, scratch, staged
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
@@ -172,7 +172,9 @@ class PruneSettings:
                 raise ValueError(f"device_map: {self.device_map!r} places the model itself; drop --{other}")
         if self.distributed is not None:
             from .distributed import check_launch, check_method
+            from .rank_load import check_source
 
+            check_source(self.model)
             check_launch(self.distributed, self.device)
             check_method(self.method, self.saliency)
 
@@ -223,6 +225,8 @@ class PruneResult:
     scores: Scores
     report: dict
     out: Path | None
+    # --distributed with a compensating method (FLAP): its biases, float64 by parameter name
+    biases: dict | None = None
 
 
 class _Timer(dict):
@@ -389,29 +393,112 @@ def prune(
 
 
 def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report: dict | None) -> PruneResult:
-    """``nirvana prune --distributed fsdp``: score on all ranks, then allocate, compact and save on rank 0.
+    """``nirvana prune --distributed fsdp``: load rank-locally and score on all ranks, select on all ranks,
+    then rank 0 streams the pruned checkpoint from the dense safetensors (no dense model anywhere).
 
-    Every rank returns a :class:`PruneResult` holding the chosen scores and the plan; only rank 0's
-    has the model, report and output folder (the others hold ``None`` there).
+    Every rank returns a :class:`PruneResult` holding the chosen scores and the plan (and FLAP's
+    compensation biases, float64 by parameter name, in ``biases``); ``model`` is None everywhere
+    (nothing is compacted in memory), and only rank 0's has the report and the output folder.
     """
     from . import distributed
 
     settings.check()
+    timer = _Timer()
     run = distributed.score_on_ranks(settings, progress=progress)
-    result = None
-    if run.info.rank == 0:
-        extra = {**(extra_report or {}), "distributed": run.report}
-        result = prune(
-            run.settings,
-            progress=progress,
-            extra_report=extra,
-            precomputed_scores=run.scores,
-            precomputed_stats=run.stats,
-        )
+    timer.update(run.report["timings_s"])
+    rank0 = run.info.rank == 0
+    show = progress and rank0
+    method = get_method(settings.method)
+    compensation = distributed.SHARDED_COMPENSATIONS.get(method.name) if method.compensates else None
+    architecture = architecture_names(run.sharded.lm)[0]
+    candidates = []
+    for seed in sorted(run.scores):
+        scores = run.scores[seed]
+        scores.meta.setdefault("method", settings.method)
+        scores.meta.update(calib=settings.calib, calibration_seed=seed)
+        candidates.append(selection.Candidate(seed, scores))
+    gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
+    chosen = None
+    if len(candidates) > 1 or len(gammas) > 1:
+        with timer.stage("calibration"):
+            heldout = distributed.sharded_calibration(run.sharded, settings, run.tokenizer, settings.seed, heldout=True)
+        with timer.stage("selection"):
+            chosen = distributed.select_on_ranks(
+                run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
+                allocation=settings.allocation, round_to=settings.round_to, architecture=architecture,
+                compensation=compensation, stats=run.stats, progress=show,
+            )  # fmt: skip
+        plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
+    else:
+        best = candidates[0]
+        with timer.stage("allocation"):
+            plan = allocate(
+                best.scores.attention, best.scores.mlp, best.scores.geometry, sparsity=settings.sparsity,
+                gamma=gammas[0], allocation=settings.allocation, round_to=settings.round_to, architecture=architecture,
+            )  # fmt: skip
+    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib})
+    biases = None
+    if compensation is not None:
+        with timer.stage("compaction"):
+            biases = compensation(run.sharded, plan, run.stats[best.seed])
+    run.drop_model()
+    try:
+        result = _finish_on_rank_0(
+            settings, run, plan, best, chosen=chosen, gammas=gammas, biases=biases, timer=timer,
+            extra_report=extra_report, progress=progress,
+        )  # fmt: skip
+    except BaseException:
+        if rank0:  # release the others, then fail with rank 0's own error
+            distributed.share_plan(run, None, failed=True)
+        raise
     seed, plan = distributed.share_plan(run, None if result is None else result.plan)
     if result is not None:
         return result
-    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {}, None)
+    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+
+
+def _finish_on_rank_0(
+    settings: PruneSettings, run, plan, best, *, chosen, gammas, biases, timer, extra_report, progress: bool
+) -> PruneResult | None:
+    """Rank 0's report and streamed checkpoint (None on the other ranks): ``run`` is the
+    :class:`nirvana.distributed.RankScores`, ``best`` the chosen candidate, ``chosen`` the KL selection or None."""
+    from .apply import DEFAULT_MAX_SHARD_SIZE, parse_size, prepare_stream, write_stream
+    from .rank_load import checkpoint_params
+
+    result = None
+    if run.info.rank == 0:
+        extra = dict(extra_report or {}, distributed=run.report)
+        extra["selection"] = (
+            {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
+            if chosen
+            else {"seed": best.seed, "gamma": gammas[0], "trials": []}
+        )
+        # The output's tensors, from the dense headers and the plan: what the stream writes and counts.
+        stream = prepare_stream(run.folder, plan, dtype=run.settings.torch_dtype, biases=biases)
+        report = build_report(
+            settings=asdict(settings),
+            plan=plan,
+            params_before=checkpoint_params(run.folder),
+            params_after=sum(math.prod(s.shape) for s in stream.specs),
+            timings=dict(timer),
+            device=run.info.device,
+            extra=extra,
+        )
+        out = None
+        if settings.out is not None:
+            with (
+                timer.stage("save"),
+                status(f"writing the pruned model to {settings.out}", progress),
+                staged(settings.out, overwrite=settings.overwrite, sources=[run.folder], name="out") as tmp,
+            ):
+                write_stream(stream, plan, tmp, max_bytes=parse_size(DEFAULT_MAX_SHARD_SIZE), device=run.info.device)
+                save_scores(best.scores, tmp / SCORES_FILE)
+                plot_layers(plan, tmp / PLOT_FILE)
+                (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+            out = real_path(settings.out)
+            report["timings_s"]["save"] = round(timer["save"], 3)
+        result = PruneResult(None, run.tokenizer, plan, best.scores, report, out, biases)
+    return result
 
 
 def _warn_past_positions(settings: PruneSettings, config) -> None:

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from nirvana import rank_load
 from nirvana.adapters import get_adapter
 from nirvana.calibration import calibration_windows
 from nirvana.distributed import fsdp_scores, shard_for_scoring
@@ -35,6 +38,12 @@ CASES = {
     "adam": dict(saliency="adam"),  # micro-batch Adam: one process with micro_batch_size * world_size
     "flap-select": dict(method="flap", select_calib=2, gamma="auto", heldout_samples=3),
 }
+# A folder of this name (a tied MHA model split over 3 safetensors shards) gets the rank-local loading
+# cases instead: each prune writes its checkpoint, and each rank records what its loader read and the
+# shapes of every tensor it created while loading.
+STREAMED = "llama-3shards"
+# "stream-self" samples its calibration windows from the sharded model (--calib self).
+STREAMED_CASES = {"stream": {}, "stream-flap": dict(method="flap"), "stream-self": dict(calib="self")}
 # Adam's state for the optimizer case: lr 0 leaves the weights alone, one step sets exp_avg_sq.
 ADAM = dict(lr=0.0, betas=(0.9, 0.99), eps=1e-6)
 
@@ -55,6 +64,15 @@ def compensated_biases(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def streamed_biases(biases: dict | None) -> dict[str, torch.Tensor]:
+    """:func:`compensated_biases`'s entries from a distributed run's float64 biases by parameter name."""
+    out = {}
+    for name, value in (biases or {}).items():
+        layer = name.split(".layers.")[1].split(".")[0]
+        out[f"{layer}.{'o' if 'o_proj' in name else 'down'}"] = value.to(torch.float32)
+    return out
+
+
 def main(argv: list[str]) -> None:
     out, calib, models = Path(argv[0]), argv[1], argv[2:]
     torch.set_num_threads(1)
@@ -63,6 +81,10 @@ def main(argv: list[str]) -> None:
     rank = dist.get_rank()
     for folder in models:
         name = Path(folder).name
+        if name == STREAMED:
+            streamed_cases(folder, calib, out, rank)
+            rank_zero_fails(folder, calib, out, rank)
+            continue
         for case, overrides in CASES.items():
             target = dict(out=str(out / name)) if case == "nirvana" else {}
             settings = PruneSettings(
@@ -76,10 +98,76 @@ def main(argv: list[str]) -> None:
                 "plan": result.plan.to_dict(),
             }
             if rank == 0:
-                saved.update(selection=result.report["selection"], biases=compensated_biases(result.model))
+                saved.update(selection=result.report["selection"], biases=streamed_biases(result.biases))
             torch.save(saved, out / f"{name}.{case}.rank{rank}.pt")
         torch.save(shard_scores(folder, calib), out / f"{name}.shards.rank{rank}.pt")
     dist.destroy_process_group()
+
+
+class CreatedShapes(TorchDispatchMode):
+    """Every shape of a plain tensor an op produced on a real (not meta) device while active.
+
+    A DTensor has the global shape but holds only its local tensor, which is recorded by itself.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.device.type != "meta":
+                self.shapes.add(tuple(t.shape))
+        return out
+
+
+def streamed_cases(folder: str, calib: str, out: Path, rank: int) -> None:
+    """Prune the 3-shard folder under each of STREAMED_CASES to ``out/<case>``, recording each rank's loading."""
+    original = rank_load.load_sharded
+    for case, overrides in STREAMED_CASES.items():
+        seen = {}
+
+        def recorded(*args, seen=seen, **kwargs):
+            with CreatedShapes() as mode:
+                root, record = original(*args, **kwargs)
+            seen.update(shapes=sorted(mode.shapes), reads=record.to_dict())
+            return root, record
+
+        rank_load.load_sharded = recorded
+        try:
+            settings = PruneSettings(
+                model=folder, device="cpu", distributed="fsdp", out=str(out / case),
+                **{**SETTINGS, "calib": calib, **overrides},
+            )  # fmt: skip
+            result = prune(settings, progress=False)
+        finally:
+            rank_load.load_sharded = original
+        saved = {"plan": result.plan.to_dict(), "report": result.report, **seen}
+        torch.save(saved, out / f"{case}.rank{rank}.pt")
+
+
+def rank_zero_fails(folder: str, calib: str, out: Path, rank: int) -> None:
+    """Rank 0's write fails: every rank records what it raised, and no rank waits for the timeout."""
+    from nirvana import apply
+
+    original = apply.write_stream
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    apply.write_stream = broken
+    try:
+        settings = PruneSettings(
+            model=folder, calib=calib, device="cpu", distributed="fsdp", out=str(out / "failed"), **SETTINGS
+        )
+        prune(settings, progress=False)
+        raised = None
+    except Exception as err:  # what each rank saw is the record
+        raised = f"{type(err).__name__}: {err}"
+    finally:
+        apply.write_stream = original
+    torch.save({"raised": raised}, out / f"failed.rank{rank}.pt")
 
 
 def shard_scores(folder: str, calib: str) -> dict:

@@ -24,9 +24,17 @@ from nirvana.saliency import compute_scores
 from nirvana.scores import load_scores
 from nirvana.sources.gradients import prunable_parameters
 
-from .distributed_worker import ADAM, CASES, SETTINGS, compensated_biases, fake_gradients
+from .distributed_worker import (
+    ADAM,
+    CASES,
+    SETTINGS,
+    STREAMED,
+    STREAMED_CASES,
+    compensated_biases,
+    fake_gradients,
+)
 from .helpers import assert_bitwise_equal, assert_close
-from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
+from .tiny_models import ARCHITECTURES, tiny_batch, tiny_config, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
@@ -36,6 +44,14 @@ RTOL = 1e-5
 # Odd sizes so shards split KV groups (48 q rows, 16 per group, 24 per rank) and the MLP unevenly.
 GEOMETRY = dict(hidden_size=30, num_attention_heads=6, num_key_value_heads=3)
 MODELS = {"llama": dict(GEOMETRY, intermediate_size=49), "qwen2": dict(GEOMETRY, intermediate_size=47)}
+# The rank-local loading case: tied embeddings, and one query head per KV head with an MLP narrower
+# than twice the hidden size, so that no rank's shard of any tensor has a full prunable weight's shape
+# (which the test checks every created tensor against); split over 3 safetensors shards.
+STREAMED_MODEL = dict(
+    hidden_size=32, num_attention_heads=4, num_key_value_heads=4, head_dim=8, intermediate_size=40,
+    tie_word_embeddings=True,
+)  # fmt: skip
+SHARDS = 3
 # Launched under torchrun in one launch, every case for each; qwen2 adds the q/k/v biases (taylor's
 # per-window bias terms, Adam's bias second moments).
 LAUNCHED = ("llama", "qwen2")
@@ -45,6 +61,26 @@ def _save_tiny(folder: Path, arch: str) -> Path:
     path = folder / arch
     tiny_model(arch, **MODELS[arch]).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _save_split(folder: Path, shards: int = SHARDS) -> Path:
+    """The tied tiny Llama as ``shards`` safetensors files and their index, tensors dealt round-robin."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / STREAMED
+    tiny_model("llama", **STREAMED_MODEL).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in names[i::shards]}, path / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names[i::shards], file))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index | {"weight_map": weight_map}))
     return path
 
 
@@ -68,6 +104,7 @@ def fsdp_run(tmp_path_factory):
     """One torchrun launch of 2 gloo ranks that prunes the tiny models with --distributed fsdp, every case."""
     tmp = tmp_path_factory.mktemp("fsdp")
     folders = {arch: _save_tiny(tmp, arch) for arch in LAUNCHED}
+    folders[STREAMED] = _save_split(tmp)
     calib = _calib_text(tmp / "calib.txt")
     out = tmp / "out"
     out.mkdir()
@@ -76,6 +113,120 @@ def fsdp_run(tmp_path_factory):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return folders, calib, out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-local loading and the streamed checkpoint (the 3-shard folder of the same launch)
+# --------------------------------------------------------------------------------------------------
+
+
+def _streamed(out: Path, case: str) -> list[dict]:
+    return [torch.load(out / f"{case}.rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _dense_tensors(folder: Path) -> dict:
+    from nirvana.tensorfile import check_folder
+
+    return {name: info for name, (_, info) in check_folder(folder).items()}
+
+
+@pytest.mark.parametrize("case", list(STREAMED_CASES))
+def test_each_rank_read_only_its_own_rows(fsdp_run, case):
+    folders, _, out = fsdp_run
+    dense = _dense_tensors(folders[STREAMED])
+    assert len({p.name for p in folders[STREAMED].glob("*.safetensors")}) == SHARDS
+    ranks = _streamed(out, case)
+    for r, got in enumerate(ranks):
+        reads = got["reads"]
+        assert reads["rank"] == r and reads["world_size"] == WORLD
+        # Every checkpoint tensor once (the tied lm_head is the embedding), each its torch.chunk rows.
+        assert sorted(reads["reads"]) == sorted(dense)
+        for name, (start, stop, nbytes) in reads["reads"].items():
+            rows = dense[name].shape[0]
+            chunk = -(-rows // WORLD)
+            assert (start, stop) == (min(r * chunk, rows), min((r + 1) * chunk, rows)), name
+            assert nbytes == dense[name].nbytes * (stop - start) // rows, name
+    total = sum(info.nbytes for info in dense.values())
+    assert sum(got["reads"]["bytes_read"] for got in ranks) == total
+    assert ranks[0]["report"]["distributed"]["bytes_read"] == [got["reads"]["bytes_read"] for got in ranks]
+    assert ranks[0]["report"]["distributed"]["loading"] == "rank-local"
+
+
+def test_no_rank_built_a_full_size_prunable_weight_while_loading(fsdp_run):
+    folders, _, out = fsdp_run
+    model = load_model(folders[STREAMED])[0]
+    adapter = get_adapter(model)
+    prunable = {
+        tuple(linear.weight.shape)
+        for lm in adapter.layers(model)
+        for linear in (lm.q, lm.k, lm.v, lm.o, lm.gate, lm.up, lm.down)
+    }
+    local = {(16, 32), (20, 32), (16, 40)}  # the shards of q/k/v/o, gate/up and down on each of 2 ranks
+    for case in STREAMED_CASES:
+        for r, got in enumerate(_streamed(out, case)):
+            shapes = {tuple(s) for s in got["shapes"]}
+            assert local <= shapes, f"rank {r}: the recorder missed the shards themselves ({sorted(shapes)})"
+            assert not shapes & prunable, f"rank {r} built {sorted(shapes & prunable)}"
+
+
+def _single_streamed(folders: dict, calib: Path, case: str, out: Path):
+    settings = {**SETTINGS, "calib": str(calib), **STREAMED_CASES[case]}
+    return prune(PruneSettings(model=str(folders[STREAMED]), device="cpu", out=str(out), **settings), progress=False)
+
+
+@pytest.mark.parametrize("case", list(STREAMED_CASES))
+def test_streamed_plan_and_tensors_equal_the_single_process_flow(fsdp_run, case, tmp_path):
+    from safetensors.torch import load_file
+
+    folders, calib, out = fsdp_run
+    single = _single_streamed(folders, calib, case, tmp_path / "single")
+    plan = json.loads((out / case / "plan.json").read_text())
+    assert plan == json.loads((tmp_path / "single" / "plan.json").read_text())
+    for r, got in enumerate(_streamed(out, case)):
+        assert got["plan"] == plan, f"rank {r}"
+
+    def tensors(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) if f.name != "scores.safetensors"
+                for k, v in load_file(f).items()}  # fmt: skip
+
+    streamed, in_memory = tensors(out / case), tensors(tmp_path / "single")
+    assert sorted(streamed) == sorted(in_memory)
+    for name, value in in_memory.items():
+        if case == "stream-flap" and name.endswith(("o_proj.bias", "down_proj.bias")):
+            # FLAP's compensation, from statistics all-reduced in another order: to float rounding.
+            assert_close(streamed[name], value, rtol=RTOL, atol=1e-6, name=name)
+        else:
+            assert_bitwise_equal(streamed[name], value, name=name)
+    config = json.loads((out / case / "config.json").read_text())
+    expected = json.loads((tmp_path / "single" / "config.json").read_text())
+    assert config == expected
+    report = json.loads((out / case / "report.json").read_text())
+    assert report["params"] == single.report["params"]
+
+
+def test_streamed_checkpoint_is_byte_identical_to_nirvana_apply_of_its_plan(fsdp_run, tmp_path):
+    from nirvana.apply import apply_plan
+
+    folders, _, out = fsdp_run
+    applied = apply_plan(out / "stream" / "plan.json", folders[STREAMED], tmp_path / "applied", device="cpu")
+    files = sorted(p.name for p in applied.iterdir())
+    assert "model.safetensors" in files and "plan.json" in files and "config.json" in files
+    for name in files:
+        assert (out / "stream" / name).read_bytes() == (applied / name).read_bytes(), name
+    # What prune adds besides apply's files.
+    extra = {p.name for p in (out / "stream").iterdir()} - set(files)
+    assert {"report.json", "scores.safetensors"} <= extra
+    scores = load_scores(out / "stream")
+    assert scores.meta["distributed"] == {"strategy": "fsdp", "world_size": WORLD}
+
+
+def test_a_failure_on_rank_0_after_scoring_releases_the_other_ranks(fsdp_run):
+    _, _, out = fsdp_run
+    raised = [torch.load(out / f"failed.rank{r}.pt")["raised"] for r in range(WORLD)]
+    assert raised[0] == "OSError: disk full (simulated)"
+    assert all(r is not None and r.startswith("RankZeroFailed: distributed: rank 0 failed") for r in raised[1:])
+    assert not (out / "failed").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".failed")]  # no staging folder left
 
 
 def _single_process_scores(folder: Path, calib: Path):
@@ -432,3 +583,79 @@ def test_a_rank_variable_alone_does_not_silence_a_plain_run(tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "3")  # left over from some other launcher: not a torchrun worker
     assert cli.main(["prune", str(tmp_path / "none"), "--sparsity", "0.2", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["model.gguf", "org/some-model"],
+    ids=["gguf-file", "hub-name"],
+)
+def test_a_gguf_or_hub_source_under_distributed_is_refused_in_one_line(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    argv = ["prune", source, "--sparsity", "0.2", "--distributed", "fsdp", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"nirvana convert {source} --out DIR" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_writes_a_safetensors_folder_that_loads_the_same_model(llama_folder, tmp_path, capsys):
+    from nirvana.tensorfile import check_folder
+
+    argv = ["convert", str(llama_folder), "--out", str(tmp_path / "conv"), "--max-shard-size", "20KB"]
+    assert cli.main(argv) == 0
+    assert f"saved to {tmp_path / 'conv'}" in capsys.readouterr().out
+    assert (tmp_path / "conv" / "model.safetensors.index.json").is_file()  # sharded at 20KB
+    assert len(check_folder(tmp_path / "conv")) == len(check_folder(llama_folder))
+    original, converted = load_model(llama_folder)[0], load_model(tmp_path / "conv")[0]
+    for (name, a), (_, b) in zip(original.state_dict().items(), converted.state_dict().items()):
+        assert_bitwise_equal(b, a, name=name)
+    # Never over an existing folder, nor into the source.
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(["convert", str(llama_folder), "--out", str(llama_folder / "inside")]) == cli.EXIT_USAGE
+    assert not (llama_folder / "inside").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-local loading's pieces, in one process
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_computed_buffers_equal_the_model_class_own(arch):
+    from transformers import AutoModelForCausalLM
+
+    from nirvana.rank_load import computed_buffers
+
+    config = tiny_config(arch)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    built = dict(AutoModelForCausalLM.from_config(config).named_buffers())
+    got = computed_buffers(meta)
+    assert sorted(got) == sorted(built)
+    for name, value in got.items():
+        assert_bitwise_equal(value, built[name], name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64], ids=["f32", "bf16", "i64"])
+def test_read_rows_reads_exactly_the_rows_get_slice_gives(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nirvana.rank_load import read_rows
+    from nirvana.tensorfile import read_header
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "matrix": (torch.randn(7, 5, generator=gen) * 100).to(dtype),
+        "vector": (torch.randn(9, generator=gen) * 100).to(dtype),
+        "cube": (torch.randn(4, 3, 2, generator=gen) * 100).to(dtype),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    header = read_header(tmp_path / "t.safetensors")
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        for name, t in tensors.items():
+            for start, stop in ((0, t.shape[0]), (1, 3), (t.shape[0] - 1, t.shape[0]), (2, 2)):
+                got = read_rows(tmp_path / "t.safetensors", header[name], start, stop)
+                assert_bitwise_equal(got, f.get_slice(name)[start:stop], name=f"{name}[{start}:{stop}]")

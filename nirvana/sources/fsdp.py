@@ -24,6 +24,9 @@ from .activations import INPUTS, ActivationStats
 from .common import check_micro_batch, check_windows, dense_layers, hooks, model_device, progress_bar, scoring_state
 from .weights import WeightReductions
 
+# The root's "objective" that returns every position's logits (the KL selection's forward).
+LOGITS = "logits"
+
 
 class _Objective(nn.Module):
     """The FSDP root: its forward is the calibration objective's sum over a batch, or a plain forward.
@@ -40,6 +43,8 @@ class _Objective(nn.Module):
     def forward(self, input_ids: torch.Tensor, objective: str | None) -> torch.Tensor:
         if objective is None:  # what activation statistics read: every layer's inputs, the last logits only
             return self.lm(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
+        if objective == LOGITS:
+            return self.lm(input_ids=input_ids, use_cache=False).logits
         return objective_sum(self.lm, input_ids, objective)
 
 
@@ -219,6 +224,7 @@ def sharded_statistics(
 
 
 __all__ = [
+    "LOGITS",
     "SHARDED_WEIGHTS",
     "ShardedWeights",
     "local_rows",
