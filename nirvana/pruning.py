@@ -409,6 +409,9 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     rank0 = run.info.rank == 0
     show = progress and rank0
     method = get_method(settings.method)
+    if rank0:
+        _warn_allocation(settings)
+    allocation = settings.resolved_allocation
     compensation = distributed.SHARDED_COMPENSATIONS.get(method.name) if method.compensates else None
     architecture = architecture_names(run.sharded.lm)[0]
     candidates = []
@@ -425,7 +428,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
         with timer.stage("selection"):
             chosen = distributed.select_on_ranks(
                 run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
-                allocation=settings.allocation, round_to=settings.round_to, architecture=architecture,
+                allocation=allocation, round_to=settings.round_to, architecture=architecture,
                 compensation=compensation, stats=run.stats, progress=show,
             )  # fmt: skip
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
@@ -434,7 +437,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
         with timer.stage("allocation"):
             plan = allocate(
                 best.scores.attention, best.scores.mlp, best.scores.geometry, sparsity=settings.sparsity,
-                gamma=gammas[0], allocation=settings.allocation, round_to=settings.round_to, architecture=architecture,
+                gamma=gammas[0], allocation=allocation, round_to=settings.round_to, architecture=architecture,
             )  # fmt: skip
     plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib})
     biases = None
@@ -476,7 +479,7 @@ def _finish_on_rank_0(
         # The output's tensors, from the dense headers and the plan: what the stream writes and counts.
         stream = prepare_stream(run.folder, plan, dtype=run.settings.torch_dtype, biases=biases)
         report = build_report(
-            settings=asdict(settings),
+            settings=asdict(settings) | {"allocation": settings.resolved_allocation},
             plan=plan,
             params_before=checkpoint_params(run.folder),
             params_after=sum(math.prod(s.shape) for s in stream.specs),
