@@ -48,6 +48,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATIONS
+    from .compensation import COMPENSATIONS
     from .distributed import STRATEGIES
     from .export import DTYPES as EXPORT_DTYPES
     from .export import QUANT_TYPES
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rank KV groups/channels across layers (global) or prune each layer alike (uniform); default: the "
         f"method's own ({own_allocations})",
+    )
+    pr.add_argument(
+        "--compensate",
+        choices=COMPENSATIONS,
+        default=None,
+        help="bias: fold the calibration mean of the removed inputs into o_proj/down_proj biases (FLAP's "
+        "compensation) for any method; flap always does, so it changes nothing there. Not for encoder-decoders",
     )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)
@@ -225,6 +233,7 @@ def cmd_prune(args) -> int:
         distributed=args.distributed,
         device_map=args.device_map,
         scores=args.scores,
+        compensate=args.compensate,
     )
     result = prune(settings, progress=not args.quiet)
     if result.out is None and settings.distributed:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _remote_modeling as remote
-from . import calibration, replan, selection
+from . import calibration, compensation, replan, selection
 from .adapters import architecture_names, get_adapter
 from .allocation import ALLOCATIONS, allocate
 from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, save_pruned
@@ -32,6 +32,7 @@ from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
 from .scores import SCORES_FILE, Scores, save_scores
+from .sources.activations import activation_statistics
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
@@ -73,6 +74,9 @@ class PruneSettings:
     # A scores.safetensors from an earlier run (or the pruned folder holding it): allocate from it, with no
     # calibration and no backward pass (see nirvana.replan).
     scores: str | None = None
+    # "bias": FLAP's bias compensation (nirvana.compensation) for any method, from activation statistics of
+    # the calibration windows; None: only a method's own (FLAP's, which is that same compensation).
+    compensate: str | None = None
 
     def check(self) -> None:
         """ValueError naming the first bad setting; cheap, so it runs before anything loads.
@@ -81,6 +85,9 @@ class PruneSettings:
         calibration source exists and is readable (``calibration.check_source``; no text is read), the
         candidate sets and ``self`` windows are bounded, and every calibration seed fits in 31 bits.
         """
+        compensation.check_compensate(
+            self.compensate, method=get_method(self.method), distributed=self.distributed, scores=self.scores
+        )
         self._check_placement()
         self._check_scores()
         if not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
@@ -297,7 +304,8 @@ def prune(
         seeds, precomputed_scores = [seed], {seed: saved.scores}
     candidates = []
     method = get_method(settings.method)
-    # calibration seed -> the method's activation statistics, if any
+    compensate = compensation.compensation_for(method, settings.compensate)
+    # calibration seed -> the method's activation statistics, or those its compensation reads, if any
     method_stats: dict[int, object] = dict(precomputed_stats or {})
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         if precomputed_scores is not None:
@@ -336,7 +344,7 @@ def prune(
                 allocation=allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
-                prepare=_compensation(method, method_stats) if method.compensates else None,
+                prepare=None if compensate is None else _prepare(compensate, method_stats),
                 progress=progress,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
@@ -354,10 +362,13 @@ def prune(
                 architecture=architecture,
             )
     calib = settings.calib if saved is None else saved.calib
-    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": calib})
+    plan.meta.update(
+        {"method": settings.method, "calibration_seed": best.seed, "calib": calib, "compensate": settings.compensate}
+    )
 
     with timer.stage("compaction"):
-        method.compensate(model, plan, method_stats.get(best.seed))
+        if compensate is not None:
+            compensate(model, plan, method_stats.get(best.seed))
         compact_model(model, plan)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -412,7 +423,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     if rank0:
         _warn_allocation(settings)
     allocation = settings.resolved_allocation
-    compensation = distributed.SHARDED_COMPENSATIONS.get(method.name) if method.compensates else None
+    sharded_compensation = compensation.sharded_compensation_for(method, settings.compensate)
     architecture = architecture_names(run.sharded.lm)[0]
     candidates = []
     for seed in sorted(run.scores):
@@ -429,7 +440,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             chosen = distributed.select_on_ranks(
                 run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
                 allocation=allocation, round_to=settings.round_to, architecture=architecture,
-                compensation=compensation, stats=run.stats, progress=show,
+                compensation=sharded_compensation, stats=run.stats, progress=show,
             )  # fmt: skip
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -439,11 +450,14 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
                 best.scores.attention, best.scores.mlp, best.scores.geometry, sparsity=settings.sparsity,
                 gamma=gammas[0], allocation=allocation, round_to=settings.round_to, architecture=architecture,
             )  # fmt: skip
-    plan.meta.update({"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib})
+    plan.meta.update(
+        {"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib}
+        | {"compensate": settings.compensate}
+    )
     biases = None
-    if compensation is not None:
+    if sharded_compensation is not None:
         with timer.stage("compaction"):
-            biases = compensation(run.sharded, plan, run.stats[best.seed])
+            biases = sharded_compensation(run.sharded, plan, run.stats[best.seed])
     run.drop_model()
     try:
         result = _finish_on_rank_0(
@@ -524,24 +538,29 @@ def _warn_allocation(settings: PruneSettings) -> None:
 def _check_encoder_decoder(settings: PruneSettings, model) -> None:
     """Encoder-decoders (T5) take every method whose scores mean something there (FLAP's compensation does not)."""
     get_method(settings.method).check_model(model)
+    compensation.check_model(settings.compensate, model)
 
 
 def _method_scores(settings: PruneSettings, method, model, windows, seed: int, progress: bool, kept: dict) -> Scores:
-    """One calibration set's scores by ``method``, keeping its activation statistics (if it reads any) in
-    ``kept[seed]`` for its compensation."""
+    """One calibration set's scores by ``method``, keeping the activation statistics of ``windows`` in
+    ``kept[seed]`` for the compensation: the method's own if it reads any, else gathered for
+    ``settings.compensate`` alone (:func:`nirvana.compensation.needs_statistics`)."""
     mbs = settings.micro_batch_size
     stats = method.statistics(model, windows, micro_batch_size=mbs, progress=progress)
     if stats is not None:
         kept[seed] = stats
+    elif compensation.needs_statistics(method, settings.compensate):
+        kept[seed] = activation_statistics(model, windows, micro_batch_size=mbs, progress=progress)
     options = {name: getattr(settings, name) for name in method.settings}
     return method.scores(model, windows, micro_batch_size=mbs, seed=seed, progress=progress, stats=stats, **options)
 
 
-def _compensation(method, kept: dict):
-    """KL selection's ``prepare`` hook: the method's compensation of each candidate's dense copy."""
+def _prepare(compensate, kept: dict):
+    """KL selection's ``prepare`` hook: ``compensate`` (:func:`nirvana.compensation.compensation_for`) of each
+    candidate's dense copy, from that candidate's statistics in ``kept``."""
 
     def prepare(copy, plan, candidate):
-        method.compensate(copy, plan, kept[candidate.seed])
+        compensate(copy, plan, kept[candidate.seed])
 
     return prepare
 
