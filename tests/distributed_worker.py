@@ -37,6 +37,7 @@ CASES = {
     "taylor": dict(method="taylor"),  # per-window gradients, from hooks on the sharded layers
     "adam": dict(saliency="adam"),  # micro-batch Adam: one process with micro_batch_size * world_size
     "flap-select": dict(method="flap", select_calib=2, gamma="auto", heldout_samples=3),
+    "wanda-sp-bias": dict(method="wanda-sp", compensate="bias"),  # FLAP's sharded compensation for another method
 }
 # A folder of this name (a tied MHA model split over 3 safetensors shards) gets the rank-local loading
 # cases instead: each prune writes its checkpoint, and each rank records what its loader read and the
