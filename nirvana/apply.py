@@ -386,6 +386,12 @@ def check_method(plan: PruningPlan) -> None:
             f"plan: made with method {method!r}, whose bias compensation needs calibration forwards that "
             f"apply cannot run (it would drop the {method} biases); use nirvana prune --method {method} instead"
         )
+    compensate = plan.meta.get("compensate")
+    if compensate is not None:
+        raise ValueError(
+            f"plan: made with --compensate {compensate}, whose biases come from calibration forwards that apply "
+            "cannot run (it would drop them); use nirvana prune --compensate instead"
+        )
 
 
 def meta_model(src: Path):

@@ -156,6 +156,17 @@ def test_a_flap_plan_is_refused(source, tmp_path, capsys):
     refused(argv, capsys, tmp_path, src, ["'flap'", "use nirvana prune --method flap"])
 
 
+def test_a_plan_made_with_compensate_bias_is_refused(source, tmp_path, capsys):
+    """Its biases came from calibration forwards apply cannot run: writing without them would be wrong."""
+    src, plan = source
+    data = json.loads(plan.read_text())
+    data["meta"]["compensate"] = "bias"
+    compensated = tmp_path / "compensated.json"
+    compensated.write_text(json.dumps(data))
+    argv = ["apply", compensated, "--model", src, "--out", tmp_path / "out", "--device", "cpu"]
+    refused(argv, capsys, tmp_path, src, ["--compensate bias", "use nirvana prune --compensate"])
+
+
 DEVICES = {
     "banana": ["device: expected 'cpu', 'cuda' or 'cuda:N', got 'banana'"],
     "meta": ["device: expected 'cpu', 'cuda' or 'cuda:N', got 'meta'"],
