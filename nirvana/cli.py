@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
     pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
     pr.add_argument(
+        "--adam-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --saliency adam: V from AdamW's state after N steps at lr 0 on the calibration windows "
+        "(default 0: the mean squared micro-batch gradient)",
+    )
+    pr.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
         default=None,
@@ -222,6 +230,7 @@ def cmd_prune(args) -> int:
         heldout_samples=args.heldout_samples,
         saliency=args.saliency,
         objective=args.objective,
+        adam_steps=args.adam_steps,
         allocation=args.allocation,
         round_to=args.round_to,
         micro_batch_size=args.micro_batch_size,

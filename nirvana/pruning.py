@@ -61,6 +61,9 @@ class PruneSettings:
     heldout_samples: int = 16  # windows of seq_len tokens for the KL criterion
     saliency: str = "taylor"
     objective: str = "maxlogit"
+    # With --saliency adam: V from an AdamW's exp_avg_sq after this many steps at learning rate 0 on the
+    # calibration windows (one micro-batch a step); 0: the mean squared micro-batch gradient.
+    adam_steps: int = 0
     allocation: str | None = None  # None: the method's own (Method.allocation); "global" or "uniform" overrides it
     round_to: int = 8
     micro_batch_size: int = 8
@@ -118,6 +121,7 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        self._check_adam_steps()
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -184,6 +188,22 @@ class PruneSettings:
             check_source(self.model)
             check_launch(self.distributed, self.device)
             check_method(self.method, self.saliency)
+
+    def _check_adam_steps(self) -> None:
+        steps = self.adam_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"adam_steps: must be a non-negative integer, got {steps!r}")
+        if not steps:
+            return
+        if self.method != "nirvana" or self.saliency != "adam":
+            raise ValueError(
+                f"adam_steps: {steps} needs --method nirvana --saliency adam, got --method {self.method} "
+                f"--saliency {self.saliency}"
+            )
+        if self.distributed is not None:
+            raise ValueError("adam_steps: not under --distributed (an optimizer over the shards is Python-API only)")
+        if self.scores is not None:
+            raise ValueError("adam_steps: --scores re-plans saved scores; there is nothing to step")
 
     def _check_scores(self) -> None:
         if self.scores is not None:

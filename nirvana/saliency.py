@@ -107,6 +107,13 @@ def ones_view(w: torch.Tensor) -> torch.Tensor:
     return torch.ones((), dtype=w.dtype, device=w.device).expand_as(w)
 
 
+def scored_blocks(layers: list[LayerModules]) -> list[tuple[str, list[nn.Parameter]]]:
+    """Every scored block in order, ``(kind, parameters)``: the attention rows (see ``Geometry``), then one
+    MLP per layer; the parameters an optimizer passed to :func:`compute_scores` must hold state for."""
+    blocks = [("attention", attention_parameters(a)) for a in attention_blocks(layers)]
+    return blocks + [("mlp", prunable_parameters(layer)[1]) for layer in layers]
+
+
 def compute_scores(
     model: nn.Module,
     windows: torch.Tensor | None,
@@ -170,8 +177,7 @@ def compute_scores(
         return Scores(attention, mlp, geometry, dict(meta, seed=seed))
 
     # Every scored block in order: the attention rows (see Geometry), then one MLP per layer.
-    blocks = [("attention", attention_parameters(a)) for a in attention_blocks(layers)]
-    blocks += [("mlp", prunable_parameters(layer)[1]) for layer in layers]
+    blocks = scored_blocks(layers)
 
     def score(kind: str, pairs, v=None, eps=ADAM_EPS) -> torch.Tensor:
         return _attention_scores(geometry, pairs, v, eps) if kind == "attention" else _mlp_scores(pairs, v, eps)
@@ -232,4 +238,12 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-__all__ = ["ADAM_EPS", "SALIENCIES", "as_grad_dtype", "check_dense_layers", "compute_scores", "ones_view"]
+__all__ = [
+    "ADAM_EPS",
+    "SALIENCIES",
+    "as_grad_dtype",
+    "check_dense_layers",
+    "compute_scores",
+    "ones_view",
+    "scored_blocks",
+]

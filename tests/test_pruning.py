@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nirvana import selection
+from nirvana.adapters import get_adapter
 from nirvana.checkpoint import load_pruned
 from nirvana.compaction import compact_model
 from nirvana.evaluation import kl_to_model, window_logits
@@ -266,6 +267,10 @@ CHEAP_CHECKS = {
     "calib-folder-only-heldout": (lambda t: dict(calib=_calib_folder(t, ["persuasion.txt"])), "holds no .txt files"),
     "model-pruned": (lambda t: dict(model=_pruned_folder(t, "plan")), "is a pruned checkpoint; prune the dense"),
     "model-pruned-config": (lambda t: dict(model=_pruned_folder(t, "config")), "is a pruned checkpoint"),
+    "adam-steps-negative": (dict(saliency="adam", adam_steps=-1), "adam_steps: must be a non-negative integer, got -1"),
+    "adam-steps-float": (dict(saliency="adam", adam_steps=1.5), "adam_steps: must be a non-negative integer, got 1.5"),
+    "adam-steps-taylor": (dict(adam_steps=2), "adam_steps: 2 needs --method nirvana --saliency adam, got"),
+    "adam-steps-flap": (dict(method="flap", saliency="adam", adam_steps=2), "needs --method nirvana --saliency"),
 }
 
 
@@ -308,3 +313,25 @@ def test_windows_longer_than_the_model_positions_warn(tmp_path):
     model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()  # max_position_embeddings 128
     with pytest.warns(RuntimeWarning, match=r"seq_len: 130 is longer than the model's max_position_embeddings \(128\)"):
         prune(settings(tmp_path, seq_len=130, num_samples=2, out=None), model=model, tokenizer=tok, progress=False)
+
+
+def test_adam_steps_scores_with_adamws_state_after_those_steps(tmp_path):
+    """--saliency adam --adam-steps N: the scores of compute_scores given an AdamW stepped N times at lr 0."""
+    from nirvana.saliency import scored_blocks
+    from nirvana.sources.gradients import adam_state_from_steps
+
+    cfg = settings(tmp_path, saliency="adam", adam_steps=3, out=None)
+    tok = tiny_tokenizer()
+    result = prune(cfg, model=tiny_model("llama"), tokenizer=tok, progress=False)
+    model = tiny_model("llama")
+    ids = cfg.calibration_windows(tok, cfg.seed, model, progress=False)
+    params = [p for _, block in scored_blocks(get_adapter(model).layers(model)) for p in block]
+    opt = adam_state_from_steps(model, ids, params, steps=3, micro_batch_size=cfg.micro_batch_size)
+    want = compute_scores(model, ids, saliency="adam", optimizer=opt, micro_batch_size=cfg.micro_batch_size)
+    assert torch.equal(result.scores.attention, want.attention) and torch.equal(result.scores.mlp, want.mlp)
+    meta = result.scores.meta
+    assert (meta["adam_steps"], meta["second_moment"], meta["optimizer_step"]) == (3, "optimizer", 3.0)
+    assert result.report["settings"]["adam_steps"] == 3
+    # The micro-batch second moment gives other scores: the flag is not ignored.
+    plain = compute_scores(model, ids, saliency="adam", micro_batch_size=cfg.micro_batch_size, progress=False)
+    assert not torch.equal(plain.mlp, want.mlp)

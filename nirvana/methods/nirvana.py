@@ -1,13 +1,17 @@
 """``nirvana``: :func:`nirvana.saliency.compute_scores`, by default the max-logit objective with Taylor saliency.
 
 ``sum |W * G|`` over the unit, ``G`` the gradient of the objective summed over all windows; ``prune``
-passes its ``objective`` and ``saliency`` settings (``--saliency adam`` scales by Adam's second moment).
+passes its ``objective`` and ``saliency`` settings (``--saliency adam`` scales by Adam's second moment:
+the mean squared micro-batch gradient, or with ``adam_steps`` an AdamW's ``exp_avg_sq`` after that many
+steps at learning rate 0 on the calibration windows).
 """
 
 from __future__ import annotations
 
-from ..saliency import compute_scores
+from ..adapters import get_adapter
+from ..saliency import compute_scores, scored_blocks
 from ..scores import Scores
+from ..sources.gradients import adam_state_from_steps
 from .base import GRADIENTS, Method
 
 
@@ -16,7 +20,7 @@ class Nirvana(Method):
 
     name = "nirvana"
     needs = GRADIENTS
-    settings = ("objective", "saliency")
+    settings = ("objective", "saliency", "adam_steps")
     allocation = "global"
 
     def scores(
@@ -30,19 +34,32 @@ class Nirvana(Method):
         stats=None,
         objective="maxlogit",
         saliency="taylor",
+        adam_steps=0,
         **settings,
     ) -> Scores:
         """:func:`nirvana.saliency.compute_scores` with ``objective`` and ``saliency``."""
         self.check_settings(settings)
+        optimizer = None
+        if adam_steps:
+            if saliency != "adam":
+                raise ValueError(f"adam_steps: only used with saliency='adam', got saliency={saliency!r}")
+            params = [p for _, block in scored_blocks(get_adapter(model).layers(model)) for p in block]
+            # The training loss, as an optimizer's state would have come from training on this text.
+            optimizer = adam_state_from_steps(
+                model, windows, params, steps=adam_steps, micro_batch_size=micro_batch_size, progress=progress
+            )
         scores = compute_scores(
             model,
             windows,
             objective=objective,
             saliency=saliency,
             micro_batch_size=micro_batch_size,
+            optimizer=optimizer,
             progress=progress,
             seed=int(seed),
         )
+        if adam_steps:
+            scores.meta["adam_steps"] = adam_steps
         scores.meta["method"] = self.name
         return scores
 

@@ -128,6 +128,52 @@ def accumulate_gradients(
     return GradientSums(grads, moments, value, len(starts))
 
 
+def adam_state_from_steps(
+    model: nn.Module,
+    windows: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    *,
+    steps: int,
+    objective: str = "ce",
+    micro_batch_size: int = 8,
+    progress: bool = False,
+) -> torch.optim.AdamW:
+    """An AdamW over ``params`` stepped ``steps`` times on the windows with a learning rate of 0.
+
+    Step ``k`` takes micro-batch ``k mod M`` of the ``M`` micro-batches of ``windows`` and that
+    micro-batch's own (mean) objective, as a training step would. With ``lr=0`` (and so no weight
+    decay) the weights do not move, and what is left is Adam's state: ``exp_avg_sq``, the EMA of the
+    squared step gradients, for :func:`optimizer_second_moments`. The model is left as found: each
+    ``.grad`` as it was, flags and modes restored. Memory: AdamW's two float32 states of ``params``.
+    """
+    check_objective(objective)
+    mbs = check_micro_batch(micro_batch_size)
+    windows = check_gradient_windows(model, windows, objective)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    params = list(params)
+    device = model_device(model)
+    starts = list(range(0, windows.shape[0], mbs))
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    saved = [p.grad for p in params]  # a caller's own .grad comes back as it was
+    bar = progress_bar(steps, progress, "adam steps")
+    with scoring_state(model, params):
+        try:
+            for k in range(steps):
+                ids = windows[starts[k % len(starts)] :][:mbs].to(device, non_blocking=True)
+                loss = objective_sum(model, ids, objective) / ids.shape[0]
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+                del loss
+                optimizer.step()
+                bar.update(1)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+    bar.close()
+    return optimizer
+
+
 def optimizer_second_moments(
     optimizer, params: Sequence[nn.Parameter], names: dict[int, str]
 ) -> tuple[list[torch.Tensor], float, float, dict]:
@@ -167,6 +213,7 @@ def optimizer_second_moments(
 __all__ = [
     "GradientSums",
     "accumulate_gradients",
+    "adam_state_from_steps",
     "attention_parameters",
     "check_gradient_windows",
     "optimizer_second_moments",

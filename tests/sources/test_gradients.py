@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nirvana.sources.gradients import accumulate_gradients
+from nirvana.sources.gradients import accumulate_gradients, adam_state_from_steps
 
 from ..helpers import assert_close
 from ..references import N_WINDOWS, flat_params, naive_grads, windows
@@ -50,3 +50,31 @@ def test_second_moment_is_mean_of_micro_batch_squares():
 # --------------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------------
+
+
+def test_adam_state_from_steps_is_the_ema_of_step_gradients_and_moves_nothing():
+    model = tiny_model("llama")
+    ids = windows()
+    params = flat_params(model)
+    # Steps take micro-batches 0:2, 2:4, 4:5, then 0:2 again, each its own mean cross-entropy.
+    step_grads = [naive_grads(model, ids[s : s + 2], "ce") for s in (0, 2, 4, 0)]
+    before = [p.detach().clone() for p in params]
+    marker = params[0].grad = torch.ones_like(params[0])
+    opt = adam_state_from_steps(model, ids, params, steps=4, micro_batch_size=2)
+    beta2 = opt.param_groups[0]["betas"][1]
+    for i, p in enumerate(params):
+        want = torch.zeros_like(step_grads[0][i])
+        for g in step_grads:
+            want = beta2 * want + (1 - beta2) * g[i] ** 2
+        got = opt.state[p]["exp_avg_sq"]
+        assert_close(got, want, rtol=1e-4, atol=1e-6 * want.max().item(), name=f"exp_avg_sq {i}")
+        assert torch.equal(p.detach(), before[i]), f"param {i} moved at lr 0"
+    assert params[0].grad is marker and all(p.grad is None for p in params[1:])
+    assert float(opt.state[params[0]]["step"]) == 4
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5, True], ids=["zero", "negative", "float", "bool"])
+def test_adam_state_from_steps_refuses_a_bad_step_count(steps):
+    model = tiny_model("llama", num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"^steps: must be a positive integer, got "):
+        adam_state_from_steps(model, windows(), flat_params(model), steps=steps)
