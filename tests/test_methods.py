@@ -1,6 +1,7 @@
 """The scorer registry: every name resolves to a method that says what it needs, and unknown names are refused."""
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from nirvana import baselines, methods
 from nirvana.cli import build_parser
 from nirvana.methods import DATA_FREE, METHODS, NEEDS, NEEDS_ACTIVATIONS, Method, get_method
+from nirvana.pruning import PruneSettings
 
 from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
@@ -33,7 +35,9 @@ def test_every_name_resolves_and_declares_what_it_needs(name):
     assert method.compensates == (name in NEEDS_ACTIVATIONS)
     # Only a method that reads activation statistics can compensate from them.
     assert not method.compensates or method.uses_statistics
-    assert set(method.settings) <= {"objective", "saliency"}
+    assert set(method.settings) <= {"objective", "saliency", "adam_steps"}
+    # prune() passes each setting from PruneSettings by name.
+    assert set(method.settings) <= {f.name for f in dataclasses.fields(PruneSettings)}
 
 
 def test_what_the_registry_derives():
