@@ -62,7 +62,6 @@ other ranks wait for that broadcast and exit. The dense model is never reloaded.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -761,41 +760,19 @@ def select_on_ranks(
     plan, stats[seed])``'s biases for a method that compensates), so nothing is compacted or reloaded.
     Ties and skipped gammas go as one process has them.
     """
-    from tqdm.auto import tqdm
+    from .selection import search
 
-    from .allocation import allocate
-    from .selection import Selection
+    dense = dense_logits_on_ranks(sharded, heldout, batch_size) if candidates and gammas else None
 
-    if not candidates:
-        raise ValueError("candidates: at least one calibration set is needed")
-    if not gammas:
-        raise ValueError("gammas: at least one gamma is needed")
-    dense = dense_logits_on_ranks(sharded, heldout, batch_size)
-    best, trials = None, []
-    pairs = [(c, gm) for c in candidates for gm in gammas]
-    for cand, gamma in tqdm(pairs, desc="KL selection", unit="trial", disable=not progress):
-        try:
-            plan = allocate(
-                cand.scores.attention, cand.scores.mlp, cand.scores.geometry, sparsity=sparsity, gamma=gamma,
-                allocation=allocation, round_to=round_to, architecture=architecture,
-            )  # fmt: skip
-        except ValueError as e:
-            if len(gammas) == 1:
-                raise
-            trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
-            continue
+    def kl_of(plan: PruningPlan, cand) -> float:
         biases = None if compensation is None else compensation(sharded, plan, stats[cand.seed])
         with masked_on_ranks(sharded, plan, biases):
-            kl = kl_on_ranks(sharded, dense, heldout, batch_size)
-        trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
-        if best is None or kl < best.kl:
-            best = Selection(cand.seed, gamma, plan, kl)
-    if best is None:
-        raise ValueError(f"gamma: none of {list(gammas)} can reach sparsity {sparsity}")
-    if not math.isfinite(best.kl):
-        raise ValueError(f"kl: the best candidate's KL is {best.kl}; the scores or the model are broken")
-    best.trials = trials
-    return best
+            return kl_on_ranks(sharded, dense, heldout, batch_size)
+
+    return search(
+        candidates, gammas, kl_of, sparsity=sparsity, allocation=allocation, round_to=round_to,
+        architecture=architecture, progress=progress,
+    )  # fmt: skip
 
 
 def share_plan(run: RankScores, plan: PruningPlan | None, *, failed: bool = False) -> tuple[int, PruningPlan]:

@@ -335,13 +335,9 @@ def prune(
                 windows = settings.calibration_windows(tokenizer, seed, model, progress=progress)
             with timer.stage("saliency"):
                 scores = _method_scores(settings, method, model, windows, seed, progress, method_stats)
-        if saved is None:
-            # What made these scores, so that `prune --scores` can check it (and report.json say it) later.
-            scores.meta.setdefault("method", settings.method)
-            scores.meta.update(calib=settings.calib, calibration_seed=seed)
-        candidates.append(selection.Candidate(seed, scores))
+        candidates.append(selection.Candidate(seed, scores if saved is not None else _tagged(settings, seed, scores)))
 
-    gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
+    gammas = _gammas(settings)
     chosen = None
     if len(candidates) > 1 or len(gammas) > 1:
         with timer.stage("calibration"):
@@ -397,11 +393,7 @@ def prune(
     extra = dict(extra_report or {})
     if saved is not None:
         extra["scores_from"] = saved.report()
-    extra["selection"] = (
-        {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
-        if chosen
-        else {"seed": best.seed, "gamma": gammas[0], "trials": []}
-    )
+    extra["selection"] = _selection_record(chosen, best, gammas)
     report = build_report(
         settings=asdict(settings) | {"allocation": allocation},  # the one used, the method's own if not given
         plan=plan,
@@ -447,11 +439,8 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     architecture = architecture_names(run.sharded.lm)[0]
     candidates = []
     for seed in sorted(run.scores):
-        scores = run.scores[seed]
-        scores.meta.setdefault("method", settings.method)
-        scores.meta.update(calib=settings.calib, calibration_seed=seed)
-        candidates.append(selection.Candidate(seed, scores))
-    gammas = list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
+        candidates.append(selection.Candidate(seed, _tagged(settings, seed, run.scores[seed])))
+    gammas = _gammas(settings)
     chosen = None
     if len(candidates) > 1 or len(gammas) > 1:
         with timer.stage("calibration"):
@@ -505,11 +494,7 @@ def _finish_on_rank_0(
     result = None
     if run.info.rank == 0:
         extra = dict(extra_report or {}, distributed=run.report)
-        extra["selection"] = (
-            {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
-            if chosen
-            else {"seed": best.seed, "gamma": gammas[0], "trials": []}
-        )
+        extra["selection"] = _selection_record(chosen, best, gammas)
         # The output's tensors, from the dense headers and the plan: what the stream writes and counts.
         stream = prepare_stream(run.folder, plan, dtype=run.settings.torch_dtype, biases=biases)
         report = build_report(
@@ -547,6 +532,25 @@ def _warn_past_positions(settings: PruneSettings, config) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _tagged(settings: PruneSettings, seed: int, scores: Scores) -> Scores:
+    """``scores`` with what made them in ``meta``, so that `prune --scores` can check it (and report.json say it)."""
+    scores.meta.setdefault("method", settings.method)
+    scores.meta.update(calib=settings.calib, calibration_seed=seed)
+    return scores
+
+
+def _gammas(settings: PruneSettings) -> list[float]:
+    """The gammas to try: the KL-selection grid for ``--gamma auto``, else the one given."""
+    return list(selection.GAMMA_GRID) if settings.gamma == "auto" else [float(settings.gamma)]
+
+
+def _selection_record(chosen, best, gammas: list[float]) -> dict:
+    """report.json's ``selection``: the KL choice and its trials, or the one candidate and gamma."""
+    if chosen:
+        return {"seed": chosen.seed, "gamma": chosen.gamma, "kl": chosen.kl, "trials": chosen.trials}
+    return {"seed": best.seed, "gamma": gammas[0], "trials": []}
 
 
 def _warn_allocation(settings: PruneSettings) -> None:

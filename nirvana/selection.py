@@ -83,11 +83,39 @@ def select(
     candidate)`` runs on each dense copy before compaction (see :func:`pruned_copy`). ``progress`` shows a
     bar over the (candidate, gamma) trials on stderr.
     """
+    dense_logits = window_logits(model, heldout, batch_size=batch_size) if candidates and gammas else None
+
+    def kl_of(plan: PruningPlan, cand: Candidate) -> float:
+        hook = None if prepare is None else (lambda m: prepare(m, plan, cand))
+        return kl_to_model(dense_logits, pruned_copy(model, plan, hook), heldout, batch_size=batch_size)
+
+    return search(
+        candidates, gammas, kl_of, sparsity=sparsity, allocation=allocation, round_to=round_to,
+        architecture=architecture, progress=progress,
+    )  # fmt: skip
+
+
+def search(
+    candidates: Sequence[Candidate],
+    gammas: Sequence[float],
+    kl_of: Callable[[PruningPlan, Candidate], float],
+    *,
+    sparsity: float,
+    allocation: str = "global",
+    round_to: int = 8,
+    architecture: str = "",
+    progress: bool = False,
+) -> Selection:
+    """The trial loop of :func:`select`, whatever measures a plan's KL: ``kl_of(plan, candidate)``.
+
+    Every (candidate, gamma) pair is allocated and measured; a gamma that cannot reach ``sparsity`` is
+    skipped and reported (raised when it is the only one). Ties go to the earlier candidate and gamma.
+    One process measures a compacted copy (:func:`select`); ``--distributed`` masks the shards.
+    """
     if not candidates:
         raise ValueError("candidates: at least one calibration set is needed")
     if not gammas:
         raise ValueError("gammas: at least one gamma is needed")
-    dense_logits = window_logits(model, heldout, batch_size=batch_size)
     best: Selection | None = None
     trials: list[dict] = []
     pairs = itertools.product(candidates, gammas)
@@ -109,8 +137,7 @@ def select(
                 raise
             trials.append({"seed": cand.seed, "gamma": gamma, "kl": None, "skipped": str(e)})
             continue
-        hook = None if prepare is None else (lambda m, plan=plan, cand=cand: prepare(m, plan, cand))
-        kl = kl_to_model(dense_logits, pruned_copy(model, plan, hook), heldout, batch_size=batch_size)
+        kl = kl_of(plan, cand)
         trials.append({"seed": cand.seed, "gamma": gamma, "kl": kl, "achieved": plan.achieved_sparsity()})
         if best is None or kl < best.kl:
             best = Selection(cand.seed, gamma, plan, kl)

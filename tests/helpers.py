@@ -57,3 +57,20 @@ def one_line_error(code, err: str, *needles: str, stdout: str | None = None) -> 
     for needle in needles:
         assert needle in lines[0], f"{needle!r} is not in the error line:\n{lines[0]}"
     return lines[0]
+
+
+def nirvana_as_user(*args) -> str:
+    """Run ``python -m nirvana.cli ARGS`` as a CPU user does and return its stdout; assert it exits 0.
+
+    A fresh process without TRITON_INTERPRET (or the test suite's output poisoning), so the kernels take
+    their PyTorch reference path: the interpreter would take hours on a real model.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NIRVANA_POISON_OUTPUTS")}
+    cmd = [sys.executable, "-m", "nirvana.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout

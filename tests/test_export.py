@@ -25,7 +25,7 @@ from nirvana.checkpoint import load_pruned, save_pruned
 from nirvana.compaction import compact_model
 from nirvana.export import LLAMA_CPP_REQUIREMENT, export_gguf, llama3_rope_factors, written_by_nirvana
 from nirvana.plan import LayerPlan, PruningPlan
-from tests.helpers import one_line_error
+from tests.helpers import nirvana_as_user, one_line_error
 from tests.test_cli import prune_args, run
 from tests.test_pruning import write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
@@ -496,21 +496,7 @@ def test_llama_cpp_engine_without_llama_cpp_says_how_to_install(tmp_path, monkey
 @pytest.mark.slow
 @needs_llama_cpp
 def test_real_smollm2_pruned_export_keeps_its_perplexity_in_llama_cpp(tmp_path):
-    import subprocess
-
-    # A fresh process without TRITON_INTERPRET, as a CPU user runs it (the interpreter would take hours here).
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NIRVANA_POISON_OUTPUTS")}
-
-    def nirvana(*args):
-        proc = subprocess.run(
-            [sys.executable, "-m", "nirvana.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1200,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout
+    nirvana = nirvana_as_user  # as a CPU user runs it
 
     out = tmp_path / "pruned"
     nirvana("prune", "smollm2", "--sparsity", "0.2", "--num-samples", "8", "--device", "cpu", "--quiet", "--out", out)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from nirvana.pruning import PruneSettings, count_params, prune
 from nirvana.report import load_report, summarize
 from nirvana.saliency import compute_scores
 from nirvana.scores import Scores, load_scores
-from tests.helpers import assert_close
+from tests.helpers import assert_close, nirvana_as_user
 from tests.tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 # Granular enough that 0.5-point sparsity targets are reachable: 8 KV groups and 64 channels per layer.
@@ -182,20 +179,7 @@ def test_unknown_method_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_keeps_perplexity_below_three_times_dense_at_20_percent(tmp_path):
-    # Run as a CPU user would: the console commands in a fresh process without TRITON_INTERPRET, so
-    # the kernels take their PyTorch reference path (the interpreter would take hours at this size).
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NIRVANA_POISON_OUTPUTS")}
-
-    def nirvana(*args):
-        proc = subprocess.run(
-            [sys.executable, "-m", "nirvana.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=1200,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout
+    nirvana = nirvana_as_user  # as a CPU user runs it
 
     out = tmp_path / "pruned"
     text = nirvana(
