@@ -3,8 +3,10 @@
 Every method runs sharded; the source it reads is sharded, not the method (:func:`method_scores_on_ranks`
 picks the source by what the method ``needs``). What crosses the network, and why that is enough:
 
-1. Each decoder layer is an FSDP2 unit (``fully_shard``); the embeddings, final norm and lm_head form the
-   root unit. Every parameter is a DTensor sharded on dim 0: rank ``r`` of ``W`` ranks holds rows
+1. Every prunable linear is an FSDP2 unit (``fully_shard``), inside one unit per decoder layer (its
+   norms); an untied embedding is a unit, and the final norm and lm_head form the root unit
+   (:func:`nirvana.sources.fsdp.scoring_units`). Every parameter is a DTensor sharded on dim 0: rank
+   ``r`` of ``W`` ranks holds rows
    ``[r * c, min((r + 1) * c, rows))`` with ``c = ceil(rows / W)`` (the last shards may be short or empty).
    See :mod:`nirvana.sources.fsdp`.
 2. The calibration windows run in global steps (``nirvana.sources.fsdp.rank_steps``): step ``s`` covers windows
@@ -13,8 +15,9 @@ picks the source by what the method ``needs``). What crosses the network, and wh
    of ``W*m`` windows. A rank whose slice is empty still runs the step (each is a collective), with
    weight zero.
 3. Gradients (``nirvana``, ``adam``): every step's objective is divided by the global window count and
-   FSDP's reduce-scatter is a plain float32 SUM, so each rank's local gradient shard is exactly the
-   gradient of its rows (FSDP's own traffic: weight all-gathers, gradient reduce-scatters). Each rank
+   each weight's gradient is reduce-scattered as a plain float32 SUM as soon as autograd has it
+   (:func:`nirvana.sources.fsdp.reduced_gradients`), so each rank's local gradient shard is exactly the
+   gradient of its rows (the traffic: FSDP's weight all-gathers, one reduce-scatter per weight). Each rank
    scores its local shards with ``nirvana_kernels.saliency``: per-row sums of ``|W * G|`` for
    q/k/v/gate/up and the q/k/v biases (a row lies wholly on one rank, so these are final), per-column
    partial sums over the local rows of o_proj/down_proj. Rows are mapped to their KV group or MLP channel
@@ -87,7 +90,15 @@ from .rank_load import LoadRecord
 from .saliency import ADAM_EPS, SALIENCIES, as_grad_dtype, check_dense_layers, ones_view
 from .scores import Scores, check_finite_scores
 from .sources.common import check_micro_batch, progress_bar, scoring_state
-from .sources.fsdp import LOGITS, SHARDED_WEIGHTS, local_rows, rank_steps, shard_for_scoring, sharded_statistics
+from .sources.fsdp import (
+    LOGITS,
+    SHARDED_WEIGHTS,
+    local_rows,
+    rank_steps,
+    reduced_gradients,
+    shard_for_scoring,
+    sharded_statistics,
+)
 from .sources.gradients import check_gradient_windows, optimizer_second_moments, prunable_parameters
 
 STRATEGIES = ("fsdp",)
@@ -133,6 +144,32 @@ def check_launch(strategy, device: str | None = None) -> None:
         raise ValueError(f"device: {device!r}; under --distributed every rank uses cuda:LOCAL_RANK, pass cuda")
 
 
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LARGE_ALLOCATION = 1 << 20
+
+
+def _return_large_frees_to_the_os() -> None:
+    """Every host allocation of 1 MiB or more gets its own mapping, unmapped when freed.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so the
+    gathered layers' and gradients' host buffers below that end up in the heap, and memory freed
+    there mostly stays in the process: on the CPU that was 0.6 to 0.9 GB per rank above the buffers
+    actually alive, on a 1.5 GB model (``benchmarks/distributed_memory.py``). Fixing the threshold
+    keeps a rank's resident memory at what it holds. A no-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGE_ALLOCATION)
+    mallopt(_M_TRIM_THRESHOLD, _LARGE_ALLOCATION)
+
+
 def init(device: str | None = None) -> RankInfo:
     """Join (or reuse) the default process group: NCCL on CUDA, gloo on the CPU.
 
@@ -145,6 +182,7 @@ def init(device: str | None = None) -> RankInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    _return_large_frees_to_the_os()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=SAVE_TIMEOUT)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -363,45 +401,35 @@ def _sharded_gradients(
     sums: list[torch.Tensor | None] = [None] * len(params)
     moments: list[torch.Tensor | None] | None = [None] * len(params) if second_moment else None
     stashed = [p.grad for p in params]
-    # float32 parameters and no per-step second moment: FSDP's own accumulation into .grad is the
-    # same float32 sum, in the same order, without a second gradient shard beside it.
-    in_grad = moments is None and all(local_rows(p.detach())[1].dtype == torch.float32 for p in params)
+    share = [1.0]
+
+    def add(i: int, g: torch.Tensor) -> None:
+        # The step's gradient rows of params[i], summed over ranks (float32), added as they arrive.
+        if moments is not None:
+            m = g.square().div_(share[0])
+            moments[i] = m if moments[i] is None else moments[i].add_(m)
+        sums[i] = g if sums[i] is None else sums[i].add_(g)
+
     value = 0.0
     bar = progress_bar(len(steps), progress and rank == 0)
     try:
         for p in params:
-            p.grad = None  # FSDP adds each step's reduced gradient into .grad
-        with scoring_state(sharded, params):
+            p.grad = None
+        with scoring_state(sharded, params), reduced_gradients(sharded, params, add):
             for start, stop, count in steps:
                 ids, weight = windows[start:stop], 1.0 / n
                 if ids.shape[0] == 0:  # the collective still runs, with no weight
                     ids, weight = windows[:1], 0.0
+                share[0] = count / n
                 scaled = sharded(ids.to(device, non_blocking=True), objective) * weight
                 value += float(scaled.detach())
                 scaled.backward()
                 del scaled
-                share = count / n
-                if in_grad:
-                    bar.update(1)
-                    continue
-                for i, p in enumerate(params):
-                    # Summed here in float32 rather than in .grad, which keeps the parameter's dtype.
-                    g = (
-                        p.grad.to_local().float()
-                        if p.grad is not None
-                        else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
-                    )
-                    p.grad = None
-                    if moments is not None:
-                        m = g.square().div_(share)
-                        moments[i] = m if moments[i] is None else moments[i].add_(m)
-                    sums[i] = g if sums[i] is None else sums[i].add_(g)
                 bar.update(1)
-        if in_grad:
-            sums = [
-                p.grad.to_local() if p.grad is not None else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
-                for p in params
-            ]
+        sums = [
+            s if s is not None else torch.zeros_like(local_rows(p)[1], dtype=torch.float32)
+            for s, p in zip(sums, params)
+        ]
     finally:
         for p, g in zip(params, stashed):
             p.grad = g

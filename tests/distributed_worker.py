@@ -24,6 +24,7 @@ from nirvana.calibration import calibration_windows
 from nirvana.distributed import fsdp_scores, shard_for_scoring
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
+from nirvana.sources.fsdp import reduce_rows
 
 # The settings the test repeats on one process.
 SETTINGS = dict(sparsity=0.3, num_samples=5, seq_len=12, micro_batch_size=2, round_to=1, gamma=2.0)
@@ -102,7 +103,19 @@ def main(argv: list[str]) -> None:
                 saved.update(selection=result.report["selection"], biases=streamed_biases(result.biases))
             torch.save(saved, out / f"{name}.{case}.rank{rank}.pt")
         torch.save(shard_scores(folder, calib), out / f"{name}.shards.rank{rank}.pt")
+    torch.save(reduced_rows(rank), out / f"reduce_rows.rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def reduced_rows(rank: int) -> dict:
+    """Each rank's own gradient and its rows of the sum, for row counts the world size does and does not divide."""
+    cases = {}
+    for rows in (4, 5, 1):
+        grad = torch.randn(rows, 3, generator=torch.Generator().manual_seed(rows * 10 + rank)).to(torch.bfloat16)
+        chunk = -(-rows // dist.get_world_size())
+        start = min(rank * chunk, rows)
+        cases[rows] = (grad, start, reduce_rows(grad, start, min(chunk, rows - start)))
+    return cases
 
 
 class CreatedShapes(TorchDispatchMode):

@@ -237,6 +237,28 @@ def _single_process_scores(folder: Path, calib: Path):
     return model, compute_scores(model, windows, micro_batch_size=SETTINGS["micro_batch_size"], progress=False)
 
 
+@pytest.mark.parametrize("rows", [4, 5, 1], ids=["divisible", "padded", "fewer-rows-than-ranks"])
+def test_each_gradient_is_reduced_into_the_rows_each_rank_holds(fsdp_run, rows):
+    out = fsdp_run[2]
+    ranks = [torch.load(out / f"reduce_rows.rank{r}.pt")[rows] for r in range(WORLD)]
+    total = sum(grad.float() for grad, _, _ in ranks)
+    for _, start, local in ranks:
+        assert local.dtype == torch.float32
+        assert_close(local, total[start : start + local.shape[0]], rtol=0, atol=0, name=f"rows from {start}")
+    assert sum(local.shape[0] for _, _, local in ranks) == rows
+
+
+def test_the_scoring_units_are_every_prunable_linear_and_an_untied_embedding():
+    from nirvana.sources.fsdp import scoring_units
+
+    for tie in (False, True):
+        model = tiny_model("llama", tie_word_embeddings=tie)
+        units = scoring_units(model)
+        linears = [m for lm in get_adapter(model).layers(model) for m in lm.linears()]
+        assert units[: len(linears)] == linears
+        assert units[len(linears) :] == ([] if tie else [model.get_input_embeddings()])
+
+
 @pytest.mark.parametrize("arch", LAUNCHED)
 def test_fsdp_scores_and_plan_match_one_process(fsdp_run, arch):
     folders, calib, out = fsdp_run

@@ -40,6 +40,12 @@ class LayerModules:
     gate: nn.Linear | None = None
     cross: AttentionModules | None = None
 
+    def linears(self) -> list[nn.Linear]:
+        """Every prunable linear of the layer: q, k, v, o, (the cross-attention's q, k, v, o), (gate), up, down."""
+        cross = [] if self.cross is None else [self.cross.q, self.cross.k, self.cross.v, self.cross.o]
+        gate = [] if self.gate is None else [self.gate]
+        return [self.q, self.k, self.v, self.o, *cross, *gate, self.up, self.down]
+
 
 def text_config(config):
     """The config that holds the decoder's sizes (a multimodal wrapper, e.g. Gemma 3, keeps them in ``text_config``)."""

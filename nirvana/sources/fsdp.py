@@ -12,7 +12,9 @@ and the flow that runs a method on these, is :mod:`nirvana.distributed`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,26 @@ class _Objective(nn.Module):
         return objective_sum(self.lm, input_ids, objective)
 
 
+def scoring_units(model: nn.Module, adapter=None) -> list[nn.Module]:
+    """The modules sharded as units of their own, inside the decoder layers' units: every prunable
+    linear, then the input embeddings unless tied to the output head.
+
+    An FSDP2 unit is gathered whole, and gathering briefly holds its all-gather input, output and the
+    parameters copied out of it (about 2.5 units on 2 ranks); a decoder layer as the smallest unit
+    made that, with the allocator's slack, 3.5 layer-sized buffers per rank on top of the shards. With
+    a linear as the unit the peak is a few linears, within the two layers ``docs/scaling.md`` states
+    (``benchmarks/distributed_memory.py``). The root keeps the rest: the final norm and the output
+    head, which the max-logit objective reads in vocabulary chunks rather than calling it, so it stays
+    gathered for the whole step (with a tied embedding, that too).
+    """
+    adapter = adapter or get_adapter(model)
+    units = [m for lm in adapter.layers(model) for m in lm.linears()]
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight is not embed.weight:
+        units.append(embed)
+    return units
+
+
 def shard_for_scoring(model: nn.Module, device: torch.device | None = None) -> nn.Module:
     """Shard a dense decoder with ``fully_shard``: one unit per decoder layer, the rest in the root.
 
@@ -69,8 +91,8 @@ def shard_for_scoring(model: nn.Module, device: torch.device | None = None) -> n
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     units = getattr(adapter, "decoder_layers", None)
     blocks = list(units(model)) if units is not None else [m for lm in adapter.layers(model) for m in (lm.attn, lm.mlp)]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for unit in scoring_units(model, adapter) + blocks:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     root = fully_shard(_Objective(model), mesh=mesh, mp_policy=policy)
     for module in root.modules():
         if isinstance(module, FSDPModule):
@@ -146,6 +168,75 @@ class ShardedWeights(WeightReductions):
 
 
 SHARDED_WEIGHTS = ShardedWeights()
+
+
+def reduce_rows(grad: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """float32 sum over ranks of a full ``[R, ...]`` gradient, only rows ``[start, start + rows)``.
+
+    The rows are this rank's :func:`local_rows` chunk of ``ceil(R / W)``; ``reduce_scatter_tensor``
+    needs ``W`` equal chunks, so a gradient whose row count ``W`` does not divide is padded with zero
+    rows first (one extra copy of that one tensor). Collective.
+    """
+    world = dist.get_world_size()
+    g = grad.float()  # the float32 sum the single-process scores take (no copy when already float32)
+    if world == 1:
+        return g[start : start + rows]
+    chunk = math.ceil(grad.shape[0] / world)
+    if chunk * world != grad.shape[0]:
+        padded = g.new_zeros((chunk * world, *g.shape[1:]))
+        padded[: grad.shape[0]] = g
+        g = padded
+    out = g.new_empty((chunk, *g.shape[1:]))
+    dist.reduce_scatter_tensor(out, g, op=dist.ReduceOp.SUM)
+    return out[:rows]
+
+
+@contextlib.contextmanager
+def reduced_gradients(sharded: nn.Module, params: list[nn.Parameter], add) -> Iterator[None]:
+    """Inside, each backward hands ``add(i, local)`` every ``params[i]``'s float32 local gradient rows,
+    summed over ranks, one tensor at a time; FSDP itself reduces nothing and no ``.grad`` is kept.
+
+    FSDP2 would keep a unit's unsharded gradients and its flat reduce-scatter input alive together,
+    and hold that input until the next unit's reduce. Here a post-accumulate-grad hook on the
+    unsharded parameter (what the module holds while FSDP has its unit gathered) reduce-scatters that
+    one gradient as soon as autograd has it and drops it, so at most one full gradient exists at a
+    time. Every rank runs the same graph, so the hooks, and their collectives, fire in the same order.
+    """
+    index = {id(p): i for i, p in enumerate(params)}
+    owners = [
+        (module, name, index[id(p)])
+        for module in sharded.modules()
+        for name, p in module.named_parameters(recurse=False)
+        if id(p) in index
+    ]
+    if len(owners) != len(params):
+        raise ValueError(f"params: {len(params) - len(owners)} of them are not parameters of the sharded model")
+    rows = [local_rows(p.detach()) for p in params]
+    hooked: dict[int, tuple[torch.Tensor, object]] = {}  # id(unsharded param) -> (it, its hook's handle)
+
+    def reducer(i: int):
+        def hook(unsharded: torch.Tensor) -> None:
+            grad, unsharded.grad = unsharded.grad, None
+            start, local = rows[i]
+            add(i, reduce_rows(grad, start, local.shape[0]))
+
+        return hook
+
+    def attach(module: nn.Module, name: str, i: int):
+        def pre_hook(_module, _args) -> None:
+            unsharded = getattr(module, name)
+            if unsharded.requires_grad and id(unsharded) not in hooked:
+                hooked[id(unsharded)] = (unsharded, unsharded.register_post_accumulate_grad_hook(reducer(i)))
+
+        return pre_hook
+
+    with hooks() as handles:
+        handles.extend(module.register_forward_pre_hook(attach(module, name, i)) for module, name, i in owners)
+        try:
+            yield
+        finally:
+            for _, handle in hooked.values():
+                handle.remove()
 
 
 def sharded_statistics(
@@ -229,6 +320,9 @@ __all__ = [
     "ShardedWeights",
     "local_rows",
     "rank_steps",
+    "reduce_rows",
+    "reduced_gradients",
+    "scoring_units",
     "shard_for_scoring",
     "sharded_statistics",
 ]
