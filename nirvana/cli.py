@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import ALLOCATIONS
+    from .allocation import ALLOCATIONS, NORMALIZATIONS
     from .compensation import COMPENSATIONS
     from .distributed import STRATEGIES
     from .export import DTYPES as EXPORT_DTYPES
@@ -92,6 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bias: fold the calibration mean of the removed inputs into o_proj/down_proj biases (FLAP's "
         "compensation) for any method; flap always does, so it changes nothing there. Not for encoder-decoders",
+    )
+    pr.add_argument(
+        "--protect-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N layers keep every KV group and MLP channel; the target is met from the others (default 0)",
+    )
+    pr.add_argument(
+        "--min-kv-groups",
+        type=int,
+        default=0,
+        metavar="K",
+        help="every layer keeps at least K KV groups (default 0: at least one, the keep-one rule)",
+    )
+    pr.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default="none",
+        help="divide each layer's KV-group and MLP-channel scores by that layer's mean or median before the "
+        "global ranking (default none: the published unnormalised scores)",
     )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)
@@ -233,6 +254,9 @@ def cmd_prune(args) -> int:
         adam_steps=args.adam_steps,
         allocation=args.allocation,
         round_to=args.round_to,
+        protect_layers=args.protect_layers,
+        min_kv_groups=args.min_kv_groups,
+        normalize=args.normalize,
         micro_batch_size=args.micro_batch_size,
         device=args.device,
         dtype=args.dtype,

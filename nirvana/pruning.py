@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import _remote_modeling as remote
 from . import calibration, compensation, replan, selection
 from .adapters import architecture_names, get_adapter
-from .allocation import ALLOCATIONS, allocate
+from .allocation import ALLOCATIONS, NORMALIZATIONS, allocate, check_rules
 from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, save_pruned
 from .compaction import compact_model
 from .methods import METHODS, get_method
@@ -66,6 +66,11 @@ class PruneSettings:
     adam_steps: int = 0
     allocation: str | None = None  # None: the method's own (Method.allocation); "global" or "uniform" overrides it
     round_to: int = 8
+    # Allocation rules (nirvana.allocation): the first N layers keep everything; every attention block keeps
+    # at least K KV groups; per-layer "mean"/"median" scaling of the scores before the global ranking.
+    protect_layers: int = 0
+    min_kv_groups: int = 0
+    normalize: str = "none"
     micro_batch_size: int = 8
     device: str | None = None  # None: CUDA when present
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
@@ -121,6 +126,17 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("protect_layers", "min_kv_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.normalize != "none" and self.resolved_allocation != "global":
+            raise ValueError(
+                f"normalize: {self.normalize!r} needs global allocation (it cannot change a per-layer order), "
+                f"got --allocation {self.resolved_allocation}"
+            )
         self._check_adam_steps()
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -222,6 +238,11 @@ class PruneSettings:
         )
 
     @property
+    def rules(self) -> dict:
+        """The allocation rules, as :func:`nirvana.allocation.allocate` takes them by name."""
+        return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
+
+    @property
     def resolved_allocation(self) -> str:
         """The allocation this run uses: ``allocation``, or the method's own when it is None."""
         return get_method(self.method).resolve_allocation(self.allocation)
@@ -312,6 +333,7 @@ def prune(
     allocation = settings.resolved_allocation
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
+    check_rules(geometry, **settings.rules)  # before any scoring: N or K too large for this model
     _check_encoder_decoder(settings, model)
     architecture = architecture_names(model)[0]
     params_before = count_params(model)
@@ -362,6 +384,7 @@ def prune(
                 architecture=architecture,
                 prepare=None if compensate is None else _prepare(compensate, method_stats),
                 progress=progress,
+                rules=settings.rules,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -376,6 +399,7 @@ def prune(
                 allocation=allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
+                **settings.rules,
             )
     calib = settings.calib if saved is None else saved.calib
     plan.meta.update(
@@ -426,6 +450,8 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     from . import distributed
 
     settings.check()
+    if settings.rules != PruneSettings().rules:
+        _check_rules_from_config(settings)
     timer = _Timer()
     run = distributed.score_on_ranks(settings, progress=progress)
     timer.update(run.report["timings_s"])
@@ -449,7 +475,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             chosen = distributed.select_on_ranks(
                 run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
                 allocation=allocation, round_to=settings.round_to, architecture=architecture,
-                compensation=sharded_compensation, stats=run.stats, progress=show,
+                compensation=sharded_compensation, stats=run.stats, progress=show, rules=settings.rules,
             )  # fmt: skip
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -458,6 +484,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             plan = allocate(
                 best.scores.attention, best.scores.mlp, best.scores.geometry, sparsity=settings.sparsity,
                 gamma=gammas[0], allocation=allocation, round_to=settings.round_to, architecture=architecture,
+                **settings.rules,
             )  # fmt: skip
     plan.meta.update(
         {"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib}
@@ -481,6 +508,16 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     if result is not None:
         return result
     return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+
+
+def _check_rules_from_config(settings: PruneSettings) -> None:
+    """:func:`nirvana.allocation.check_rules` against the checkpoint's config, before any rank scores."""
+    from transformers import AutoConfig
+
+    from .rank_load import checkpoint_folder
+
+    config = AutoConfig.from_pretrained(checkpoint_folder(settings.model))
+    check_rules(get_adapter(config).geometry(config), **settings.rules)
 
 
 def _finish_on_rank_0(
