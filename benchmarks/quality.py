@@ -27,8 +27,9 @@ Studies (``--studies``), on calibration-side data only, never on the evaluation 
 * ``variance`` (not run by default): NIRVANA variants (:data:`VARIANTS`: ``paper``, the published recipe, and
   what each other one changes: more or longer windows, protected first layers, a KV-group floor, per-layer
   normalisation, gamma 6 or auto, KL selection among K draws, the mean of K draws' scores, Adam-scaled
-  saliency, bias compensation) over ``--variance-seeds`` calibration seeds, with the between-seed overlap of
-  the pruned units and the scoring time per candidate; ``--variants`` picks some, in order. Row seed s scores
+  saliency, bias compensation, each window's gradient normalised or the largest ones trimmed) over
+  ``--variance-seeds`` calibration seeds, with the between-seed overlap of the pruned units and the scoring
+  time per candidate; ``--variants`` picks some, in order. Row seed s scores
   calibration seed s; a variant needing K draws scores s, s+S, s+2S, ... (S seeds), so rows never share one.
   Tables give mean ± sample standard deviation, and rank the variants by mean perplexity.
 
@@ -117,6 +118,8 @@ class Variant:
     micro_batch_size: int = 8
     saliency: str = "taylor"
     adam_steps: int = 0
+    window_weight: str = "none"
+    trim: float = 0.0
     gamma: float | str = DEFAULT_GAMMA
     select: int = 1
     draws: int = 1
@@ -127,11 +130,17 @@ class Variant:
 
     def scoring(self) -> tuple:
         """What changes one calibration draw's scores: the cache key (with the seed)."""
-        return (self.num_samples, self.seq_len, self.micro_batch_size, self.saliency, self.adam_steps)
+        return (
+            self.num_samples, self.seq_len, self.micro_batch_size, self.saliency, self.adam_steps,
+            self.window_weight, self.trim,
+        )  # fmt: skip
 
     def options(self) -> dict:
         """The NIRVANA method's settings (``nirvana.methods``) these scores take."""
-        return {"objective": "maxlogit", "saliency": self.saliency, "adam_steps": self.adam_steps}
+        return {
+            "objective": "maxlogit", "saliency": self.saliency, "adam_steps": self.adam_steps,
+            "window_weight": self.window_weight, "trim": self.trim,
+        }  # fmt: skip
 
     def rules(self) -> dict:
         return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
@@ -163,6 +172,11 @@ VARIANTS = {
     "draws-8": Variant(draws=8),
     "windows-32x512": Variant(seq_len=512),
     "windows-256": Variant(num_samples=256),
+    # Robust aggregation over windows (one window per backward pass): each window's gradient divided by its
+    # norm or by its objective value before the sum; the 10% of windows with the largest gradient norms left out.
+    "wnorm-norm": Variant(window_weight="norm", micro_batch_size=1),
+    "wnorm-objective": Variant(window_weight="objective", micro_batch_size=1),
+    "trim-10": Variant(trim=0.1, micro_batch_size=1),
 }
 
 

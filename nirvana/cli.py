@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import QUANT_TYPES
     from .methods import METHODS, get_method
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
+    from .sources.gradients import WINDOW_WEIGHTS
 
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
@@ -78,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --saliency adam: V from AdamW's state after N steps at lr 0 on the calibration windows "
         "(default 0: the mean squared micro-batch gradient)",
+    )
+    pr.add_argument(
+        "--window-weight",
+        choices=WINDOW_WEIGHTS,
+        default="none",
+        help="divide each calibration window's gradient by its L2 norm (norm) or its objective value (objective) "
+        "before the sum; one window per backward pass (default none: the plain sum)",
+    )
+    pr.add_argument(
+        "--trim",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="leave the ceil(F*N) windows with the largest gradient norms out of the sum, F in [0, 0.5) (default 0)",
     )
     pr.add_argument(
         "--allocation",
@@ -252,6 +267,8 @@ def cmd_prune(args) -> int:
         saliency=args.saliency,
         objective=args.objective,
         adam_steps=args.adam_steps,
+        window_weight=args.window_weight,
+        trim=args.trim,
         allocation=args.allocation,
         round_to=args.round_to,
         protect_layers=args.protect_layers,

@@ -33,6 +33,7 @@ from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
 from .scores import SCORES_FILE, Scores, save_scores
 from .sources.activations import activation_statistics
+from .sources.gradients import check_aggregation
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
@@ -64,6 +65,11 @@ class PruneSettings:
     # With --saliency adam: V from an AdamW's exp_avg_sq after this many steps at learning rate 0 on the
     # calibration windows (one micro-batch a step); 0: the mean squared micro-batch gradient.
     adam_steps: int = 0
+    # Robust aggregation of the windows' gradients (nirvana.sources.gradients): each window's gradient divided
+    # by its norm ("norm") or objective value ("objective") before the sum; the ceil(trim * N) windows with the
+    # largest gradient norms left out. One window per backward pass; NIRVANA's taylor saliency only.
+    window_weight: str = "none"
+    trim: float = 0.0
     allocation: str | None = None  # None: the method's own (Method.allocation); "global" or "uniform" overrides it
     round_to: int = 8
     # Allocation rules (nirvana.allocation): the first N layers keep everything; every attention block keeps
@@ -138,6 +144,7 @@ class PruneSettings:
                 f"got --allocation {self.resolved_allocation}"
             )
         self._check_adam_steps()
+        self._check_aggregation()
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -220,6 +227,21 @@ class PruneSettings:
             raise ValueError("adam_steps: not under --distributed (an optimizer over the shards is Python-API only)")
         if self.scores is not None:
             raise ValueError("adam_steps: --scores re-plans saved scores; there is nothing to step")
+
+    def _check_aggregation(self) -> None:
+        check_aggregation(self.window_weight, self.trim)
+        if self.window_weight == "none" and not self.trim:
+            return
+        flag = f"--window-weight {self.window_weight}" if self.window_weight != "none" else f"--trim {self.trim}"
+        if self.method != "nirvana" or self.saliency != "taylor":
+            raise ValueError(
+                f"window_weight: {flag} weighs NIRVANA's gradient sum, needs --method nirvana --saliency taylor, "
+                f"got --method {self.method} --saliency {self.saliency}"
+            )
+        if self.distributed is not None:
+            raise ValueError(f"window_weight: {flag} is not under --distributed (the ranks sum micro-batch gradients)")
+        if self.scores is not None:
+            raise ValueError(f"window_weight: {flag} changes scoring, but --scores re-plans saved scores")
 
     def _check_scores(self) -> None:
         if self.scores is not None:

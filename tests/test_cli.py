@@ -167,6 +167,12 @@ BAD = [
     ("protect-negative", ["--protect-layers", "-1"], "protect_layers: must be a non-negative integer, got -1"),
     ("floor-too-high", ["--min-kv-groups", "9"], "min_kv_groups: 9 is more than the model's 8 KV groups per layer"),
     ("normalize-name", ["--normalize", "zscore"], "argument --normalize: invalid choice: 'zscore'"),
+    ("trim-half", ["--trim", "0.5"], "trim: must be a number in [0, 0.5), got 0.5"),
+    (
+        "window-weight-adam",
+        ["--window-weight", "norm", "--saliency", "adam"],
+        "window_weight: --window-weight norm weighs NIRVANA's gradient sum, needs --method nirvana --saliency taylor",
+    ),
     (
         "normalize-uniform",
         ["--normalize", "mean", "--allocation", "uniform"],
@@ -222,6 +228,21 @@ def test_prune_with_allocation_rules(tiny_dir, calib, tmp_path, capsys):
     code, _, err = run(prune_args(tiny_dir, calib, again, *rules, "--scores", out), capsys)
     assert code == 0, err
     assert json.loads((again / "plan.json").read_text())["layers"] == plan["layers"]
+
+
+@pytest.mark.parametrize("flags", [["--window-weight", "norm"], ["--trim", "0.25"]], ids=["norm", "trim"])
+def test_prune_with_robust_aggregation(flags, tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "robust"
+    code, _, err = run(prune_args(tiny_dir, calib, out, *flags), capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["window_weight"], report["settings"]["trim"]) == (
+        ("norm", 0.0) if flags[0] == "--window-weight" else ("none", 0.25)
+    )
+    from nirvana.scores import load_scores
+
+    meta = load_scores(out).meta
+    assert meta["micro_batch_size"] == 1 and meta["micro_batches"] == (4 if flags[0] == "--window-weight" else 4 + 3)
 
 
 def test_eval_of_a_missing_text_is_one_line(tiny_dir, capsys):
