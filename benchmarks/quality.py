@@ -1015,7 +1015,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.variants:
                 for seed in range(args.variance_seeds):
                     for s in args.sparsities:
-                        bench.variance(name, seed, s)
+                        try:
+                            bench.variance(name, seed, s)
+                        except (ValueError, RuntimeError) as e:  # one bad row must not end an hours-long study
+                            print(f"{variance_key(name, seed, s)}: failed, not recorded: {e}", file=sys.stderr)
+                            continue
                         write_outputs(bench, args, command)  # the tables follow the run as it goes
     stem = write_outputs(bench, args, command)
     print(f"wrote {stem}.md, {stem}.json and {stem}.png")

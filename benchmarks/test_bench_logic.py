@@ -394,3 +394,24 @@ def test_quality_variance_draws_of_different_rows_never_share_a_seed():
         assert len(flat) == len(set(flat)), name
         assert [row[0] for row in rows] == list(range(5)), name  # the first draw is the paper row's set
         assert len(rows[0]) == max(variant.select, variant.draws), name
+
+
+def test_quality_variance_row_that_fails_is_skipped_not_fatal(tiny_bench, tmp_path, monkeypatch, capsys):
+    import json
+
+    import quality
+
+    _, argv = tiny_bench
+    real = quality.Bench.variant_scores
+
+    def failing(self, variant, seed):
+        if variant.min_kv_groups:
+            raise ValueError("min_kv_groups: broken on purpose")
+        return real(self, variant, seed)
+
+    monkeypatch.setattr(quality.Bench, "variant_scores", failing)
+    assert quality.main([*argv, "--out", str(tmp_path), "--variants", "floor-2", "paper", "--variance-seeds", "1"]) == 0
+    runs = json.loads((tmp_path / "quality-tiny-t.json").read_text())["runs"]
+    assert quality.variance_key("paper", 0, 0.3) in runs and quality.variance_key("floor-2", 0, 0.3) not in runs
+    err = capsys.readouterr().err
+    assert "variance|floor-2|seed=0|s=0.3: failed, not recorded: min_kv_groups: broken on purpose" in err
