@@ -531,6 +531,7 @@ class Bench:
                     scores.attention, scores.mlp, self.geometry, sparsity=sparsity, gamma=gamma,
                     allocation=allocation, architecture=self.architecture, **variant.rules(),
                 )  # fmt: skip
+            used = next(c for c in candidates if c.seed == chosen_seed).scores.attention
             hook = None if bias is None else (lambda m: bias(m, plan, stats[chosen_seed]))
             model = selection.pruned_copy(self.model, plan, hook)
             eval_start = time.perf_counter()
@@ -541,6 +542,7 @@ class Bench:
                 scoring_seconds=round(scoring, 2), eval_seconds=round(time.perf_counter() - eval_start, 2),
                 achieved_sparsity=plan.achieved_sparsity(), params=count_params(model),
                 trials=[{k: t[k] for k in ("seed", "gamma", "kl") if k in t} for t in trials],
+                kv_scores=[[float(f"{x:.5g}") for x in row] for row in used.tolist()],
                 **pruned_units(plan),
             )  # fmt: skip
             return record
@@ -805,6 +807,7 @@ def render_variance(results: dict, variants, sparsities, texts: list[str], num_s
                 f"{_mean_std(c['per_candidate_s'], 1)} |"
             )
         lines.append("")
+    lines += layer0_table(results, variants, sparsities)
     summary = variance_summary(results, variants, sparsities, texts, num_seeds)
     if summary:
         lines += [
@@ -829,6 +832,47 @@ def render_variance(results: dict, variants, sparsities, texts: list[str], num_s
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def layer0_table(results: dict, variants, sparsities) -> list[str]:
+    """Markdown lines: per variant, how layer 0's KV-group scores stand against the other layers' (the raw
+    scores the allocation ranked, before any ``--normalize``), and in how many runs layer 0 lost a KV group."""
+    rows = []
+    for v in variants:
+        runs = variance_runs(results, v)
+        scored = {r["seed"]: r["kv_scores"] for r in runs if "kv_scores" in r}  # one per seed: sparsity aside
+        ratios, early = [], []
+        for kv in scored.values():
+            means = [statistics.fmean(row) for row in kv]
+            if len(means) > 4:
+                ratios.append(means[0] / statistics.fmean(means[1:]))
+                early.append(statistics.fmean(means[1:4]) / statistics.fmean(means[4:]))
+        pruned = []
+        for s in sparsities:
+            at = variance_runs(results, v, s)
+            hit = sum(1 for r in at if any(row == 0 for row, _ in r["pruned_kv"]))
+            pruned.append(f"{hit}/{len(at)}" if at else "-")
+        if runs:
+            rows.append(
+                f"| {v} | {len(scored)} | {_mean_std(ratios, 3)} | {_mean_std(early, 3)} | " + " | ".join(pruned) + " |"
+            )
+    if not rows:
+        return []
+    return [
+        "### Layer 0's KV groups against the rest",
+        "",
+        "Score ratios from the KV-group scores each run's allocation ranked (the chosen calibration set's, or the "
+        "mean of the draws; raw, before any normalisation), mean ± sample std over the seeds that recorded them: "
+        "layer 0's mean group score over the other layers' mean, and layers 1-3's over layers 4 and up. Then, per "
+        "sparsity, the runs that pruned at least one of layer 0's KV groups.",
+        "",
+        "| variant | seeds | layer 0 / rest | layers 1-3 / 4+ | "
+        + " | ".join(f"L0 pruned at {s:.0%}" for s in sparsities)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(sparsities),
+        *rows,
+        "",
+    ]
 
 
 def plot_variance(results: dict, variants, sparsities, texts: list[str], path: Path) -> Path:
@@ -1048,7 +1092,11 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     # The variants asked for, in that order, then any other the results hold (an earlier run's).
     present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})
     variants = list(args.variants) + [v for v in present if v not in args.variants]
-    text = render(results, args.methods, args.sparsities, texts, command) if has_methods else _header(results, texts)
+    text = (
+        render(results, args.methods, args.sparsities, texts, command)
+        if has_methods
+        else _header(results, texts, command)
+    )
     if any(k.startswith("variance|") for k in results["runs"]):
         num_seeds = results.get("variance_seeds", args.variance_seeds)
         text += "\n" + render_variance(results, variants, args.sparsities, texts, num_seeds)
@@ -1060,14 +1108,16 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     return stem
 
 
-def _header(results: dict, texts: list[str]) -> str:
+def _header(results: dict, texts: list[str], command: str) -> str:
     env = results.get("environment", {})
     dense = results["runs"].get("dense", {})
     return "\n".join(
         [
             f"# Quality: {results['settings']['model']}",
             "",
-            f"Date {env.get('date', '?')}; {env.get('machine', '?')}. Settings: {json.dumps(results['settings'])}.",
+            f"Date {env.get('date', '?')}; {env.get('machine', '?')}. Command: `{command}`.",
+            "",
+            f"Settings: {json.dumps(results['settings'])}.",
             "",
             f"Dense: {dense.get('params', 0) / 1e6:.1f}M parameters, "
             + ", ".join(f"perplexity {dense.get(f'ppl_{t}', float('nan')):.2f} on {t}" for t in texts)

@@ -319,6 +319,8 @@ def test_quality_variance_study_records_resumes_and_tables(tiny_bench, monkeypat
         paper = [results["runs"][quality.variance_key(v, s, 0.3)]["ppl_a"] for s in (0, 1)]
         assert f"{statistics.fmean(paper):.2f} ± {statistics.stdev(paper):.2f}" in row
     assert "| rank | variant | mean ppl |" in md and "(partial)" not in md
+    assert "### Layer 0's KV groups against the rest" in md
+    assert all(len(results["runs"][k]["kv_scores"]) == 3 for k in keys)  # [layers, KV groups] of the tiny model
 
 
 def test_quality_variance_marks_partial_rows_and_ranks(tiny_bench):
@@ -415,3 +417,23 @@ def test_quality_variance_row_that_fails_is_skipped_not_fatal(tiny_bench, tmp_pa
     assert quality.variance_key("paper", 0, 0.3) in runs and quality.variance_key("floor-2", 0, 0.3) not in runs
     err = capsys.readouterr().err
     assert "variance|floor-2|seed=0|s=0.3: failed, not recorded: min_kv_groups: broken on purpose" in err
+
+
+def test_quality_layer0_table_compares_layer_0_with_the_rest():
+    import quality
+
+    def run(seed, s, layer0, pruned):
+        kv = [[layer0, layer0]] + [[1.0, 3.0]] * 3 + [[4.0, 4.0]] * 2  # layers 1-3 mean 2, layers 4+ mean 4
+        return {"variant": "paper", "seed": seed, "sparsity": s, "kv_scores": kv, "pruned_kv": pruned}
+
+    runs = {
+        "variance|paper|seed=0|s=0.2": run(0, 0.2, 0.5, [[0, 1], [3, 0]]),
+        "variance|paper|seed=1|s=0.2": run(1, 0.2, 1.5, [[2, 0]]),
+        "variance|paper|seed=0|s=0.3": run(0, 0.3, 0.5, [[0, 1]]),
+    }
+    lines = quality.layer0_table({"runs": runs}, ["paper", "draws-4"], [0.2, 0.3])
+    rest = (3 * 2.0 + 2 * 4.0) / 5
+    ratios = [0.5 / rest, 1.5 / rest]
+    row = f"| paper | 2 | {statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios):.3f} | 0.500 ± 0.000 | 1/2 | 1/1 |"
+    assert row in lines
+    assert not any(line.startswith("| draws-4") for line in lines)  # no runs: no row
