@@ -24,31 +24,50 @@ Studies (``--studies``), on calibration-side data only, never on the evaluation 
   (``nirvana.selection.select``, as ``--select-calib K`` does) against the mean over the seeds.
 * ``gamma``: NIRVANA (seed 0) at gamma 1, 2, 3, 4 and ``auto`` (chosen by the same calibration-side KL from
   ``selection.GAMMA_GRID``).
+* ``variance`` (not run by default): NIRVANA variants (:data:`VARIANTS`: ``paper``, the published recipe, and
+  what each other one changes: more or longer windows, protected first layers, a KV-group floor, per-layer
+  normalisation, gamma 6 or auto, KL selection among K draws, the mean of K draws' scores, Adam-scaled
+  saliency, bias compensation, each window's gradient normalised or the largest ones trimmed) over
+  ``--variance-seeds`` calibration seeds, with the between-seed overlap of the pruned units and the scoring
+  time per candidate; ``--variants`` picks some, in order. Row seed s scores
+  calibration seed s; a variant needing K draws scores s, s+S, s+2S, ... (S seeds), so rows never share one.
+  Tables give mean ± sample standard deviation, and rank the variants by mean perplexity.
+
+``methods`` (every ``--methods`` row) is a study too, in the default ``--studies methods select gamma``.
 
 ``--recover N`` adds, for ``nirvana``, ``taylor`` and ``magnitude`` (seed 0, at ``--recover-sparsity``), the
 perplexity after N LoRA steps of ``nirvana finetune`` on the calibration text.
 
 Results go to ``<out>/quality-<model>.json`` as they come (a rerun with the same settings skips what is
 there, so an interrupted run resumes), then ``quality-<model>.md`` (tables) and ``quality-<model>.png``.
+``--tag NAME`` makes them ``quality-<model>-NAME.*``: a study at another evaluation size (``--windows``) then
+leaves the committed results alone. A results file made with other settings is never overwritten: the run
+stops with one line naming it.
 
 Usage:
     python benchmarks/quality.py [--model smollm2|FOLDER] [--calib austen|PATH]
         [--eval persuasion fortunes PATH ...] [--methods nirvana taylor ...] [--sparsities 0.2 0.3 0.4]
         [--seeds 3] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len 128]
-        [--studies select gamma] [--recover N] [--recover-sparsity 0.3] [--out benchmarks/results]
+        [--studies methods select gamma variance] [--variance-seeds 5] [--variants paper protect-1 ...]
+        [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
+import itertools
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,13 +78,15 @@ try:
 except ImportError:  # a bare checkout that was never pip-installed: use this repository's copy
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nirvana import baselines, calibration, corpus, selection
+from nirvana import baselines, calibration, compensation, corpus, selection
 from nirvana.adapters import get_adapter
 from nirvana.allocation import allocate
 from nirvana.evaluation import kl_divergence, text_windows
+from nirvana.methods import get_method
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, count_params
 from nirvana.saliency import compute_scores
+from nirvana.scores import mean_scores
 
 METHODS = ("nirvana", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
 # The benchmark's rows that are not a --method of their own: NIRVANA's scores, allocated uniformly
@@ -74,6 +95,138 @@ VARIANT_ALLOCATION = {"nirvana-uniform": "uniform"}
 RECOVER_METHODS = ("nirvana", "taylor", "magnitude")
 GAMMA_SWEEP = (1.0, 2.0, 3.0, 4.0)
 DEFAULT_GAMMA = 3.0
+
+
+STUDIES = ("methods", "select", "gamma", "variance")
+TAG_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row kind of the variance study: what it changes from NIRVANA's published settings (the defaults).
+
+    Scoring: ``num_samples`` windows of ``seq_len`` tokens per calibration draw, ``micro_batch_size``,
+    ``saliency``/``adam_steps`` (``nirvana prune``'s flags of those names). Choice: ``gamma`` (a number, or
+    "auto": the KL pick from ``selection.GAMMA_GRID``), ``select`` (the lowest held-out-KL set of that many
+    draws, ``--select-calib``), ``draws`` (the mean of that many draws' scores, ``nirvana.scores.mean_scores``),
+    ``compensate`` (``--compensate bias``) and the allocation rules (``--protect-layers``, ``--min-kv-groups``,
+    ``--normalize``).
+    """
+
+    num_samples: int = 32
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    saliency: str = "taylor"
+    adam_steps: int = 0
+    window_weight: str = "none"
+    trim: float = 0.0
+    gamma: float | str = DEFAULT_GAMMA
+    select: int = 1
+    draws: int = 1
+    compensate: bool = False
+    protect_layers: int = 0
+    min_kv_groups: int = 0
+    normalize: str = "none"
+
+    def scoring(self) -> tuple:
+        """What changes one calibration draw's scores: the cache key (with the seed)."""
+        return (
+            self.num_samples, self.seq_len, self.micro_batch_size, self.saliency, self.adam_steps,
+            self.window_weight, self.trim,
+        )  # fmt: skip
+
+    def options(self) -> dict:
+        """The NIRVANA method's settings (``nirvana.methods``) these scores take."""
+        return {
+            "objective": "maxlogit", "saliency": self.saliency, "adam_steps": self.adam_steps,
+            "window_weight": self.window_weight, "trim": self.trim,
+        }  # fmt: skip
+
+    def rules(self) -> dict:
+        return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
+
+    @property
+    def num_draws(self) -> int:
+        return max(self.select, self.draws)
+
+
+# The variance study's variants, cheap ones first (the default order of --variants). "paper" is the published
+# recipe: 32 windows x 128 tokens, gamma 3, no normalisation, one calibration set.
+VARIANTS = {
+    "paper": Variant(),
+    "protect-1": Variant(protect_layers=1),
+    "protect-2": Variant(protect_layers=2),
+    "floor-2": Variant(min_kv_groups=2),
+    "norm-mean": Variant(normalize="mean"),
+    "norm-median": Variant(normalize="median"),
+    "gamma-6": Variant(gamma=6.0),
+    "compensate": Variant(compensate=True),
+    "gamma-auto": Variant(gamma="auto"),
+    "select-3": Variant(select=3),
+    "draws-4": Variant(draws=4),
+    "windows-64": Variant(num_samples=64),
+    "adam": Variant(saliency="adam", micro_batch_size=1),
+    "adam-steps-4": Variant(saliency="adam", adam_steps=4),
+    "windows-128": Variant(num_samples=128),
+    "select-8": Variant(select=8),
+    "draws-8": Variant(draws=8),
+    "windows-32x512": Variant(seq_len=512),
+    "windows-256": Variant(num_samples=256),
+    # Robust aggregation over windows (one window per backward pass): each window's gradient divided by its
+    # norm or by its objective value before the sum; the 10% of windows with the largest gradient norms left out.
+    "wnorm-norm": Variant(window_weight="norm", micro_batch_size=1),
+    "wnorm-objective": Variant(window_weight="objective", micro_batch_size=1),
+    "trim-10": Variant(trim=0.1, micro_batch_size=1),
+}
+
+
+def draw_seeds(variant: Variant, seed: int, num_seeds: int) -> list[int]:
+    """The calibration seeds a variant's row ``seed`` scores: ``seed``, then ``seed + S``, ``seed + 2S``, ...
+
+    ``S`` is the number of variance seeds, so the draws of different rows never share a seed, and every
+    variant's first draw is the paper row's own calibration set."""
+    return [seed + k * num_seeds for k in range(variant.num_draws)]
+
+
+def pruned_units(plan) -> dict:
+    """What a plan prunes, for the between-seed overlap: KV groups as [[row, group], ...] (attention rows as
+    in ``Geometry``), MLP channel counts per layer, and the pruned-channel mask as zlib-compressed packed bits
+    in base64 (row-major [num_layers, intermediate_size]; a few kB where the index list would be ~100 kB)."""
+    g = plan.geometry
+    kv, rows = [], [lp.kv_groups_kept for lp in plan.layers]
+    rows += [lp.cross_kv_groups_kept for lp in plan.layers if lp.cross_kv_groups_kept is not None]
+    for r, kept in enumerate(rows):
+        kv += [[r, j] for j in sorted(set(range(g.num_kv_heads)) - set(kept))]
+    mask = torch.ones(g.num_layers, g.intermediate_size, dtype=torch.bool)
+    for i, lp in enumerate(plan.layers):
+        mask[i, lp.mlp_channels_kept] = False
+    bits = zlib.compress(_pack_bits(mask.flatten()), 9)
+    return {
+        "pruned_kv": kv,
+        "pruned_mlp_counts": mask.sum(dim=1).tolist(),
+        "pruned_mlp_bits": base64.b64encode(bits).decode("ascii"),
+    }
+
+
+def _pack_bits(flat: torch.Tensor) -> bytes:
+    pad = (-flat.numel()) % 8
+    padded = torch.cat([flat.to(torch.uint8), torch.zeros(pad, dtype=torch.uint8)]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return bytes((padded * weights).sum(dim=1, dtype=torch.uint8).tolist())
+
+
+def pruned_mlp_set(record: dict) -> set[int]:
+    """The flat indices (layer * intermediate_size + channel) of the MLP channels a variance run pruned."""
+    data = zlib.decompress(base64.b64decode(record["pruned_mlp_bits"]))
+    return {8 * i + b for i, byte in enumerate(data) for b in range(8) if byte & (128 >> b)}
+
+
+def jaccard(sets: list[set]) -> float | None:
+    """Mean pairwise Jaccard index |A & B| / |A | B| over the sets (two empty sets agree: 1); None for < 2 sets."""
+    pairs = list(itertools.combinations(sets, 2))
+    if not pairs:
+        return None
+    return statistics.fmean(len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs)
 
 
 def allocation_of(method: str, override: str | None = None) -> str:
@@ -118,6 +271,10 @@ class Bench:
 
     def __init__(self, args):
         self.args = args
+        label = Path(args.model).name if os.sep in args.model else args.model
+        tag = getattr(args, "tag", None)
+        self.json_path = Path(args.out) / (f"quality-{label}-{tag}.json" if tag else f"quality-{label}.json")
+        self.results = self._load_results()  # before the model loads: a refusal costs nothing
         self.model, self.tokenizer = load_model(args.model, device="cpu")
         self.model.eval()
         self.geometry = get_adapter(self.model).geometry(self.model.config)
@@ -130,9 +287,6 @@ class Bench:
                 raise ValueError(f"--eval: {name!r} has only {w.shape[0]} windows of {args.seq_len} tokens")
             self.windows[Path(name).stem] = w
         self.kl_text = next(iter(self.windows))
-        label = Path(args.model).name if os.sep in args.model else args.model
-        self.json_path = Path(args.out) / f"quality-{label}.json"
-        self.results = self._load_results()
         self._dense_logits = None
         self._scores: dict = {}
 
@@ -141,7 +295,7 @@ class Bench:
         return {
             "model": a.model,
             "calib": a.calib,
-            "eval": list(self.windows),
+            "eval": [Path(name).stem for name in a.eval],
             "windows": a.windows,
             "seq_len": a.seq_len,
             "num_samples": a.num_samples,
@@ -150,11 +304,19 @@ class Bench:
         }
 
     def _load_results(self) -> dict:
+        """The results file's runs when its settings are these; a ValueError when they are not, since starting
+        afresh would throw away what is there (hours of runs)."""
         if self.json_path.is_file():
             data = json.loads(self.json_path.read_text())
             if data.get("settings") == self._settings():
                 return data
-            print(f"{self.json_path}: other settings, starting afresh", file=sys.stderr)
+            theirs = data.get("settings") or {}
+            ours = self._settings()
+            diff = ", ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in ours if theirs.get(k) != ours.get(k))
+            raise ValueError(
+                f"{self.json_path}: holds results made with other settings ({diff}); pass another --tag "
+                "or delete that file"
+            )
         return {"settings": self._settings(), "runs": {}}
 
     def save(self) -> None:
@@ -304,6 +466,89 @@ class Bench:
         record = self.run(f"gamma-auto|s={sparsity}", build)
         return self.pruned("nirvana", 0, sparsity, record["gamma"])
 
+    def variant_scores(self, variant: Variant, seed: int):
+        """(Scores, activation statistics or None, seconds) of one calibration draw of ``variant``; computed once
+        per process for every variant that scores alike (paper, protect, floor, norm, gamma and compensate rows
+        share them). The statistics (``compensate`` only) come from the same windows; their time is added."""
+        windows = None
+        key = ("variance", *variant.scoring(), seed)
+        if key not in self._scores:
+            start = time.perf_counter()
+            windows = self.variant_windows(variant, seed)
+            scores = get_method("nirvana").scores(
+                self.model, windows, micro_batch_size=variant.micro_batch_size, seed=seed, progress=False,
+                **variant.options(),
+            )  # fmt: skip
+            scores.meta["calibration_seed"] = seed
+            self._scores[key] = (scores, None, time.perf_counter() - start)
+        scores, _, seconds = self._scores[key]
+        if not variant.compensate:
+            return scores, None, seconds
+        stats_key = ("variance-statistics", variant.num_samples, variant.seq_len, seed)
+        if stats_key not in self._scores:
+            start = time.perf_counter()
+            windows = self.variant_windows(variant, seed) if windows is None else windows
+            stats = baselines.activation_statistics(
+                self.model, windows, micro_batch_size=variant.micro_batch_size, progress=False
+            )
+            self._scores[stats_key] = (None, stats, time.perf_counter() - start)
+        _, stats, stats_seconds = self._scores[stats_key]
+        return scores, stats, seconds + stats_seconds
+
+    def variant_windows(self, variant: Variant, seed: int) -> torch.Tensor:
+        return calibration.calibration_windows(
+            self.args.calib, self.tokenizer, num_samples=variant.num_samples, seq_len=variant.seq_len, seed=seed
+        )
+
+    def variance(self, name: str, seed: int, sparsity: float) -> dict:
+        """One variance-study row: variant ``name`` (:data:`VARIANTS`) with row seed ``seed`` at ``sparsity``."""
+        variant = VARIANTS[name]
+
+        def build():
+            seeds = draw_seeds(variant, seed, self.args.variance_seeds)
+            drawn = [self.variant_scores(variant, d) for d in seeds]
+            scoring = sum(t for _, _, t in drawn)
+            stats = {d: st for d, (_, st, _) in zip(seeds, drawn)}
+            bias = compensation.compensation_for(get_method("nirvana"), "bias") if variant.compensate else None
+            if variant.draws > 1:
+                candidates = [selection.Candidate(seed, mean_scores([sc for sc, _, _ in drawn]))]
+            else:
+                candidates = [selection.Candidate(d, sc) for d, (sc, _, _) in zip(seeds, drawn)]
+            gammas = list(selection.GAMMA_GRID) if variant.gamma == "auto" else [float(variant.gamma)]
+            allocation = allocation_of("nirvana", self.args.allocation)
+            chosen_seed, trials = candidates[0].seed, []
+            if len(candidates) > 1 or len(gammas) > 1:
+                chosen = selection.select(
+                    self.model, candidates, self.heldout(), sparsity=sparsity, gammas=gammas, allocation=allocation,
+                    architecture=self.architecture, rules=variant.rules(),
+                    prepare=None if bias is None else (lambda m, plan, c: bias(m, plan, stats[c.seed])),
+                )  # fmt: skip
+                plan, gamma, chosen_seed, trials = chosen.plan, chosen.gamma, chosen.seed, chosen.trials
+            else:
+                gamma = gammas[0]
+                scores = candidates[0].scores
+                plan = allocate(
+                    scores.attention, scores.mlp, self.geometry, sparsity=sparsity, gamma=gamma,
+                    allocation=allocation, architecture=self.architecture, **variant.rules(),
+                )  # fmt: skip
+            used = next(c for c in candidates if c.seed == chosen_seed).scores.attention
+            hook = None if bias is None else (lambda m: bias(m, plan, stats[chosen_seed]))
+            model = selection.pruned_copy(self.model, plan, hook)
+            eval_start = time.perf_counter()
+            record = self.evaluate(model)
+            record.update(
+                study="variance", variant=name, seed=seed, sparsity=sparsity, gamma=gamma, allocation=allocation,
+                draw_seeds=seeds, chosen_seed=chosen_seed, draws_scored=len(seeds),
+                scoring_seconds=round(scoring, 2), eval_seconds=round(time.perf_counter() - eval_start, 2),
+                achieved_sparsity=plan.achieved_sparsity(), params=count_params(model),
+                trials=[{k: t[k] for k in ("seed", "gamma", "kl") if k in t} for t in trials],
+                kv_scores=[[float(f"{x:.5g}") for x in row] for row in used.tolist()],
+                **pruned_units(plan),
+            )  # fmt: skip
+            return record
+
+        return self.run(variance_key(name, seed, sparsity), build)
+
     def recovered(self, method: str, sparsity: float, steps: int) -> dict:
         def build():
             from nirvana.checkpoint import load_pruned, save_pruned
@@ -326,6 +571,10 @@ class Bench:
         return self.run(f"recover|{method}|s={sparsity}|steps={steps}", build)
 
 
+def variance_key(name: str, seed: int, sparsity: float) -> str:
+    return f"variance|{name}|seed={seed}|s={sparsity}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables and plot
 # --------------------------------------------------------------------------------------------------
@@ -344,7 +593,7 @@ def _runs(results: dict, **match) -> list[dict]:
         r
         for k, r in results["runs"].items()
         if "|" in k
-        and not k.startswith(("select", "gamma-auto", "recover"))
+        and not k.startswith(("select", "gamma-auto", "recover", "variance"))
         and all(r.get(f) == v for f, v in match.items())
     ]
 
@@ -453,6 +702,215 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
     return "\n".join(lines)
 
 
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean ± sample standard deviation`` (n - 1 in the denominator); the value alone for one run."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def variance_runs(results: dict, variant: str, sparsity: float | None = None) -> list[dict]:
+    """A variant's variance-study runs (at ``sparsity``, if given), by seed."""
+    runs = [
+        r
+        for k, r in results["runs"].items()
+        if k.startswith("variance|") and r["variant"] == variant and (sparsity is None or r["sparsity"] == sparsity)
+    ]
+    return sorted(runs, key=lambda r: (r["sparsity"], r["seed"]))
+
+
+def variance_cells(runs: list[dict], texts: list[str]) -> dict:
+    """Per-seed figures of one (variant, sparsity): ppl per text, KL, overlaps, layer-0 KV groups pruned, cost."""
+    return {
+        "n": len(runs),
+        "ppl": {t: [r[f"ppl_{t}"] for r in runs] for t in texts},
+        "kl": [r[f"kl_{texts[0]}"] for r in runs],
+        "overlap_kv": jaccard([{tuple(u) for u in r["pruned_kv"]} for r in runs]),
+        "overlap_mlp": jaccard([pruned_mlp_set(r) for r in runs]),
+        "layer0_kv": [sum(1 for row, _ in r["pruned_kv"] if row == 0) for r in runs],
+        "per_candidate_s": [r["scoring_seconds"] / r["draws_scored"] for r in runs],
+        "achieved": [r["achieved_sparsity"] for r in runs],
+    }
+
+
+SPREAD_LIMIT = 5.0  # "spread within ±5": a seed std of at most this on every text and sparsity
+
+
+def variance_summary(results: dict, variants, sparsities, texts: list[str], num_seeds: int) -> list[dict]:
+    """Per variant: mean ppl over both texts and all sparsities (each cell a mean over seeds), the largest seed
+    std of any (text, sparsity), whether every std is within :data:`SPREAD_LIMIT`, the scoring seconds per
+    candidate, and whether every (sparsity) has all ``num_seeds`` seeds; sorted by mean ppl."""
+    out = []
+    for v in variants:
+        cells = [variance_cells(variance_runs(results, v, s), texts) for s in sparsities]
+        if not any(c["n"] for c in cells):
+            continue
+        means = [statistics.fmean(c["ppl"][t]) for c in cells if c["n"] for t in texts]
+        stds = [statistics.stdev(c["ppl"][t]) for c in cells if c["n"] > 1 for t in texts]
+        cost = [x for c in cells for x in c["per_candidate_s"]]
+        out.append(
+            {
+                "variant": v,
+                "mean_ppl": statistics.fmean(means),
+                "max_std": max(stds) if stds else None,
+                "within": bool(stds) and len(stds) == len(means) and max(stds) <= SPREAD_LIMIT,
+                "per_candidate_s": statistics.fmean(cost),
+                "complete": all(c["n"] >= num_seeds for c in cells),
+                "counts": [c["n"] for c in cells],
+            }
+        )
+    return sorted(out, key=lambda r: r["mean_ppl"])
+
+
+def render_variance(results: dict, variants, sparsities, texts: list[str], num_seeds: int) -> str:
+    """The variance study's tables: per sparsity, each variant's mean ± sample std over the seeds; then the
+    summary ranking. A row with fewer than ``num_seeds`` seeds says n=k/S (partial)."""
+    kl_text = texts[0]
+    names = ", ".join(f"`{n}`" for n in VARIANTS)
+    lines = [
+        "## Variance study: NIRVANA variants over calibration seeds",
+        "",
+        f"Each variant runs with {num_seeds} calibration seeds; row seed s scores calibration seed s, and a "
+        f"variant that needs K draws (`select-K`, `draws-K`) scores seeds s, s+{num_seeds}, s+{2 * num_seeds}, ... "
+        "so no two rows share a draw and every variant's first draw is the `paper` row's own. Cells are mean ± "
+        "sample standard deviation (n - 1) over the seeds. Overlap: mean pairwise Jaccard index, across seeds, "
+        "of the pruned KV-group set and of the pruned MLP-channel set (1 = every seed prunes the same units). "
+        "L0 KV: KV groups pruned in layer 0, per run. Scoring s/candidate: scoring time of the row's "
+        "calibration draws divided by their number (an earlier row's draw reused in one process still counts "
+        "with its own time). A row with n=k/S is partial: only k of the S seeds have run.",
+        "",
+        f"Variants: {names}.",
+        "",
+    ]
+    for s in sparsities:
+        lines += [
+            f"### Variance study at sparsity {s:.0%}",
+            "",
+            "| variant | n | achieved | "
+            + " | ".join(f"ppl {t}" for t in texts)
+            + f" | KL {kl_text} | overlap KV | overlap MLP | L0 KV | scoring s/candidate |",
+            "|---|---|---|" + "---|" * (len(texts) + 5),
+        ]
+        for v in variants:
+            runs = variance_runs(results, v, s)
+            if not runs:
+                continue
+            c = variance_cells(runs, texts)
+            n = f"{c['n']}" if c["n"] >= num_seeds else f"n={c['n']}/{num_seeds} (partial)"
+            overlap = ["-" if x is None else f"{x:.3f}" for x in (c["overlap_kv"], c["overlap_mlp"])]
+            lines.append(
+                f"| {v} | {n} | {100 * statistics.fmean(c['achieved']):.2f}% | "
+                + " | ".join(_mean_std(c["ppl"][t]) for t in texts)
+                + f" | {_mean_std(c['kl'], 4)} | {overlap[0]} | {overlap[1]} | {_mean_std(c['layer0_kv'], 1)} | "
+                f"{_mean_std(c['per_candidate_s'], 1)} |"
+            )
+        lines.append("")
+    lines += layer0_table(results, variants, sparsities)
+    summary = variance_summary(results, variants, sparsities, texts, num_seeds)
+    if summary:
+        lines += [
+            "### Variance study: variants ranked by mean perplexity",
+            "",
+            f"Mean perplexity over {' and '.join(texts)} and sparsities "
+            f"{', '.join(f'{s:.0%}' for s in sparsities)} (each cell's mean over seeds, then the mean of the "
+            f"cells); largest seed std: the largest sample std of any text and sparsity; spread within ±"
+            f"{SPREAD_LIMIT:g}: that std is at most {SPREAD_LIMIT:g} everywhere. A partial variant lacks seeds "
+            "or sparsities, so its figures may move.",
+            "",
+            "| rank | variant | mean ppl | largest seed std | spread within ±5 | scoring s/candidate | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(summary, 1):
+            std = "-" if r["max_std"] is None else f"{r['max_std']:.2f}"
+            seeds = "/".join(map(str, r["counts"]))
+            seeds = seeds if r["complete"] else f"{seeds} of {num_seeds} (partial)"
+            lines.append(
+                f"| {i} | {r['variant']} | {r['mean_ppl']:.2f} | {std} | {'yes' if r['within'] else 'no'} | "
+                f"{r['per_candidate_s']:.1f} | {seeds} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def layer0_table(results: dict, variants, sparsities) -> list[str]:
+    """Markdown lines: per variant, how layer 0's KV-group scores stand against the other layers' (the raw
+    scores the allocation ranked, before any ``--normalize``), and in how many runs layer 0 lost a KV group."""
+    rows = []
+    for v in variants:
+        runs = variance_runs(results, v)
+        scored = {r["seed"]: r["kv_scores"] for r in runs if "kv_scores" in r}  # one per seed: sparsity aside
+        ratios, early = [], []
+        for kv in scored.values():
+            means = [statistics.fmean(row) for row in kv]
+            if len(means) > 4:
+                ratios.append(means[0] / statistics.fmean(means[1:]))
+                early.append(statistics.fmean(means[1:4]) / statistics.fmean(means[4:]))
+        pruned = []
+        for s in sparsities:
+            at = variance_runs(results, v, s)
+            hit = sum(1 for r in at if any(row == 0 for row, _ in r["pruned_kv"]))
+            pruned.append(f"{hit}/{len(at)}" if at else "-")
+        if runs:
+            rows.append(
+                f"| {v} | {len(scored)} | {_mean_std(ratios, 3)} | {_mean_std(early, 3)} | " + " | ".join(pruned) + " |"
+            )
+    if not rows:
+        return []
+    return [
+        "### Layer 0's KV groups against the rest",
+        "",
+        "Score ratios from the KV-group scores each run's allocation ranked (the chosen calibration set's, or the "
+        "mean of the draws; raw, before any normalisation), mean ± sample std over the seeds that recorded them: "
+        "layer 0's mean group score over the other layers' mean, and layers 1-3's over layers 4 and up. Then, per "
+        "sparsity, the runs that pruned at least one of layer 0's KV groups.",
+        "",
+        "| variant | seeds | layer 0 / rest | layers 1-3 / 4+ | "
+        + " | ".join(f"L0 pruned at {s:.0%}" for s in sparsities)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(sparsities),
+        *rows,
+        "",
+    ]
+
+
+def plot_variance(results: dict, variants, sparsities, texts: list[str], path: Path) -> Path:
+    """Mean perplexity ± sample std over seeds, per variant and sparsity, one panel per text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.8), squeeze=False)
+    dense = results["runs"].get("dense", {})
+    for ax, t in zip(axes[0], texts):
+        for v in variants:
+            xs, ys, err = [], [], []
+            for s in sparsities:
+                vals = [r[f"ppl_{t}"] for r in variance_runs(results, v, s)]
+                if vals:
+                    xs.append(100 * s)
+                    ys.append(statistics.fmean(vals))
+                    err.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=v)
+        if f"ppl_{t}" in dense:
+            ax.axhline(dense[f"ppl_{t}"], color="gray", linestyle=":", label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks([100 * s for s in sparsities])
+        ax.set_xlabel("sparsity (% of attention+MLP parameters)")
+        ax.set_ylabel(f"perplexity on {t} (log scale)")
+        ax.set_title(t)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{results['settings']['model']}: NIRVANA variants, mean ± sample std over calibration seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _selected_runs(results: dict) -> dict[float, dict]:
     """sparsity -> the NIRVANA run of the calibration set KL selection picked (gamma 3)."""
     out = {}
@@ -532,7 +990,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--heldout-samples", type=int, default=16)
     p.add_argument("--allocation", choices=("global", "uniform"), default=None, help="default: each method's own")
-    p.add_argument("--studies", nargs="*", default=["select", "gamma"], choices=("select", "gamma"))
+    p.add_argument(
+        "--studies",
+        nargs="*",
+        default=["methods", "select", "gamma"],
+        choices=STUDIES,
+        help="methods: every --methods row; select, gamma: NIRVANA's KL selection and gamma sweep; variance: "
+        "NIRVANA variants over --variance-seeds calibration seeds (not run by default)",
+    )
+    p.add_argument("--variance-seeds", type=int, default=5, metavar="S", help="calibration seeds per variant")
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+        help=f"variance-study variants to run, in this order (default: all, {', '.join(VARIANTS)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="results go to quality-<model>-<tag>.json/.md/.png, e.g. for a smaller evaluation that must "
+        "not touch the committed results",
+    )
     p.add_argument("--recover", type=int, default=0, metavar="N")
     p.add_argument("--recover-sparsity", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=None)
@@ -542,16 +1018,25 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.sparsities:
         if not 0 < s < 1:
             p.error(f"--sparsities: {s} is not in (0, 1)")
+    if args.tag is not None and not TAG_PATTERN.fullmatch(args.tag):
+        p.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
+    if args.variance_seeds < 1:
+        p.error(f"--variance-seeds: must be >= 1, got {args.variance_seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    bench = Bench(args)
+    try:
+        bench = Bench(args)
+        _check_variance_seeds(bench.results, args)
+    except ValueError as e:
+        print(f"quality.py: error: {e}", file=sys.stderr)
+        return 2
     seeds = list(range(args.seeds))
     if not args.render_only:
         bench.dense()
         # Seed-major, so an interrupted run still has every method at every sparsity for the first seeds.
-        for seed in seeds:
+        for seed in seeds if "methods" in args.studies else []:
             for method in args.methods:
                 if method in baselines.DATA_FREE and seed > 0:
                     continue  # magnitude is deterministic; random is 50-1000x worse than any other at one seed
@@ -569,12 +1054,77 @@ def main(argv: list[str] | None = None) -> int:
             for m in RECOVER_METHODS:
                 if m in args.methods:
                     bench.recovered(m, args.recover_sparsity, args.recover)
-    texts = list(bench.windows)
-    stem = bench.json_path.with_suffix("")
-    Path(f"{stem}.md").write_text(render(bench.results, args.methods, args.sparsities, texts, command) + "\n")
-    plot(bench.results, args.methods, args.sparsities, texts, Path(f"{stem}.png"))
+        if "variance" in args.studies:
+            # Variant-major, cheap variants first: an interrupted run has whole variants over every seed.
+            for name in args.variants:
+                for seed in range(args.variance_seeds):
+                    for s in args.sparsities:
+                        try:
+                            bench.variance(name, seed, s)
+                        except (ValueError, RuntimeError) as e:  # one bad row must not end an hours-long study
+                            print(f"{variance_key(name, seed, s)}: failed, not recorded: {e}", file=sys.stderr)
+                            continue
+                        write_outputs(bench, args, command)  # the tables follow the run as it goes
+    stem = write_outputs(bench, args, command)
     print(f"wrote {stem}.md, {stem}.json and {stem}.png")
     return 0
+
+
+def _check_variance_seeds(results: dict, args) -> None:
+    """Record the variance study's seed count in the results, refusing another: with another S, the
+    multi-draw rows would score other calibration seeds under the same keys."""
+    if "variance" not in args.studies:
+        return
+    have = results.setdefault("variance_seeds", args.variance_seeds)
+    if have != args.variance_seeds:
+        raise ValueError(
+            f"--variance-seeds: the results hold a variance study over {have} seeds, got {args.variance_seeds}; "
+            "pass the same count, or another --tag"
+        )
+
+
+def write_outputs(bench: Bench, args, command: str) -> Path:
+    """The markdown tables and the plot from the results so far; returns their path stem."""
+    texts = list(bench.windows)
+    stem = bench.json_path.with_suffix("")
+    results = bench.results
+    has_methods = any(k.count("|") and not k.startswith("variance|") for k in results["runs"])
+    # The variants asked for, in that order, then any other the results hold (an earlier run's).
+    present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})
+    variants = list(args.variants) + [v for v in present if v not in args.variants]
+    text = (
+        render(results, args.methods, args.sparsities, texts, command)
+        if has_methods
+        else _header(results, texts, command)
+    )
+    if any(k.startswith("variance|") for k in results["runs"]):
+        num_seeds = results.get("variance_seeds", args.variance_seeds)
+        text += "\n" + render_variance(results, variants, args.sparsities, texts, num_seeds)
+        if not has_methods:
+            plot_variance(results, variants, args.sparsities, texts, Path(f"{stem}.png"))
+    if has_methods:
+        plot(results, args.methods, args.sparsities, texts, Path(f"{stem}.png"))
+    Path(f"{stem}.md").write_text(text + "\n")
+    return stem
+
+
+def _header(results: dict, texts: list[str], command: str) -> str:
+    env = results.get("environment", {})
+    dense = results["runs"].get("dense", {})
+    return "\n".join(
+        [
+            f"# Quality: {results['settings']['model']}",
+            "",
+            f"Date {env.get('date', '?')}; {env.get('machine', '?')}. Command: `{command}`.",
+            "",
+            f"Settings: {json.dumps(results['settings'])}.",
+            "",
+            f"Dense: {dense.get('params', 0) / 1e6:.1f}M parameters, "
+            + ", ".join(f"perplexity {dense.get(f'ppl_{t}', float('nan')):.2f} on {t}" for t in texts)
+            + ".",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

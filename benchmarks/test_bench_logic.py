@@ -4,6 +4,8 @@ They take no ``benchmark`` fixture, so ``--benchmark-only`` skips them; run them
 ``python -m pytest -q benchmarks/test_bench_logic.py``.
 """
 
+import statistics
+
 import gpu_check
 import measure
 import pytest
@@ -244,3 +246,194 @@ def test_a_random_half_of_the_columns_reads_nearly_every_sector():
     every_sector = 8192 * 28672 * BF16
     read = floor - 8192 * 14336 * BF16  # less the output written
     assert 0.99 * every_sector < read <= every_sector, read / every_sector
+
+
+# --------------------------------------------------------------------------------------------------
+# quality.py's variance study on a tiny model: records, resumption, tables, and the --tag refusal
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """A tiny Llama folder, a calibration text and two evaluation texts, and the argv that runs a small study."""
+    from tests.test_pruning import WIDE, write_text
+    from tests.tiny_models import tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("quality")
+    model = root / "tiny"
+    torch.manual_seed(0)
+    tiny_model("llama", **WIDE).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    # The paper variant draws 32 windows of 128 tokens: the text needs a few thousand tokens.
+    write_text(root / "calib.txt", n_words=20000)
+    write_text(root / "a.txt", n_words=2000, seed=1)
+    write_text(root / "b.txt", n_words=2000, seed=2)
+    argv = [
+        "--model", str(model), "--calib", str(root / "calib.txt"), "--eval", str(root / "a.txt"), str(root / "b.txt"),
+        "--windows", "2", "--seq-len", "16", "--heldout-samples", "4", "--studies", "variance",
+        "--variance-seeds", "2", "--sparsities", "0.3", "--tag", "t", "--out", str(root / "out"),
+    ]  # fmt: skip
+    return root, argv
+
+
+VARIANCE_RUN = ["paper", "floor-2", "draws-4"]
+
+
+def test_quality_variance_study_records_resumes_and_tables(tiny_bench, monkeypatch, capsys):
+    import json
+
+    import quality
+
+    root, argv = tiny_bench
+    assert quality.main([*argv, "--variants", *VARIANCE_RUN]) == 0
+    path = root / "out" / "quality-tiny-t.json"
+    results = json.loads(path.read_text())
+    keys = {quality.variance_key(v, s, 0.3) for v in VARIANCE_RUN for s in (0, 1)}
+    assert keys <= set(results["runs"]) and results["variance_seeds"] == 2
+    assert not (root / "out" / "quality-tiny.json").exists()  # the tag kept the untagged file alone
+    for key in keys:
+        r = results["runs"][key]
+        assert {"ppl_a", "ppl_b", "kl_a", "scoring_seconds", "pruned_kv", "pruned_mlp_counts"} <= set(r)
+        assert sum(r["pruned_mlp_counts"]) == len(quality.pruned_mlp_set(r)) and abs(r["achieved_sparsity"] - 0.3) < 0.1
+    draws = results["runs"][quality.variance_key("draws-4", 1, 0.3)]
+    assert draws["draw_seeds"] == [1, 3, 5, 7] and draws["draws_scored"] == 4
+    floor = results["runs"][quality.variance_key("floor-2", 0, 0.3)]
+    assert all(sum(1 for row, _ in floor["pruned_kv"] if row == r) <= 6 for r in range(3))  # 8 groups, keeps >= 2
+
+    # A rerun skips every recorded row: nothing is scored again, and the records are unchanged.
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a recorded row was scored again")
+
+    monkeypatch.setattr(quality.Bench, "variant_scores", no_scoring)
+    capsys.readouterr()
+    assert quality.main([*argv, "--variants", *VARIANCE_RUN]) == 0
+    again = json.loads(path.read_text())
+    assert {k: again["runs"][k] for k in keys} == {k: results["runs"][k] for k in keys}
+    assert "variance|" not in capsys.readouterr().out
+
+    md = (root / "out" / "quality-tiny-t.md").read_text()
+    assert (root / "out" / "quality-tiny-t.png").is_file()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    for v in VARIANCE_RUN:
+        row = next(line for line in table if line.startswith(f"| {v} | 2 |"))
+        paper = [results["runs"][quality.variance_key(v, s, 0.3)]["ppl_a"] for s in (0, 1)]
+        assert f"{statistics.fmean(paper):.2f} ± {statistics.stdev(paper):.2f}" in row
+    assert "| rank | variant | mean ppl |" in md and "(partial)" not in md
+    assert "### Layer 0's KV groups against the rest" in md
+    assert all(len(results["runs"][k]["kv_scores"]) == 3 for k in keys)  # [layers, KV groups] of the tiny model
+
+
+def test_quality_variance_marks_partial_rows_and_ranks(tiny_bench):
+    import json
+
+    import quality
+
+    root, _ = tiny_bench
+    path = root / "out" / "quality-tiny-t.json"
+    if not path.is_file():
+        pytest.skip("needs test_quality_variance_study_records_resumes_and_tables's results")
+    results = json.loads(path.read_text())
+    del results["runs"][quality.variance_key("floor-2", 1, 0.3)]
+    text = quality.render_variance(results, VARIANCE_RUN, [0.3], ["a", "b"], 2)
+    assert "| floor-2 | n=1/2 (partial) |" in text
+    assert "| paper | 2 |" in text
+    ranked = [line for line in text.splitlines() if line.startswith("| ") and "floor-2" in line][-1]
+    assert ranked.endswith("| 1 of 2 (partial) |")
+    summary = quality.variance_summary(results, VARIANCE_RUN, [0.3], ["a", "b"], 2)
+    assert [r["mean_ppl"] for r in summary] == sorted(r["mean_ppl"] for r in summary)
+    paper = next(r for r in summary if r["variant"] == "paper")
+    runs = [results["runs"][quality.variance_key("paper", s, 0.3)] for s in (0, 1)]
+    cells = [statistics.fmean(r[f"ppl_{t}"] for r in runs) for t in ("a", "b")]
+    assert paper["mean_ppl"] == pytest.approx(statistics.fmean(cells))
+    assert paper["within"] == (max(statistics.stdev(r[f"ppl_{t}"] for r in runs) for t in ("a", "b")) <= 5)
+
+
+def test_quality_refuses_a_results_file_of_other_settings(tiny_bench, tmp_path, capsys):
+    import json
+
+    import quality
+
+    _, argv = tiny_bench
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = {"settings": {"model": "other", "windows": 24}, "runs": {"dense": {"ppl_a": 1.0}}}
+    untagged = argv[: argv.index("--tag")] + argv[argv.index("--tag") + 2 :]
+    for name, args in (("quality-tiny-t.json", argv), ("quality-tiny.json", untagged)):
+        path = out / name
+        path.write_text(json.dumps(theirs))
+        args = [*args, "--out", str(out), "--variants", "paper"]
+        assert quality.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and "pass another --tag or delete that file" in err, err
+        assert json.loads(path.read_text()) == theirs  # untouched
+
+
+def test_quality_variance_units_round_trip_and_jaccard():
+    import quality
+
+    from nirvana.allocation import allocate
+    from nirvana.plan import Geometry
+
+    g = Geometry(num_layers=3, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=21)
+    gen = torch.Generator().manual_seed(0)
+    plan = allocate(torch.rand(3, 2, generator=gen), torch.rand(3, 21, generator=gen), g, sparsity=0.4, round_to=1)
+    units = quality.pruned_units(plan)
+    want = {i * 21 + c for i, lp in enumerate(plan.layers) for c in range(21) if c not in lp.mlp_channels_kept}
+    assert quality.pruned_mlp_set(units) == want
+    assert units["pruned_mlp_counts"] == [21 - len(lp.mlp_channels_kept) for lp in plan.layers]
+    kv = [[i, j] for i, lp in enumerate(plan.layers) for j in (0, 1) if j not in lp.kv_groups_kept]
+    assert units["pruned_kv"] == kv
+    assert quality.jaccard([{1, 2}, {2, 3}, {1, 2}]) == pytest.approx((1 / 3 + 1 + 1 / 3) / 3)
+    assert quality.jaccard([{1}]) is None and quality.jaccard([set(), set()]) == 1.0
+
+
+def test_quality_variance_draws_of_different_rows_never_share_a_seed():
+    import quality
+
+    for name, variant in quality.VARIANTS.items():
+        rows = [quality.draw_seeds(variant, s, 5) for s in range(5)]
+        flat = [d for row in rows for d in row]
+        assert len(flat) == len(set(flat)), name
+        assert [row[0] for row in rows] == list(range(5)), name  # the first draw is the paper row's set
+        assert len(rows[0]) == max(variant.select, variant.draws), name
+
+
+def test_quality_variance_row_that_fails_is_skipped_not_fatal(tiny_bench, tmp_path, monkeypatch, capsys):
+    import json
+
+    import quality
+
+    _, argv = tiny_bench
+    real = quality.Bench.variant_scores
+
+    def failing(self, variant, seed):
+        if variant.min_kv_groups:
+            raise ValueError("min_kv_groups: broken on purpose")
+        return real(self, variant, seed)
+
+    monkeypatch.setattr(quality.Bench, "variant_scores", failing)
+    assert quality.main([*argv, "--out", str(tmp_path), "--variants", "floor-2", "paper", "--variance-seeds", "1"]) == 0
+    runs = json.loads((tmp_path / "quality-tiny-t.json").read_text())["runs"]
+    assert quality.variance_key("paper", 0, 0.3) in runs and quality.variance_key("floor-2", 0, 0.3) not in runs
+    err = capsys.readouterr().err
+    assert "variance|floor-2|seed=0|s=0.3: failed, not recorded: min_kv_groups: broken on purpose" in err
+
+
+def test_quality_layer0_table_compares_layer_0_with_the_rest():
+    import quality
+
+    def run(seed, s, layer0, pruned):
+        kv = [[layer0, layer0]] + [[1.0, 3.0]] * 3 + [[4.0, 4.0]] * 2  # layers 1-3 mean 2, layers 4+ mean 4
+        return {"variant": "paper", "seed": seed, "sparsity": s, "kv_scores": kv, "pruned_kv": pruned}
+
+    runs = {
+        "variance|paper|seed=0|s=0.2": run(0, 0.2, 0.5, [[0, 1], [3, 0]]),
+        "variance|paper|seed=1|s=0.2": run(1, 0.2, 1.5, [[2, 0]]),
+        "variance|paper|seed=0|s=0.3": run(0, 0.3, 0.5, [[0, 1]]),
+    }
+    lines = quality.layer0_table({"runs": runs}, ["paper", "draws-4"], [0.2, 0.3])
+    rest = (3 * 2.0 + 2 * 4.0) / 5
+    ratios = [0.5 / rest, 1.5 / rest]
+    row = f"| paper | 2 | {statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios):.3f} | 0.500 ± 0.000 | 1/2 | 1/1 |"
+    assert row in lines
+    assert not any(line.startswith("| draws-4") for line in lines)  # no runs: no row

@@ -31,6 +31,19 @@ objective's gradients make the kinds' scores comparable. The rules:
 Uniform allocation prunes the same counts in every attention block and every layer (each one's own bottom-k), so
 every layer ends up with identical widths.
 
+Three options change the rules (all off by default, which gives exactly the plan above):
+
+* ``protect_layers=N``: the first ``N`` layers (an encoder-decoder's layer list starts with its encoder) keep every
+  KV group, cross-attention included, and every MLP channel. The formula's counts are unchanged, so the target is
+  met from the other layers (uniform allocation raises their per-layer counts to match). LLM-Pruner prunes only
+  layers 4 to 30 of its 32.
+* ``min_kv_groups=K``: every attention block keeps at least ``K`` KV groups (its ``K`` best; the default keeps
+  one). The groups this spares are made up on the MLP side, as the keep-one rule's are; ``K = num_kv_heads``
+  prunes no attention at all.
+* ``normalize="mean"|"median"`` (global allocation only: it cannot change a per-layer order): before the ranking,
+  each attention row's KV-group scores are divided by that row's mean (or median), and each layer's MLP-channel
+  scores by that layer's, so that the ranking compares units by how they stand within their own layer.
+
 The achieved sparsity is recorded in the plan's ``meta``; if the model's units are too coarse to come within
 0.5 percentage points of the target a ``RuntimeWarning`` says so.
 """
@@ -46,6 +59,7 @@ import torch
 from .plan import Geometry, LayerPlan, PruningPlan
 
 ALLOCATIONS = ("global", "uniform")
+NORMALIZATIONS = ("none", "mean", "median")
 SPARSITY_TOLERANCE = 0.005  # achieved vs target sparsity, as a fraction (0.5 percentage points)
 
 
@@ -58,6 +72,57 @@ def _check_fraction_args(geometry: Geometry, sparsity: float, gamma: float) -> N
         value = getattr(geometry, name)
         if value < 1:
             raise ValueError(f"geometry.{name}: must be >= 1, got {value!r}")
+
+
+def divide_per_row(x: torch.Tensor, stat: torch.Tensor) -> torch.Tensor:
+    """``x`` [R, N] divided row by row by ``stat`` [R, 1]; a row whose ``stat`` is not > 0 is left as it is.
+
+    Shared by per-layer normalisations (:func:`normalize_per_layer`, FLAP's z-score): a zero statistic carries no
+    scale to divide out, and a negative one would reverse the row's order.
+    """
+    return x / torch.where(stat > 0, stat, torch.ones_like(stat))
+
+
+def normalize_per_layer(x: torch.Tensor, how: str) -> torch.Tensor:
+    """float64 [R, N]: each row of ``x`` divided by its mean or median (``how``), or ``x`` unchanged for "none".
+
+    A row whose statistic is 0 (or negative: scores of other methods than NIRVANA can be) keeps its raw scores
+    (:func:`divide_per_row`). The median is the midpoint of the two middle values for an even count.
+    """
+    if how not in NORMALIZATIONS:
+        raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}, got {how!r}")
+    x = x.to(torch.float64)
+    if how == "none":
+        return x
+    stat = x.mean(dim=1, keepdim=True) if how == "mean" else torch.quantile(x, 0.5, dim=1, keepdim=True)
+    return divide_per_row(x, stat)
+
+
+def check_rules(
+    geometry: Geometry, *, protect_layers: int = 0, min_kv_groups: int = 0, normalize: str = "none"
+) -> None:
+    """A one-line ValueError for allocation options this geometry cannot take (see the module docstring)."""
+    for name, value in (("protect_layers", protect_layers), ("min_kv_groups", min_kv_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+    if protect_layers >= geometry.num_layers:
+        raise ValueError(
+            f"protect_layers: {protect_layers} protects every layer of this model ({geometry.num_layers} layers); "
+            "nothing would be left to prune"
+        )
+    if min_kv_groups > geometry.num_kv_heads:
+        raise ValueError(
+            f"min_kv_groups: {min_kv_groups} is more than the model's {geometry.num_kv_heads} KV groups per layer"
+        )
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+
+
+def _protected_rows(g: Geometry, protect_layers: int) -> torch.Tensor:
+    """bool [num_attention_blocks]: the attention rows of the first ``protect_layers`` layers."""
+    first_cross = g.num_layers - g.cross_attention_layers
+    layer_of_row = torch.cat([torch.arange(g.num_layers), first_cross + torch.arange(g.cross_attention_layers)])
+    return layer_of_row < protect_layers
 
 
 def prune_fractions(geometry: Geometry, sparsity: float, gamma: float) -> tuple[float, float]:
@@ -140,15 +205,20 @@ def _kept_lists(pruned_mask: torch.Tensor) -> list[list[int]]:
     return [row.nonzero().flatten().tolist() for row in keep]
 
 
-def _global_kv_groups(attn: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """[L, H] bool: the ``n_prune`` lowest (score, layer, index) groups, skipping each layer's best one."""
+def _global_kv_groups(
+    attn: torch.Tensor, n_prune: int, keep: int = 1, frozen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[L, H] bool: the ``n_prune`` lowest (score, layer, index) groups (or as many as there are candidates),
+    skipping each row's ``keep`` best ones and every group of the rows ``frozen`` (bool [L]) marks."""
     num_layers, num_groups = attn.shape
     order = torch.sort(attn.flatten(), stable=True).indices
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
-    best = rank.view(num_layers, num_groups).argmax(dim=1)  # ranks are distinct: one best per layer
+    best = rank.view(num_layers, num_groups).topk(keep, dim=1).indices  # ranks are distinct: keep best per row
     protected = torch.zeros(num_layers, num_groups, dtype=torch.bool)
-    protected[torch.arange(num_layers), best] = True
+    protected.scatter_(1, best, True)
+    if frozen is not None:
+        protected[frozen] = True
     candidates = order[~protected.flatten()[order]]
     pruned = torch.zeros(num_layers * num_groups, dtype=torch.bool)
     pruned[candidates[:n_prune]] = True
@@ -194,8 +264,11 @@ def _bottom_k_per_layer(sorted_scores: torch.Tensor, k: int) -> torch.Tensor:
     return below + (short - tied_before).clamp(min=0).minimum(tied)
 
 
-def _global_mlp_channels(mlp: torch.Tensor, budget: float, round_to: int) -> tuple[torch.Tensor, dict]:
-    """[L, I] bool of pruned channels (widths allowed, total nearest ``budget``) and the rounding counts."""
+def _global_mlp_channels(
+    mlp: torch.Tensor, budget: float, round_to: int, frozen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
+    """[L, I] bool of pruned channels (widths allowed, total nearest ``budget``) and the rounding counts;
+    the layers ``frozen`` (bool [L]) marks keep every channel."""
     num_layers, width = mlp.shape
     first = _first_block(width, round_to)
     sorted_scores, per_layer_sorted = torch.sort(mlp, dim=1, stable=True)  # ties by index
@@ -207,6 +280,8 @@ def _global_mlp_channels(mlp: torch.Tensor, budget: float, round_to: int) -> tup
     sizes = torch.full((ends.numel(),), round_to, dtype=torch.int64)
     sizes[0] = first
     block_order = torch.sort(sorted_scores[:, ends].flatten(), stable=True).indices
+    if frozen is not None:
+        block_order = block_order[~frozen[torch.div(block_order, ends.numel(), rounding_mode="floor")]]
     totals = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.repeat(num_layers)[block_order].cumsum(0)])
     # The prefix of blocks whose channel total is nearest the budget (ties: prune fewer).
     n_blocks = int(torch.argmin((totals.to(torch.float64) - budget).abs()))
@@ -221,8 +296,10 @@ def _global_mlp_channels(mlp: torch.Tensor, budget: float, round_to: int) -> tup
     pruned.scatter_(1, per_layer_sorted, pruned_sorted)
 
     # Diagnostics: plain bottom-k of the budget, its widths rounded up, and what re-balancing then added.
-    n_plain = min(max(_nearest_int(budget), 0), num_layers * width)
-    plain_per_layer = _bottom_k_per_layer(sorted_scores, n_plain)
+    free = torch.ones(num_layers, dtype=torch.bool) if frozen is None else ~frozen
+    n_plain = min(max(_nearest_int(budget), 0), int(free.sum()) * width)
+    plain_per_layer = torch.zeros(num_layers, dtype=torch.int64)
+    plain_per_layer[free] = _bottom_k_per_layer(sorted_scores[free], n_plain)
     rounded_per_layer = _floor_allowed(plain_per_layer, first, round_to)
     counts = {
         "mlp_channels_budget": n_plain,
@@ -251,6 +328,9 @@ def allocate(
     allocation: str = "global",
     round_to: int = 8,
     architecture: str = "",
+    protect_layers: int = 0,
+    min_kv_groups: int = 0,
+    normalize: str = "none",
 ) -> PruningPlan:
     """The pruning plan that removes ``sparsity`` of the prunable parameters, lowest scores first.
 
@@ -259,7 +339,9 @@ def allocate(
     mlp_scores: [num_layers, intermediate_size] real, one score per MLP channel. Higher means more important.
     gamma: MLP fraction pruned / attention fraction pruned. allocation: "global" (rank across layers) or
     "uniform" (same widths in every layer). round_to: MLP widths are multiples of it, or the dense width.
-    Deterministic: ties are broken by (layer, index). See the module docstring for the rules.
+    protect_layers: the first N layers keep everything. min_kv_groups: every attention block keeps at least K
+    KV groups (0 and 1: the keep-one rule). normalize: "none", or per-layer "mean"/"median" scaling of the scores
+    before a global ranking (see the module docstring). Deterministic: ties are broken by (layer, index).
 
     The plan's ``meta`` records: ``target_sparsity``, ``achieved_sparsity``, ``gamma``, ``f_attn``, ``f_mlp``,
     ``round_to``, ``allocation``; the formula's counts before any rounding or per-layer rule
@@ -268,6 +350,9 @@ def allocate(
     (the formula count plus the spared groups and the count rounding, in channels); how many of those the
     width rounding spared (``mlp_channels_spared_by_rounding``) and re-balancing then pruned elsewhere
     (``mlp_channels_added_by_rebalance``); and the final ``kv_groups_pruned`` and ``mlp_channels_pruned``.
+    ``kv_groups_spared_by_keep_one`` counts every group the per-layer rules spared: keep-one, ``min_kv_groups``
+    and ``protect_layers``. The three options are recorded too (``protect_layers``, ``min_kv_groups``,
+    ``normalize``).
     """
     f_attn, f_mlp = prune_fractions(geometry, sparsity, gamma)
     if allocation not in ALLOCATIONS:
@@ -275,33 +360,47 @@ def allocate(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to: must be an int >= 1, got {round_to!r}")
     g = geometry
+    check_rules(g, protect_layers=protect_layers, min_kv_groups=min_kv_groups, normalize=normalize)
     rows = g.num_attention_blocks
     attn = _check_scores("attn_scores", attn_scores, (rows, g.num_kv_heads), "num_attention_blocks, num_kv_heads")
     mlp = _check_scores("mlp_scores", mlp_scores, (g.num_layers, g.intermediate_size), "num_layers, intermediate_size")
     n_attn, n_mlp = prune_counts(g, sparsity, gamma)
     a, m = g.attn_params_per_group, g.mlp_params_per_channel
     target = sparsity * g.prunable_params
+    if normalize != "none" and allocation != "global":
+        raise ValueError(f"normalize: {normalize!r} changes nothing under {allocation!r} allocation (per-layer order)")
+    keep = max(1, min_kv_groups)  # groups every attention block keeps
+    frozen_rows = _protected_rows(g, protect_layers) if protect_layers else None
+    frozen_layers = torch.arange(g.num_layers) < protect_layers if protect_layers else None
+    free_rows = rows - (0 if frozen_rows is None else int(frozen_rows.sum()))
+    free_layers = g.num_layers - protect_layers
 
     if allocation == "global":
-        attn_pruned = _global_kv_groups(attn, min(n_attn, rows * (g.num_kv_heads - 1)))
+        attn, mlp = normalize_per_layer(attn, normalize), normalize_per_layer(mlp, normalize)
+        attn_pruned = _global_kv_groups(attn, n_attn, keep, frozen_rows)
         spared_kv = n_attn - int(attn_pruned.sum())
         budget = (target - int(attn_pruned.sum()) * a) / m
-        mlp_pruned, counts = _global_mlp_channels(mlp, budget, round_to)
+        mlp_pruned, counts = _global_mlp_channels(mlp, budget, round_to, frozen_layers)
     else:
-        k_attn_formula = _nearest_int(f_attn * g.num_kv_heads)
-        k_attn = min(k_attn_formula, g.num_kv_heads - 1)
-        spared_kv = rows * (k_attn_formula - k_attn)
-        budget = (target - rows * k_attn * a) / (g.num_layers * m)  # channels per layer
+        # The whole model's share, taken from the free rows only (the same product when none is frozen).
+        per_row = f_attn * g.num_kv_heads if frozen_rows is None else n_attn / free_rows
+        k_attn_formula = _nearest_int(per_row)
+        k_attn = min(k_attn_formula, g.num_kv_heads - keep)
+        spared_kv = free_rows * (k_attn_formula - k_attn)
+        budget = (target - free_rows * k_attn * a) / (free_layers * m)  # channels per free layer
         allowed = torch.tensor(allowed_pruned_counts(g.intermediate_size, round_to), dtype=torch.float64)
         k_mlp = int(allowed[torch.argmin((allowed - budget).abs())])  # ties: prune fewer
         attn_pruned = _uniform_bottom_k(attn, k_attn)
         mlp_pruned = _uniform_bottom_k(mlp, k_mlp)
+        if frozen_rows is not None:
+            attn_pruned[frozen_rows] = False
+            mlp_pruned[frozen_layers] = False
         plain = min(max(_nearest_int(budget), 0), g.intermediate_size)
         rounded = int(_floor_allowed(torch.tensor(plain), _first_block(g.intermediate_size, round_to), round_to))
         counts = {
-            "mlp_channels_budget": g.num_layers * plain,
-            "mlp_channels_spared_by_rounding": g.num_layers * (plain - rounded),
-            "mlp_channels_added_by_rebalance": g.num_layers * (k_mlp - rounded),
+            "mlp_channels_budget": free_layers * plain,
+            "mlp_channels_spared_by_rounding": free_layers * (plain - rounded),
+            "mlp_channels_added_by_rebalance": free_layers * (k_mlp - rounded),
         }
 
     attn_kept = _kept_lists(attn_pruned)
@@ -328,6 +427,9 @@ def allocate(
         "kv_groups_spared_by_keep_one": spared_kv,
         **counts,
         "mlp_channels_pruned": int(mlp_pruned.sum()),
+        "protect_layers": protect_layers,
+        "min_kv_groups": min_kv_groups,
+        "normalize": normalize,
     }
     if abs(achieved - sparsity) > SPARSITY_TOLERANCE:
         warnings.warn(

@@ -47,13 +47,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .allocation import ALLOCATIONS
+    from .allocation import ALLOCATIONS, NORMALIZATIONS
     from .compensation import COMPENSATIONS
     from .distributed import STRATEGIES
     from .export import DTYPES as EXPORT_DTYPES
     from .export import QUANT_TYPES
     from .methods import METHODS, get_method
     from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
+    from .sources.gradients import WINDOW_WEIGHTS
 
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
@@ -80,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: the mean squared micro-batch gradient)",
     )
     pr.add_argument(
+        "--window-weight",
+        choices=WINDOW_WEIGHTS,
+        default="none",
+        help="divide each calibration window's gradient by its L2 norm (norm) or its objective value (objective) "
+        "before the sum; one window per backward pass (default none: the plain sum)",
+    )
+    pr.add_argument(
+        "--trim",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="leave the ceil(F*N) windows with the largest gradient norms out of the sum, F in [0, 0.5) (default 0)",
+    )
+    pr.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
         default=None,
@@ -92,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bias: fold the calibration mean of the removed inputs into o_proj/down_proj biases (FLAP's "
         "compensation) for any method; flap always does, so it changes nothing there. Not for encoder-decoders",
+    )
+    pr.add_argument(
+        "--protect-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the first N layers keep every KV group and MLP channel; the target is met from the others (default 0)",
+    )
+    pr.add_argument(
+        "--min-kv-groups",
+        type=int,
+        default=0,
+        metavar="K",
+        help="every layer keeps at least K KV groups (default 0: at least one, the keep-one rule)",
+    )
+    pr.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default="none",
+        help="divide each layer's KV-group and MLP-channel scores by that layer's mean or median before the "
+        "global ranking (default none: the published unnormalised scores)",
     )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)
@@ -231,8 +267,13 @@ def cmd_prune(args) -> int:
         saliency=args.saliency,
         objective=args.objective,
         adam_steps=args.adam_steps,
+        window_weight=args.window_weight,
+        trim=args.trim,
         allocation=args.allocation,
         round_to=args.round_to,
+        protect_layers=args.protect_layers,
+        min_kv_groups=args.min_kv_groups,
+        normalize=args.normalize,
         micro_batch_size=args.micro_batch_size,
         device=args.device,
         dtype=args.dtype,

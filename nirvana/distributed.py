@@ -780,13 +780,15 @@ def select_on_ranks(
     compensation=None,
     stats: dict | None = None,
     progress: bool = False,
+    rules=None,
 ):
     """:func:`nirvana.selection.select` on the sharded model; collective, every rank returns the same choice.
 
     Every trial's plan is allocated on every rank from the same (all-reduced) scores; its KL is that
     of the sharded model masked with the plan (:func:`masked_on_ranks`, with ``compensation(sharded,
     plan, stats[seed])``'s biases for a method that compensates), so nothing is compacted or reloaded.
-    Ties and skipped gammas go as one process has them.
+    Ties and skipped gammas go as one process has them. ``rules``: the allocation options (see
+    :func:`nirvana.selection.select`).
     """
     from .selection import search
 
@@ -799,7 +801,7 @@ def select_on_ranks(
 
     return search(
         candidates, gammas, kl_of, sparsity=sparsity, allocation=allocation, round_to=round_to,
-        architecture=architecture, progress=progress,
+        architecture=architecture, progress=progress, rules=rules,
     )  # fmt: skip
 
 

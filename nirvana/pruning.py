@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import _remote_modeling as remote
 from . import calibration, compensation, replan, selection
 from .adapters import architecture_names, get_adapter
-from .allocation import ALLOCATIONS, allocate
+from .allocation import ALLOCATIONS, NORMALIZATIONS, allocate, check_rules
 from .checkpoint import CONFIG_FILE, PLAN_FILE, REPORT_FILE, save_pruned
 from .compaction import compact_model
 from .methods import METHODS, get_method
@@ -33,6 +33,7 @@ from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
 from .scores import SCORES_FILE, Scores, save_scores
 from .sources.activations import activation_statistics
+from .sources.gradients import check_aggregation
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
@@ -64,8 +65,18 @@ class PruneSettings:
     # With --saliency adam: V from an AdamW's exp_avg_sq after this many steps at learning rate 0 on the
     # calibration windows (one micro-batch a step); 0: the mean squared micro-batch gradient.
     adam_steps: int = 0
+    # Robust aggregation of the windows' gradients (nirvana.sources.gradients): each window's gradient divided
+    # by its norm ("norm") or objective value ("objective") before the sum; the ceil(trim * N) windows with the
+    # largest gradient norms left out. One window per backward pass; NIRVANA's taylor saliency only.
+    window_weight: str = "none"
+    trim: float = 0.0
     allocation: str | None = None  # None: the method's own (Method.allocation); "global" or "uniform" overrides it
     round_to: int = 8
+    # Allocation rules (nirvana.allocation): the first N layers keep everything; every attention block keeps
+    # at least K KV groups; per-layer "mean"/"median" scaling of the scores before the global ranking.
+    protect_layers: int = 0
+    min_kv_groups: int = 0
+    normalize: str = "none"
     micro_batch_size: int = 8
     device: str | None = None  # None: CUDA when present
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
@@ -121,7 +132,19 @@ class PruneSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("protect_layers", "min_kv_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize: must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.normalize != "none" and self.resolved_allocation != "global":
+            raise ValueError(
+                f"normalize: {self.normalize!r} needs global allocation (it cannot change a per-layer order), "
+                f"got --allocation {self.resolved_allocation}"
+            )
         self._check_adam_steps()
+        self._check_aggregation()
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device: must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -205,6 +228,21 @@ class PruneSettings:
         if self.scores is not None:
             raise ValueError("adam_steps: --scores re-plans saved scores; there is nothing to step")
 
+    def _check_aggregation(self) -> None:
+        check_aggregation(self.window_weight, self.trim)
+        if self.window_weight == "none" and not self.trim:
+            return
+        flag = f"--window-weight {self.window_weight}" if self.window_weight != "none" else f"--trim {self.trim}"
+        if self.method != "nirvana" or self.saliency != "taylor":
+            raise ValueError(
+                f"window_weight: {flag} weighs NIRVANA's gradient sum, needs --method nirvana --saliency taylor, "
+                f"got --method {self.method} --saliency {self.saliency}"
+            )
+        if self.distributed is not None:
+            raise ValueError(f"window_weight: {flag} is not under --distributed (the ranks sum micro-batch gradients)")
+        if self.scores is not None:
+            raise ValueError(f"window_weight: {flag} changes scoring, but --scores re-plans saved scores")
+
     def _check_scores(self) -> None:
         if self.scores is not None:
             replan.check_settings(self)
@@ -220,6 +258,11 @@ class PruneSettings:
             model=model,
             progress=progress,
         )
+
+    @property
+    def rules(self) -> dict:
+        """The allocation rules, as :func:`nirvana.allocation.allocate` takes them by name."""
+        return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
 
     @property
     def resolved_allocation(self) -> str:
@@ -312,6 +355,7 @@ def prune(
     allocation = settings.resolved_allocation
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
+    check_rules(geometry, **settings.rules)  # before any scoring: N or K too large for this model
     _check_encoder_decoder(settings, model)
     architecture = architecture_names(model)[0]
     params_before = count_params(model)
@@ -362,6 +406,7 @@ def prune(
                 architecture=architecture,
                 prepare=None if compensate is None else _prepare(compensate, method_stats),
                 progress=progress,
+                rules=settings.rules,
             )
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -376,6 +421,7 @@ def prune(
                 allocation=allocation,
                 round_to=settings.round_to,
                 architecture=architecture,
+                **settings.rules,
             )
     calib = settings.calib if saved is None else saved.calib
     plan.meta.update(
@@ -426,6 +472,8 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     from . import distributed
 
     settings.check()
+    if settings.rules != PruneSettings().rules:
+        _check_rules_from_config(settings)
     timer = _Timer()
     run = distributed.score_on_ranks(settings, progress=progress)
     timer.update(run.report["timings_s"])
@@ -449,7 +497,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             chosen = distributed.select_on_ranks(
                 run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
                 allocation=allocation, round_to=settings.round_to, architecture=architecture,
-                compensation=sharded_compensation, stats=run.stats, progress=show,
+                compensation=sharded_compensation, stats=run.stats, progress=show, rules=settings.rules,
             )  # fmt: skip
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -458,6 +506,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             plan = allocate(
                 best.scores.attention, best.scores.mlp, best.scores.geometry, sparsity=settings.sparsity,
                 gamma=gammas[0], allocation=allocation, round_to=settings.round_to, architecture=architecture,
+                **settings.rules,
             )  # fmt: skip
     plan.meta.update(
         {"method": settings.method, "calibration_seed": best.seed, "calib": settings.calib}
@@ -481,6 +530,16 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     if result is not None:
         return result
     return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+
+
+def _check_rules_from_config(settings: PruneSettings) -> None:
+    """:func:`nirvana.allocation.check_rules` against the checkpoint's config, before any rank scores."""
+    from transformers import AutoConfig
+
+    from .rank_load import checkpoint_folder
+
+    config = AutoConfig.from_pretrained(checkpoint_folder(settings.model))
+    check_rules(get_adapter(config).geometry(config), **settings.rules)
 
 
 def _finish_on_rank_0(

@@ -32,6 +32,7 @@ from .sources.common import check_micro_batch
 from .sources.gradients import (
     accumulate_gradients,
     attention_parameters,
+    check_aggregation,
     optimizer_second_moments,
     prunable_parameters,
 )
@@ -124,6 +125,8 @@ def compute_scores(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = True,
     seed: int = 0,
+    window_weight: str = "none",
+    trim: float = 0.0,
 ) -> Scores:
     """Score every KV group and MLP channel of a dense Hugging Face decoder.
 
@@ -146,6 +149,10 @@ def compute_scores(
         micro_batch_size: windows per forward/backward pass; bounds activation memory.
         optimizer: only with ``saliency="adam"``.
         progress: show a tqdm bar over micro-batches.
+        window_weight, trim: robust aggregation of the windows' gradients, ``"taylor"`` saliency only: each
+            window's gradient divided by its norm (``"norm"``) or its objective value (``"objective"``)
+            before the sum, and the ``ceil(trim * N)`` windows with the largest gradient norms left out; one
+            window per backward pass (see :func:`nirvana.sources.gradients.accumulate_gradients`).
 
     Returns:
         :class:`Scores` with float32 tensors on the CPU. The model is left as found: no ``.grad``
@@ -163,6 +170,13 @@ def compute_scores(
         raise ValueError(f"optimizer: only used with saliency='adam', got saliency={saliency!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: must be an integer, got {seed!r}")  # noqa: TRY004
+    check_aggregation(window_weight, trim)
+    robust = window_weight != "none" or bool(trim)
+    if robust and saliency != "taylor":
+        raise ValueError(
+            f"window_weight: {window_weight!r} / trim {trim!r} weigh the gradient sum of saliency 'taylor', "
+            f"got saliency={saliency!r}"
+        )
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
     layers = adapter.layers(model)
@@ -205,6 +219,8 @@ def compute_scores(
         micro_batch_size=micro_batch_size,
         second_moment=saliency == "adam" and optimizer is None,
         progress=progress,
+        window_weight=window_weight,
+        trim=trim,
     )
     grads, value, count = sums.grads, sums.objective, sums.micro_batches
     moments = moments_from_opt if moments_from_opt is not None else sums.second_moment
@@ -231,6 +247,8 @@ def compute_scores(
     )
     if saliency == "adam":
         meta["eps"] = eps / scale
+    if robust:  # recorded only when used, so that the plain sum's meta is what it always was
+        meta.update(window_weight=window_weight, trim=trim, micro_batch_size=1)
     return stack_scores(att_rows, mlp_rows, geometry, meta, inputs="weights, gradients or second moments")
 
 

@@ -65,6 +65,29 @@ def stack_scores(att_rows, mlp_rows, geometry: Geometry, meta: dict, *, inputs: 
     return Scores(attention, mlp, geometry, meta)
 
 
+def mean_scores(draws) -> Scores:
+    """The mean of several :class:`Scores` of one geometry (e.g. of K calibration draws), as one ``Scores``.
+
+    Each unit's score is averaged over the draws, every draw weighted alike (this is not the score of the
+    pooled gradient: ``|W * G|`` is not linear in ``G``). Averaged in float64, returned float32 on the CPU. ``meta`` is
+    the first draw's, with ``draws`` (how many) and ``calibration_seeds`` (each draw's seed, where recorded).
+    A one-line ValueError for no draws, a non-Scores, or a geometry that differs from the first's.
+    """
+    draws = list(draws)
+    if not draws:
+        raise ValueError("draws: at least one Scores is needed")
+    for i, d in enumerate(draws):
+        if not isinstance(d, Scores):
+            raise ValueError(f"draws[{i}]: expected a Scores, got {type(d).__name__}")  # noqa: TRY004
+        if d.geometry != draws[0].geometry:
+            raise ValueError(f"draws[{i}]: its geometry differs from draws[0]'s; scores of one model only")
+    attention = torch.stack([d.attention.to(torch.float64) for d in draws]).mean(dim=0)
+    mlp = torch.stack([d.mlp.to(torch.float64) for d in draws]).mean(dim=0)
+    meta = dict(draws[0].meta, draws=len(draws))
+    meta["calibration_seeds"] = [d.meta.get("calibration_seed") for d in draws]
+    return Scores(attention.to(torch.float32), mlp.to(torch.float32), draws[0].geometry, meta)
+
+
 def check_finite_scores(attention: torch.Tensor, mlp: torch.Tensor, *, inputs: str = "weights or gradients") -> None:
     """A ValueError naming the first layer with a NaN or infinite attention or MLP score."""
     for name, t in (("attention", attention), ("mlp", mlp)):
@@ -153,6 +176,7 @@ __all__ = [
     "Scores",
     "check_finite_scores",
     "load_scores",
+    "mean_scores",
     "save_scores",
     "scores_path",
     "stack_scores",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,13 +75,15 @@ def select(
     batch_size: int = 8,
     prepare: Callable[[nn.Module, PruningPlan, Candidate], None] | None = None,
     progress: bool = False,
+    rules: Mapping | None = None,
 ) -> Selection:
     """Try every candidate at every gamma; return the lowest token-mean KL(dense || pruned) on ``heldout``.
 
     Gammas that cannot reach ``sparsity`` (the MLP share would exceed 100%) are skipped and reported.
     Ties go to the earlier candidate and gamma, so the result is deterministic. ``prepare(model, plan,
     candidate)`` runs on each dense copy before compaction (see :func:`pruned_copy`). ``progress`` shows a
-    bar over the (candidate, gamma) trials on stderr.
+    bar over the (candidate, gamma) trials on stderr. ``rules``: :func:`~nirvana.allocation.allocate`'s
+    ``protect_layers``, ``min_kv_groups`` and ``normalize``, by name (none given: the defaults).
     """
     dense_logits = window_logits(model, heldout, batch_size=batch_size) if candidates and gammas else None
 
@@ -91,7 +93,7 @@ def select(
 
     return search(
         candidates, gammas, kl_of, sparsity=sparsity, allocation=allocation, round_to=round_to,
-        architecture=architecture, progress=progress,
+        architecture=architecture, progress=progress, rules=rules,
     )  # fmt: skip
 
 
@@ -105,6 +107,7 @@ def search(
     round_to: int = 8,
     architecture: str = "",
     progress: bool = False,
+    rules: Mapping | None = None,
 ) -> Selection:
     """The trial loop of :func:`select`, whatever measures a plan's KL: ``kl_of(plan, candidate)``.
 
@@ -131,6 +134,7 @@ def search(
                 allocation=allocation,
                 round_to=round_to,
                 architecture=architecture,
+                **(rules or {}),
             )
         except ValueError as e:
             if len(gammas) == 1:

@@ -472,3 +472,132 @@ def test_70b_shape_allocates_within_tolerance():
     plan = allocate(attn, mlp, g, sparsity=0.5, gamma=3.36)
     assert abs(plan.achieved_sparsity() - 0.5) <= 0.005
     assert all(len(lp.mlp_channels_kept) % 8 == 0 for lp in plan.layers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Allocation rules: protect_layers, min_kv_groups, normalize
+
+
+def _masks(plan: PruningPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    g = plan.geometry
+    kv = pruned_mask(plan, "kv_groups_kept", g.num_kv_heads)
+    return kv, pruned_mask(plan, "mlp_channels_kept", g.intermediate_size)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("sparsity", [0.2, 0.4], ids=lambda s: f"s{s}")
+def test_default_rules_are_todays_plan(sparsity, allocation):
+    attn, mlp = cached_scores("smollm2")
+    plain = allocate(attn, mlp, SMOLLM2, sparsity=sparsity, gamma=3.0, allocation=allocation)
+    rules = allocate(
+        attn, mlp, SMOLLM2, sparsity=sparsity, gamma=3.0, allocation=allocation,
+        protect_layers=0, min_kv_groups=0, normalize="none",
+    )  # fmt: skip
+    keep_one = allocate(attn, mlp, SMOLLM2, sparsity=sparsity, gamma=3.0, allocation=allocation, min_kv_groups=1)
+    for other in (rules, keep_one):
+        for a, b in zip(_masks(plain), _masks(other)):
+            assert torch.equal(a, b)
+    assert plain.meta | {"min_kv_groups": 1} == keep_one.meta
+    assert plain.meta["protect_layers"] == 0 and plain.meta["normalize"] == "none"
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("protect", [1, 4], ids=lambda n: f"protect{n}")
+def test_protected_layers_keep_everything_and_the_target_is_met_elsewhere(protect, allocation):
+    g = SMOLLM2
+    attn, mlp = random_scores(g, seed=5)
+    attn[:protect] -= 10.0  # the lowest scores of the model: pruned first without protection
+    mlp[:protect] -= 10.0
+    unprotected = allocate(attn, mlp, g, sparsity=0.3, gamma=3.0, allocation=allocation)
+    assert any(kv < g.num_kv_heads or ch < g.intermediate_size for kv, ch in widths(unprotected)[:protect])
+    plan = allocate(attn, mlp, g, sparsity=0.3, gamma=3.0, allocation=allocation, protect_layers=protect)
+    for lp in plan.layers[:protect]:
+        assert lp.kv_groups_kept == list(range(g.num_kv_heads))
+        assert lp.mlp_channels_kept == list(range(g.intermediate_size))
+    assert abs(plan.achieved_sparsity() - 0.3) <= 0.005
+    assert plan.meta["protect_layers"] == protect
+    assert_plan_invariants(plan, 8)
+    if allocation == "uniform":
+        assert len(set(widths(plan)[protect:])) == 1  # the others alike
+
+
+def test_protected_layers_of_an_encoder_decoder_include_their_cross_attention():
+    g = Geometry(8, 64, 4, 4, 16, 256, encoder_layers=4, cross_attention_layers=4)  # cross rows 8..11: layers 4..7
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.rand(g.num_attention_blocks, g.num_kv_heads, generator=gen) + 1e-3
+    mlp = torch.rand(g.num_layers, g.intermediate_size, generator=gen) + 1e-3
+    attn[8] -= 10.0  # layer 4's cross-attention: the lowest groups
+    assert allocate(attn, mlp, g, sparsity=0.15, gamma=3.0).layers[4].cross_kv_groups_kept != list(range(4))
+    plan = allocate(attn, mlp, g, sparsity=0.15, gamma=3.0, protect_layers=5)
+    assert [len(lp.kv_groups_kept) for lp in plan.layers[:5]] == [4] * 5
+    assert plan.layers[4].cross_kv_groups_kept == list(range(4))
+    assert all(len(lp.mlp_channels_kept) == 256 for lp in plan.layers[:5])
+    assert abs(plan.achieved_sparsity() - 0.15) <= 0.005
+
+
+def test_min_kv_groups_keeps_the_best_k_and_makes_up_on_the_mlp_side():
+    g = SMOLLM2
+    attn, mlp = random_scores(g, seed=4)
+    attn[7] = torch.tensor([-1000.0, -998.0, -999.0])  # all three below every other group; index 1 is best
+    plan = allocate(attn, mlp, g, sparsity=0.3, gamma=3.0, min_kv_groups=2)
+    assert plan.layers[7].kv_groups_kept == [1, 2]  # the two best
+    assert all(kv >= 2 for kv, _ in widths(plan))
+    assert abs(plan.achieved_sparsity() - 0.3) <= 0.005
+    assert plan.meta["min_kv_groups"] == 2
+    # gamma 0.5 asks for more than one group per layer: the spared groups are made up in channels.
+    floor = allocate(attn, mlp, g, sparsity=0.5, gamma=0.5, min_kv_groups=2)
+    assert all(kv == 2 for kv, _ in widths(floor))
+    assert floor.meta["kv_groups_spared_by_keep_one"] == prune_counts(g, 0.5, 0.5)[0] - 30
+    assert abs(floor.achieved_sparsity() - 0.5) <= 0.005
+    everything = allocate(attn, mlp, g, sparsity=0.3, gamma=3.0, min_kv_groups=3)
+    assert everything.meta["kv_groups_pruned"] == 0 and abs(everything.achieved_sparsity() - 0.3) <= 0.005
+
+
+@pytest.mark.parametrize("how", ["mean", "median"])
+def test_normalize_divides_out_each_layers_scale(how):
+    g = TINY
+    attn, mlp = random_scores(g, seed=2)
+    attn, mlp = attn.double(), mlp.double()
+    scale = torch.tensor([2.0**-12, 1.0, 2.0**5, 2.0**-3], dtype=torch.float64)[:, None]  # exact in float64
+    scaled = allocate(attn * scale, mlp * scale, g, sparsity=0.3, gamma=3.0, normalize=how)
+    unscaled = allocate(attn, mlp, g, sparsity=0.3, gamma=3.0, normalize=how)
+    for a, b in zip(_masks(scaled), _masks(unscaled)):
+        assert torch.equal(a, b)
+    raw = allocate(attn * scale, mlp * scale, g, sparsity=0.3, gamma=3.0)
+    assert widths(raw)[0][1] < widths(scaled)[0][1]  # unnormalised, the tiny layer 0 loses most
+    # By hand: the normalised ranking is the ranking of x / stat(x) per layer.
+    stat = (lambda x: x.mean(1, keepdim=True)) if how == "mean" else (lambda x: x.quantile(0.5, dim=1, keepdim=True))
+    by_hand = allocate(attn / stat(attn), mlp / stat(mlp), g, sparsity=0.3, gamma=3.0)
+    for a, b in zip(_masks(by_hand), _masks(unscaled)):
+        assert torch.equal(a, b)
+    assert scaled.meta["normalize"] == how
+
+
+def test_normalize_keeps_a_zero_layer_raw():
+    from nirvana.allocation import normalize_per_layer
+
+    x = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 6.0], [-1.0, -1.0, 1.0, 0.0]])
+    got = normalize_per_layer(x, "mean")
+    assert torch.equal(got[0], x[0].double()) and torch.equal(got[2], x[2].double())  # mean 0, mean < 0: raw
+    assert torch.equal(got[1], torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64) / 3.0)
+    assert torch.equal(normalize_per_layer(x, "median")[1], torch.tensor([0.4, 0.8, 1.2, 2.4], dtype=torch.float64))
+    plan = allocate(torch.zeros(4, 2).index_fill_(0, torch.tensor([1, 2, 3]), 1.0), torch.rand(4, 512), TINY,
+                    sparsity=0.3, gamma=3.0, normalize="mean")  # fmt: skip
+    assert len(plan.layers[0].kv_groups_kept) == 1  # the zero layer's raw scores are the lowest
+
+
+RULE_REFUSALS = {
+    "protect_all": ({"protect_layers": 30}, r"^protect_layers: 30 protects every layer of this model \(30 layers\)"),
+    "protect_negative": ({"protect_layers": -1}, r"^protect_layers: must be a non-negative integer, got -1$"),
+    "protect_float": ({"protect_layers": 1.0}, r"^protect_layers: must be a non-negative integer, got 1\.0$"),
+    "floor_too_high": ({"min_kv_groups": 4}, r"^min_kv_groups: 4 is more than the model's 3 KV groups per layer$"),
+    "normalize_name": ({"normalize": "zscore"}, r"^normalize: must be one of none, mean, median, got 'zscore'$"),
+    "normalize_uniform": ({"normalize": "mean", "allocation": "uniform"}, r"^normalize: 'mean' changes nothing"),
+}
+
+
+@pytest.mark.parametrize(("changes", "pattern"), list(RULE_REFUSALS.values()), ids=list(RULE_REFUSALS))
+def test_rule_refusals_are_one_line(changes, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
+        allocate(**_bad(**changes))
+    assert "\n" not in str(err.value)

@@ -163,6 +163,21 @@ BAD = [
     ("missing-model", ["MODEL=/no/such/folder"], "model: '/no/such/folder' does not exist"),
     ("short-text", ["CALIB=short"], "has 11 tokens"),
     ("unknown-arch", ["MODEL=gpt2"], "architecture: 'GPT2LMHeadModel' is not supported"),
+    ("protect-all", ["--protect-layers", "3"], "protect_layers: 3 protects every layer of this model (3 layers)"),
+    ("protect-negative", ["--protect-layers", "-1"], "protect_layers: must be a non-negative integer, got -1"),
+    ("floor-too-high", ["--min-kv-groups", "9"], "min_kv_groups: 9 is more than the model's 8 KV groups per layer"),
+    ("normalize-name", ["--normalize", "zscore"], "argument --normalize: invalid choice: 'zscore'"),
+    ("trim-half", ["--trim", "0.5"], "trim: must be a number in [0, 0.5), got 0.5"),
+    (
+        "window-weight-adam",
+        ["--window-weight", "norm", "--saliency", "adam"],
+        "window_weight: --window-weight norm weighs NIRVANA's gradient sum, needs --method nirvana --saliency taylor",
+    ),
+    (
+        "normalize-uniform",
+        ["--normalize", "mean", "--allocation", "uniform"],
+        "normalize: 'mean' needs global allocation (it cannot change a per-layer order), got --allocation uniform",
+    ),
 ]
 
 
@@ -191,6 +206,43 @@ def test_bad_input_is_one_line_and_exit_2(case, change, message, tiny_dir, gpt2_
     assert err.count("\n") == 1 and err.startswith("nirvana: error: "), err
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_with_allocation_rules(tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "ruled"
+    rules = ["--protect-layers", "1", "--min-kv-groups", "2", "--normalize", "median"]
+    code, _, err = run(prune_args(tiny_dir, calib, out, *rules), capsys)
+    assert code == 0, err
+    plan = json.loads((out / "plan.json").read_text())
+    assert {k: plan["meta"][k] for k in ("protect_layers", "min_kv_groups", "normalize")} == {
+        "protect_layers": 1, "min_kv_groups": 2, "normalize": "median",
+    }  # fmt: skip
+    first = plan["layers"][0]
+    assert len(first["kv_groups_kept"]) == 8 and len(first["mlp_channels_kept"]) == 64
+    assert all(len(layer["kv_groups_kept"]) >= 2 for layer in plan["layers"])
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["protect_layers"], report["settings"]["normalize"]) == (1, "median")
+    assert abs(report["sparsity"]["achieved"] - 0.3) <= 0.02
+    # Re-planned from the saved scores with the same rules: the same plan, no backward pass.
+    again = tmp_path / "again"
+    code, _, err = run(prune_args(tiny_dir, calib, again, *rules, "--scores", out), capsys)
+    assert code == 0, err
+    assert json.loads((again / "plan.json").read_text())["layers"] == plan["layers"]
+
+
+@pytest.mark.parametrize("flags", [["--window-weight", "norm"], ["--trim", "0.25"]], ids=["norm", "trim"])
+def test_prune_with_robust_aggregation(flags, tiny_dir, calib, tmp_path, capsys):
+    out = tmp_path / "robust"
+    code, _, err = run(prune_args(tiny_dir, calib, out, *flags), capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["window_weight"], report["settings"]["trim"]) == (
+        ("norm", 0.0) if flags[0] == "--window-weight" else ("none", 0.25)
+    )
+    from nirvana.scores import load_scores
+
+    meta = load_scores(out).meta
+    assert meta["micro_batch_size"] == 1 and meta["micro_batches"] == (4 if flags[0] == "--window-weight" else 4 + 3)
 
 
 def test_eval_of_a_missing_text_is_one_line(tiny_dir, capsys):

@@ -35,7 +35,7 @@ def test_every_name_resolves_and_declares_what_it_needs(name):
     assert method.compensates == (name in NEEDS_ACTIVATIONS)
     # Only a method that reads activation statistics can compensate from them.
     assert not method.compensates or method.uses_statistics
-    assert set(method.settings) <= {"objective", "saliency", "adam_steps"}
+    assert set(method.settings) <= {"objective", "saliency", "adam_steps", "window_weight", "trim"}
     # prune() passes each setting from PruneSettings by name.
     assert set(method.settings) <= {f.name for f in dataclasses.fields(PruneSettings)}
 

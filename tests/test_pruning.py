@@ -255,6 +255,12 @@ CHEAP_CHECKS = {
     "adam-steps-float": (dict(saliency="adam", adam_steps=1.5), "adam_steps: must be a non-negative integer, got 1.5"),
     "adam-steps-taylor": (dict(adam_steps=2), "adam_steps: 2 needs --method nirvana --saliency adam, got"),
     "adam-steps-flap": (dict(method="flap", saliency="adam", adam_steps=2), "needs --method nirvana --saliency"),
+    "window-weight-name": (dict(window_weight="l2"), "window_weight: must be one of none, norm, objective, got 'l2'"),
+    "window-weight-adam": (dict(window_weight="norm", saliency="adam"), "window_weight: --window-weight norm weighs"),
+    "trim-flap": (dict(method="flap", trim=0.1), "window_weight: --trim 0.1 weighs NIRVANA's gradient sum, needs"),
+    "trim-range": (dict(trim=0.5), r"trim: must be a number in \[0, 0.5\), got 0.5"),
+    "protect-negative": (dict(protect_layers=-2), "protect_layers: must be a non-negative integer, got -2"),
+    "normalize-uniform": (dict(normalize="mean", allocation="uniform"), "normalize: 'mean' needs global allocation"),
 }
 
 
@@ -297,6 +303,20 @@ def test_windows_longer_than_the_model_positions_warn(tmp_path):
     model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()  # max_position_embeddings 128
     with pytest.warns(RuntimeWarning, match=r"seq_len: 130 is longer than the model's max_position_embeddings \(128\)"):
         prune(settings(tmp_path, seq_len=130, num_samples=2, out=None), model=model, tokenizer=tok, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(distributed="fsdp", window_weight="norm"), "window_weight: --window-weight norm is not under --distrib"),
+        (dict(scores="x", trim=0.1), "window_weight: --trim 0.1 changes scoring, but --scores re-plans saved scores"),
+    ],
+    ids=["distributed", "scores"],
+)
+def test_robust_aggregation_is_refused_where_nothing_sums_windows(kw, message):
+    # Called on its own: under pytest, --distributed and --scores fail their own checks (no torchrun, no file) first.
+    with pytest.raises(ValueError, match=f"^{message}"):
+        PruneSettings(**kw)._check_aggregation()
 
 
 def test_adam_steps_scores_with_adamws_state_after_those_steps(tmp_path):

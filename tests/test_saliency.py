@@ -286,3 +286,25 @@ def test_pruned_model_is_refused():
     model.model.layers[1].mlp.up_proj = torch.nn.Linear(32, 40, bias=False)
     with pytest.raises(ValueError, match=r"model: layer 1 has 16 k_proj rows and 40 MLP channels"):
         compute_scores(model, windows(), progress=False)
+
+
+@pytest.mark.parametrize("weight", ["norm", "objective"])
+def test_robust_aggregation_scores_the_weighted_sum(weight):
+    model = tiny_model("llama")
+    ids = windows()
+    grads = [naive_grads(model, ids[n : n + 1], "maxlogit") for n in range(N_WINDOWS)]
+    with torch.no_grad():
+        values = [float(hand_objective(model, ids[n : n + 1], "maxlogit")) for n in range(N_WINDOWS)]
+    scale = [
+        float(sum(x.square().sum() for x in g).sqrt()) if weight == "norm" else N_WINDOWS * f
+        for g, f in zip(grads, values)
+    ]
+    summed = [sum(g[i] / s for g, s in zip(grads, scale)) for i in range(len(grads[0]))]
+    att, mlp = hand_scores(model, summed)
+    scores = compute_scores(model, ids, window_weight=weight, progress=False)
+    assert_close(scores.attention, att, rtol=1e-4, name=f"{weight} attention")
+    assert_close(scores.mlp, mlp, rtol=1e-4, name=f"{weight} mlp")
+    assert (scores.meta["window_weight"], scores.meta["trim"], scores.meta["micro_batch_size"]) == (weight, 0.0, 1)
+    assert "window_weight" not in compute_scores(model, ids, progress=False).meta  # the plain sum's meta as before
+    with pytest.raises(ValueError, match=r"^window_weight: 'norm' / trim 0\.0 weigh the gradient sum of saliency"):
+        compute_scores(model, ids, saliency="adam", window_weight="norm", progress=False)

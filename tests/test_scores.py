@@ -68,3 +68,32 @@ def test_scores_validate_their_tensors():
         Scores(good.attention[:2], good.mlp, good.geometry)
     with pytest.raises(ValueError, match=r"scores.meta: must be JSON-serialisable"):
         save_scores(_scores({"bad": object()}), "unused.safetensors")
+
+
+def test_mean_scores_averages_each_unit():
+    from nirvana.scores import mean_scores
+
+    a, b, c = _scores({"calibration_seed": 0}), _scores({"calibration_seed": 5}), _scores({"calibration_seed": 10})
+    b.attention, b.mlp = b.attention * 3 + 1, b.mlp.abs()
+    c.attention, c.mlp = -c.attention, c.mlp * 0.5
+    got = mean_scores([a, b, c])
+    want_att = (a.attention.double() + b.attention.double() + c.attention.double()) / 3
+    want_mlp = (a.mlp.double() + b.mlp.double() + c.mlp.double()) / 3
+    assert_bitwise_equal(got.attention, want_att.float(), name="attention")
+    assert_bitwise_equal(got.mlp, want_mlp.float(), name="mlp")
+    assert got.meta["draws"] == 3 and got.meta["calibration_seeds"] == [0, 5, 10]
+    assert_bitwise_equal(mean_scores([a]).mlp, a.mlp, name="one draw")
+
+
+def test_mean_scores_refuses_nothing_or_another_model():
+    from nirvana.scores import mean_scores
+
+    with pytest.raises(ValueError, match=r"^draws: at least one Scores is needed$"):
+        mean_scores([])
+    other = _scores()
+    g = other.geometry
+    wide = Geometry(g.num_layers, g.hidden_size, g.num_heads, g.num_kv_heads, g.head_dim, 16)
+    with pytest.raises(ValueError, match=r"^draws\[1\]: its geometry differs"):
+        mean_scores([other, Scores(other.attention, torch.zeros(3, 16), wide)])
+    with pytest.raises(ValueError, match=r"^draws\[0\]: expected a Scores, got dict$"):
+        mean_scores([{}])

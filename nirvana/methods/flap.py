@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..adapters import text_config
+from ..allocation import divide_per_row
 from ..compaction import pruned_indices
 from ..plan import PruningPlan
 from ..scores import Scores
@@ -25,8 +26,7 @@ def standardize_per_layer(x: torch.Tensor) -> torch.Tensor:
     centred = x - x.mean(dim=1, keepdim=True)
     if x.shape[1] < 2:
         return centred
-    std = x.std(dim=1, keepdim=True)
-    return centred / torch.where(std > 0, std, torch.ones_like(std))
+    return divide_per_row(centred, x.std(dim=1, keepdim=True))
 
 
 def flap_scores(model: nn.Module, stats: ActivationStats, weights: WeightReductions = DENSE_WEIGHTS) -> Scores:

@@ -3,7 +3,8 @@
 ``sum |W * G|`` over the unit, ``G`` the gradient of the objective summed over all windows; ``prune``
 passes its ``objective`` and ``saliency`` settings (``--saliency adam`` scales by Adam's second moment:
 the mean squared micro-batch gradient, or with ``adam_steps`` an AdamW's ``exp_avg_sq`` after that many
-steps at learning rate 0 on the calibration windows).
+steps at learning rate 0 on the calibration windows). ``window_weight`` and ``trim`` aggregate the windows'
+gradients robustly (:func:`nirvana.sources.gradients.accumulate_gradients`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Nirvana(Method):
 
     name = "nirvana"
     needs = GRADIENTS
-    settings = ("objective", "saliency", "adam_steps")
+    settings = ("objective", "saliency", "adam_steps", "window_weight", "trim")
     allocation = "global"
 
     def scores(
@@ -35,6 +36,8 @@ class Nirvana(Method):
         objective="maxlogit",
         saliency="taylor",
         adam_steps=0,
+        window_weight="none",
+        trim=0.0,
         **settings,
     ) -> Scores:
         """:func:`nirvana.saliency.compute_scores` with ``objective`` and ``saliency``."""
@@ -57,6 +60,8 @@ class Nirvana(Method):
             optimizer=optimizer,
             progress=progress,
             seed=int(seed),
+            window_weight=window_weight,
+            trim=trim,
         )
         if adam_steps:
             scores.meta["adam_steps"] = adam_steps

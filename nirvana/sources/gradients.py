@@ -4,6 +4,13 @@ What :func:`accumulate_gradients` hands a scorer is the gradient of the objectiv
 with respect to the prunable weights only (summed in float32 over micro-batches), and optionally the
 mean over micro-batches of each micro-batch's squared gradient: Adam's second moment without the EMA.
 :func:`optimizer_second_moments` reads that second moment from an optimizer that has stepped instead.
+
+Robust aggregation (``window_weight``, ``trim``) takes each window's own gradient term ``g_n`` (one window
+per backward pass, the term the plain sum adds for that window: ``grad(f_n) / N``) and sums
+``g_n / ||g_n||`` (``"norm"``, the L2 norm over all the given parameters) or ``g_n / f_n`` (``"objective"``,
+``f_n`` the window's objective value), leaving out the ``ceil(trim * N)`` windows with the largest
+``||g_n||`` (a first pass measures the norms). Only the ranking of the scores matters, so the overall scale
+of the weighted sum is left as it comes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from torch import nn
 from ..adapters import LayerModules
 from ..objective import check_objective, is_encoder_decoder, objective_sum
 from .common import check_micro_batch, check_windows, model_device, progress_bar, scoring_state
+
+WINDOW_WEIGHTS = ("none", "norm", "objective")
 
 
 @dataclass
@@ -78,6 +87,8 @@ def accumulate_gradients(
     micro_batch_size: int = 8,
     second_moment: bool = False,
     progress: bool = False,
+    window_weight: str = "none",
+    trim: float = 0.0,
 ) -> GradientSums:
     """Gradients of the full-batch objective with respect to ``params`` only, one micro-batch at a time.
 
@@ -90,16 +101,30 @@ def accumulate_gradients(
         windows: integer ``[N, T]`` token ids (any device; moved to the model's).
         params: parameters of ``model`` (e.g. from :func:`prunable_parameters`).
         second_moment: also return the share-weighted mean of squared per-micro-batch gradients.
+        window_weight: "none" (the plain sum), "norm" or "objective": each window's gradient term divided
+            by its L2 norm or by its objective value before the sum (see the module docstring).
+        trim: in [0, 0.5): leave out the ``ceil(trim * N)`` windows with the largest gradient norms.
+            With either, every window is its own backward pass (``micro_batch_size`` is not used, and
+            ``micro_batches`` counts the passes, the norm pass included) and ``second_moment`` is refused.
 
     Returns:
-        :class:`GradientSums`; memory is one float32 copy of ``params`` (two with ``second_moment``).
+        :class:`GradientSums`; memory is one float32 copy of ``params`` (two with ``second_moment``, or
+        with a weighted or trimmed sum: the sum and one window's gradient).
     """
     check_objective(objective)
     mbs = check_micro_batch(micro_batch_size)
+    check_aggregation(window_weight, trim)
     windows = check_gradient_windows(model, windows, objective)
     params = list(params)
     if not params:
         raise ValueError("params: at least one parameter is needed")
+    if window_weight != "none" or trim:
+        if second_moment:
+            raise ValueError(
+                f"window_weight: {window_weight!r} / trim {trim!r} weigh each window's gradient in the sum; "
+                "the second moment (saliency 'adam') has no such weighting"
+            )
+        return _robust_sum(model, windows, params, objective, window_weight, trim, progress)
     device = model_device(model)
     n = windows.shape[0]
     grads: list[torch.Tensor | None] = [None] * len(params)
@@ -126,6 +151,80 @@ def accumulate_gradients(
             bar.update(1)
     bar.close()
     return GradientSums(grads, moments, value, len(starts))
+
+
+def check_aggregation(window_weight: str, trim: float) -> None:
+    """A one-line ValueError for a ``window_weight`` that is not one of :data:`WINDOW_WEIGHTS` or a ``trim``
+    outside [0, 0.5)."""
+    if window_weight not in WINDOW_WEIGHTS:
+        raise ValueError(f"window_weight: must be one of {', '.join(WINDOW_WEIGHTS)}, got {window_weight!r}")
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim: must be a number in [0, 0.5), got {trim!r}")
+
+
+def trimmed_windows(norms: Sequence[float], trim: float) -> set[int]:
+    """The indices of the ``ceil(trim * N)`` largest of ``norms`` (ties: the later window is kept)."""
+    k = math.ceil(trim * len(norms))
+    order = sorted(range(len(norms)), key=lambda i: (-norms[i], i))
+    return set(order[:k])
+
+
+def _window_gradients(model, windows, params, objective: str, skip: set[int], bar):
+    """Yield ``(n, f_n, g_n)`` for each window not in ``skip``: its objective value and its float32 gradient
+    term ``grad(f_n) / N`` (the term the plain sum adds), one window per backward pass."""
+    device = model_device(model)
+    n = windows.shape[0]
+    for i in range(n):
+        if i in skip:
+            continue
+        value = objective_sum(model, windows[i : i + 1].to(device, non_blocking=True), objective)
+        grads = [g.float() for g in torch.autograd.grad(value / n, params)]
+        f = float(value.detach())
+        del value
+        bar.update(1)
+        yield i, f, grads
+
+
+def _l2(grads: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+
+
+def _robust_sum(model, windows, params, objective: str, window_weight: str, trim: float, progress: bool):
+    """:func:`accumulate_gradients` with ``window_weight`` / ``trim``: the weighted sum of the kept windows."""
+    n = windows.shape[0]
+    if math.ceil(trim * n) >= n:
+        raise ValueError(f"trim: {trim!r} of {n} windows leaves out all of them; pass more windows or a smaller trim")
+    passes = n + (n - math.ceil(trim * n) if trim else 0)
+    bar = progress_bar(passes, progress, "window gradients")
+    norms: dict[int, float] = {}
+    values: dict[int, float] = {}
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    with scoring_state(model, params):
+        skip: set[int] = set()
+        if trim:  # first pass: each window's gradient norm, to know which to leave out
+            for i, f, g in _window_gradients(model, windows, params, objective, set(), bar):
+                norms[i], values[i] = _l2(g), f
+                del g
+            skip = trimmed_windows([norms[i] for i in range(n)], trim)
+        for i, f, g in _window_gradients(model, windows, params, objective, skip, bar):
+            values[i] = f
+            weight = 1.0
+            if window_weight == "norm":
+                norm = norms[i] if i in norms else _l2(g)
+                weight = 1.0 / norm if norm > 0 else 0.0  # a zero gradient adds nothing either way
+            elif window_weight == "objective":
+                if not (math.isfinite(f) and f > 0):
+                    raise ValueError(
+                        f"window_weight: 'objective' divides by each window's objective value, but window {i}'s "
+                        f"is {f!r}; use 'norm'"
+                    )
+                weight = 1.0 / f
+            for j, gj in enumerate(g):
+                gj = gj.mul_(weight) if weight != 1.0 else gj
+                grads[j] = gj if grads[j] is None else grads[j].add_(gj)
+            del g
+    bar.close()
+    return GradientSums(grads, None, sum(values.values()) / n, passes)
 
 
 def adam_state_from_steps(
@@ -214,8 +313,11 @@ __all__ = [
     "GradientSums",
     "accumulate_gradients",
     "adam_state_from_steps",
+    "WINDOW_WEIGHTS",
     "attention_parameters",
+    "check_aggregation",
     "check_gradient_windows",
     "optimizer_second_moments",
     "prunable_parameters",
+    "trimmed_windows",
 ]
