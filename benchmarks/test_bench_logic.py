@@ -437,3 +437,22 @@ def test_quality_layer0_table_compares_layer_0_with_the_rest():
     row = f"| paper | 2 | {statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios):.3f} | 0.500 ± 0.000 | 1/2 | 1/1 |"
     assert row in lines
     assert not any(line.startswith("| draws-4") for line in lines)  # no runs: no row
+
+
+def test_distributed_e2e_smoke_runs_both_flows_and_their_plans_agree(tmp_path):
+    # gpu_check.sh's end-to-end case at tiny CPU shapes: the one process and the world-size-1
+    # --distributed fsdp run (gloo here, NCCL on the GPU) must prune the same units.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("distributed_e2e.py")
+    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "distributed_e2e.md").read_text()
+    assert "plans identical: yes" in report
+    assert "prune --distributed fsdp, world size 1" in report
