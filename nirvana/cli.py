@@ -16,6 +16,7 @@ nirvana demo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import DTYPES as EXPORT_DTYPES
     from .export import QUANT_TYPES
     from .methods import METHODS, get_method
-    from .pruning import DEVICE_MAPS, OBJECTIVES, SALIENCIES
+    from .pruning import DEVICE_MAPS, OBJECTIVES, RECIPES, SALIENCIES
     from .sources.gradients import WINDOW_WEIGHTS
 
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
@@ -62,16 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model and save it")
     pr.add_argument("model", help="local folder, .gguf file, hub name (when reachable), or 'smollm2'")
-    pr.add_argument("--method", choices=METHODS, default="nirvana", help="nirvana (default) or a baseline's scores")
+    pr.add_argument("--method", choices=METHODS, default=None, help="nirvana (default) or a baseline's scores")
     pr.add_argument("--sparsity", type=float, required=True, help="share of attention+MLP parameters to remove")
-    pr.add_argument("--gamma", type=_gamma, default=3.0, help="MLP/attention pruning ratio, or 'auto' (default 3.0)")
+    pr.add_argument("--gamma", type=_gamma, default=None, help="MLP/attention pruning ratio, or 'auto' (default 3.0)")
     pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
-    pr.add_argument("--num-samples", type=int, default=32)
-    pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--select-calib", type=int, default=1, metavar="K", help="candidate sets (KL pick), <= 64")
+    pr.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 32)")
+    pr.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 128)")
+    pr.add_argument("--select-calib", type=int, default=None, metavar="K", help="candidate sets (KL pick), <= 64")
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
-    pr.add_argument("--saliency", choices=SALIENCIES, default="taylor")
-    pr.add_argument("--objective", choices=OBJECTIVES, default="maxlogit")
+    pr.add_argument("--saliency", choices=SALIENCIES, default=None, help="default taylor")
+    pr.add_argument("--objective", choices=OBJECTIVES, default=None, help="default maxlogit")
     pr.add_argument(
         "--adam-steps",
         type=int,
@@ -83,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--window-weight",
         choices=WINDOW_WEIGHTS,
-        default="none",
+        default=None,
         help="divide each calibration window's gradient by its L2 norm (norm) or its objective value (objective) "
         "before the sum; one window per backward pass (default none: the plain sum)",
     )
     pr.add_argument(
         "--trim",
         type=float,
-        default=0.0,
+        default=None,
         metavar="F",
         help="leave the ceil(F*N) windows with the largest gradient norms out of the sum, F in [0, 0.5) (default 0)",
     )
@@ -111,23 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--protect-layers",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="the first N layers keep every KV group and MLP channel; the target is met from the others (default 0)",
     )
     pr.add_argument(
         "--min-kv-groups",
         type=int,
-        default=0,
+        default=None,
         metavar="K",
         help="every layer keeps at least K KV groups (default 0: at least one, the keep-one rule)",
     )
     pr.add_argument(
         "--normalize",
         choices=NORMALIZATIONS,
-        default="none",
+        default=None,
         help="divide each layer's KV-group and MLP-channel scores by that layer's mean or median before the "
         "global ranking (default none: the published unnormalised scores)",
+    )
+    pr.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default=None,
+        help="paper: exactly the published NIRVANA settings (32 windows of 128 tokens, one set, the plain "
+        "gradient sum, unnormalised global ranking; --gamma a number, default 3); a flag that contradicts "
+        "it is refused",
     )
     pr.add_argument("--round-to", type=int, default=8)
     pr.add_argument("--micro-batch-size", type=int, default=8)
@@ -254,37 +263,10 @@ def cmd_prune(args) -> int:
 
         hf_logging.disable_progress_bar()  # transformers' own bars (weight loading) go to stderr too
 
-    settings = PruneSettings(
-        model=args.model,
-        method=args.method,
-        sparsity=args.sparsity,
-        gamma=args.gamma,
-        calib=args.calib,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        select_calib=args.select_calib,
-        heldout_samples=args.heldout_samples,
-        saliency=args.saliency,
-        objective=args.objective,
-        adam_steps=args.adam_steps,
-        window_weight=args.window_weight,
-        trim=args.trim,
-        allocation=args.allocation,
-        round_to=args.round_to,
-        protect_layers=args.protect_layers,
-        min_kv_groups=args.min_kv_groups,
-        normalize=args.normalize,
-        micro_batch_size=args.micro_batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        out=args.out,
-        overwrite=args.overwrite,
-        distributed=args.distributed,
-        device_map=args.device_map,
-        scores=args.scores,
-        compensate=args.compensate,
-    )
+    # Flags left at None were not given: the recipe, or else PruneSettings, supplies them.
+    names = {f.name for f in dataclasses.fields(PruneSettings)} - {"recipe"}
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    settings = PruneSettings.for_recipe(args.recipe, **given)
     result = prune(settings, progress=not args.quiet)
     if result.out is None and settings.distributed:
         return 0  # a rank other than 0: rank 0 prints and saves

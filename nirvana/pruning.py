@@ -46,10 +46,27 @@ MAX_SELECT_CALIB = 64
 MAX_SELF_SAMPLES = 1024
 
 
+# The published NIRVANA recipe (arXiv 2509.14230), what ``--recipe paper`` fixes: 32 windows of 128
+# tokens, one calibration set, the plain sum of the windows' gradients, the unnormalised scores ranked
+# globally, no layer protected and no compensation. gamma stays the user's number (the paper gives one per
+# model); only "auto" is refused, as the paper chooses none.
+RECIPES: dict[str, dict] = {
+    "paper": dict(
+        method="nirvana", num_samples=32, seq_len=128, select_calib=1, saliency="taylor", objective="maxlogit",
+        window_weight="none", trim=0.0, allocation="global", protect_layers=0, min_kv_groups=0, normalize="none",
+        compensate=None,
+    ),
+}  # fmt: skip
+PAPER_GAMMA = 3.0
+
+
 @dataclass
 class PruneSettings:
     """Every flag of ``nirvana prune``; written into report.json as is, but for ``allocation``, which is
-    written as used (the method's own when None, see :attr:`resolved_allocation`)."""
+    written as used (the method's own when None, see :attr:`resolved_allocation`).
+
+    ``recipe="paper"`` marks settings that must be the published ones (:data:`RECIPES`); build them with
+    :meth:`for_recipe`, which fills in the recipe and refuses what contradicts it."""
 
     model: str = "smollm2"
     method: str = "nirvana"  # or a baseline: magnitude, random, taylor, wanda-sp, flap (nirvana.methods)
@@ -91,6 +108,37 @@ class PruneSettings:
     # "bias": FLAP's bias compensation (nirvana.compensation) for any method, from activation statistics of
     # the calibration windows; None: only a method's own (FLAP's, which is that same compensation).
     compensate: str | None = None
+    recipe: str | None = None  # "paper": the published settings (RECIPES), checked; None: the tool's defaults
+
+    @classmethod
+    def for_recipe(cls, recipe: str | None, **given) -> PruneSettings:
+        """Settings from ``given``, the rest from ``recipe`` (:data:`RECIPES`), or the defaults when it is None.
+
+        A ValueError, one line, for an unknown recipe or a ``given`` value the recipe fixes otherwise.
+        """
+        if recipe is None:
+            return cls(**given)
+        fixed = _recipe(recipe)
+        for name, value in given.items():
+            if name in fixed and value != fixed[name]:
+                raise ValueError(
+                    f"{name}: --recipe {recipe} fixes it to {fixed[name]!r}, got {value!r}; drop one of the two"
+                )
+        return cls(**{**fixed, "gamma": PAPER_GAMMA, **given, "recipe": recipe})
+
+    def _check_recipe(self) -> None:
+        if self.recipe is None:
+            return
+        for name, value in _recipe(self.recipe).items():
+            # None is the method's own allocation, which is the recipe's when the method is.
+            have = self.resolved_allocation if name == "allocation" and self.method in METHODS else getattr(self, name)
+            if have != value:
+                raise ValueError(
+                    f"{name}: --recipe {self.recipe} fixes it to {value!r}, got {have!r} "
+                    "(PruneSettings.for_recipe fills the recipe in)"
+                )
+        if self.gamma == "auto":
+            raise ValueError(f"gamma: --recipe {self.recipe} takes a number (the paper's choice), got 'auto'")
 
     def check(self) -> None:
         """ValueError naming the first bad setting; cheap, so it runs before anything loads.
@@ -99,6 +147,7 @@ class PruneSettings:
         calibration source exists and is readable (``calibration.check_source``; no text is read), the
         candidate sets and ``self`` windows are bounded, and every calibration seed fits in 31 bits.
         """
+        self._check_recipe()
         compensation.check_compensate(
             self.compensate, method=get_method(self.method), distributed=self.distributed, scores=self.scores
         )
@@ -276,6 +325,12 @@ class PruneSettings:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else getattr(torch, self.dtype)
+
+
+def _recipe(name: str) -> dict:
+    if name not in RECIPES:
+        raise ValueError(f"recipe: must be one of {', '.join(RECIPES)}, got {name!r}")
+    return RECIPES[name]
 
 
 def _local_config(folder: Path) -> dict:

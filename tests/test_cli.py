@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from nirvana import cli
+from nirvana import cli, pruning
 from tests.test_pruning import WIDE, write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -167,6 +167,8 @@ BAD = [
     ("protect-negative", ["--protect-layers", "-1"], "protect_layers: must be a non-negative integer, got -1"),
     ("floor-too-high", ["--min-kv-groups", "9"], "min_kv_groups: 9 is more than the model's 8 KV groups per layer"),
     ("normalize-name", ["--normalize", "zscore"], "argument --normalize: invalid choice: 'zscore'"),
+    ("recipe-contradicted", ["--recipe", "paper"], "num_samples: --recipe paper fixes it to 32, got 4"),
+    ("recipe-name", ["--recipe", "mine"], "argument --recipe: invalid choice: 'mine'"),
     ("trim-half", ["--trim", "0.5"], "trim: must be a number in [0, 0.5), got 0.5"),
     (
         "window-weight-adam",
@@ -302,3 +304,31 @@ def test_apply_shows_bytes_written_unless_quiet(tiny_dir, calib, tmp_path, capsy
     argv = ["apply", pruned, "--model", tiny_dir, "--out", tmp_path / "b", "--device", "cpu", "--quiet"]
     code, out, err = run(argv, capsys)
     assert code == 0 and err == "" and out.startswith("saved to "), (out, err)
+
+
+PAPER = {**pruning.RECIPES["paper"], "gamma": pruning.PAPER_GAMMA, "recipe": "paper"}
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], {name: getattr(pruning.PruneSettings(), name) for name in [*pruning.RECIPES["paper"], "gamma", "recipe"]}),
+        (["--recipe", "paper"], PAPER),
+        (["--recipe", "paper", "--gamma", "4", "--seed", "3"], {**PAPER, "gamma": 4.0, "seed": 3}),
+    ],
+    ids=["defaults", "paper", "paper-with-its-free-flags"],
+)
+def test_flags_left_out_come_from_the_recipe_or_the_defaults(
+    extra, expected, tiny_dir, calib, tmp_path, monkeypatch, capsys
+):
+    seen = []
+
+    def capture(settings, progress=True):
+        seen.append(settings)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(pruning, "prune", capture)
+    argv = ["prune", tiny_dir, "--sparsity", "0.2", "--calib", calib, "--out", tmp_path / "out", *extra]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "captured" in err
+    assert {name: getattr(seen[0], name) for name in expected} == expected

@@ -14,7 +14,7 @@ from nirvana.adapters import get_adapter
 from nirvana.checkpoint import load_pruned
 from nirvana.compaction import compact_model
 from nirvana.evaluation import kl_to_model, window_logits
-from nirvana.pruning import PruneSettings, count_params, prune
+from nirvana.pruning import RECIPES, PruneSettings, count_params, prune
 from nirvana.report import load_report, summarize
 from nirvana.saliency import compute_scores
 from nirvana.scores import Scores, load_scores
@@ -339,3 +339,36 @@ def test_adam_steps_scores_with_adamws_state_after_those_steps(tmp_path):
     # The micro-batch second moment gives other scores: the flag is not ignored.
     plain = compute_scores(model, ids, saliency="adam", micro_batch_size=cfg.micro_batch_size, progress=False)
     assert not torch.equal(plain.mlp, want.mlp)
+
+
+def test_for_recipe_fills_in_the_paper_and_check_holds_it(tmp_path):
+    settings = PruneSettings.for_recipe("paper", sparsity=0.3, gamma=2.0)
+    assert {name: getattr(settings, name) for name in RECIPES["paper"]} == RECIPES["paper"]
+    assert (settings.gamma, settings.recipe, settings.sparsity) == (2.0, "paper", 0.3)
+    assert PruneSettings.for_recipe(None, sparsity=0.3) == PruneSettings(sparsity=0.3)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: PruneSettings.for_recipe("paper", normalize="mean"),
+            "normalize: --recipe paper fixes it to 'none', got 'mean'",
+        ),
+        (
+            lambda: PruneSettings.for_recipe("paper", select_calib=3),
+            "select_calib: --recipe paper fixes it to 1, got 3",
+        ),
+        (lambda: PruneSettings.for_recipe("mine"), "recipe: must be one of paper, got 'mine'"),
+        (
+            lambda: PruneSettings(recipe="paper", protect_layers=1).check(),
+            "protect_layers: --recipe paper fixes it to 0, got 1",
+        ),
+        (lambda: PruneSettings.for_recipe("paper", gamma="auto").check(), "gamma: --recipe paper takes a number"),
+    ],
+    ids=["contradicted", "contradicted-int", "unknown", "hand-built", "gamma-auto"],
+)
+def test_a_recipe_refuses_what_contradicts_it_in_one_line(build, message):
+    with pytest.raises(ValueError) as err:
+        build()
+    assert message in str(err.value) and "\n" not in str(err.value)
