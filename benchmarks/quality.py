@@ -10,18 +10,20 @@ and FLAP's bias compensation, are its own. Each pruned model is scored on:
 * achieved sparsity (attention+MLP linear parameters) and parameter count, so no method is compared at
   another size.
 
-Data-dependent methods run once per calibration seed (``--seeds``); tables give mean ± half the spread
-(max - min) / 2 over seeds. Each method uses the allocation ``nirvana prune --method M`` uses by default, its
-paper's (``Method.allocation`` in ``nirvana.methods``), unless ``--allocation`` is given: NIRVANA and FLAP rank
-globally (FLAP's scores are standardised per layer for exactly that), LLM-Pruner (``taylor``), Wanda-SP,
-magnitude and random prune the same share of every layer. ``nirvana-uniform`` (NIRVANA scores, uniform
-allocation, i.e. ``--allocation uniform``) separates the two ingredients.
+Data-dependent methods run once per calibration seed (``--seeds``, 5 by default); tables give mean ± sample
+standard deviation (n - 1) over seeds, and so do the plot's error bars. Each method uses the allocation
+``nirvana prune --method M`` uses by default, its paper's (``Method.allocation`` in ``nirvana.methods``), unless
+``--allocation`` is given: NIRVANA and FLAP rank globally (FLAP's scores are standardised per layer for exactly
+that), LLM-Pruner (``taylor``), Wanda-SP, magnitude and random prune the same share of every layer.
+``nirvana-uniform`` (NIRVANA scores, uniform allocation, i.e. ``--allocation uniform``) separates the two
+ingredients.
 
 Studies (``--studies``), on calibration-side data only, never on the evaluation texts:
 
 * ``select``: KL selection of the calibration set. Among the ``--seeds`` NIRVANA calibration sets, the
   one whose pruned model has the lowest KL to the dense model on the calibration text's held-out tail
-  (``nirvana.selection.select``, as ``--select-calib K`` does) against the mean over the seeds.
+  (``nirvana.selection.select``, as ``--select-calib K`` does) against the mean over the seeds. Its record
+  is keyed by the number of seeds, so a run with more seeds selects afresh.
 * ``gamma``: NIRVANA (seed 0) at gamma 1, 2, 3, 4 and ``auto`` (chosen by the same calibration-side KL from
   ``selection.GAMMA_GRID``).
 * ``variance`` (not run by default): NIRVANA variants (:data:`VARIANTS`: ``paper``, the published recipe, and
@@ -35,8 +37,12 @@ Studies (``--studies``), on calibration-side data only, never on the evaluation 
 
 ``methods`` (every ``--methods`` row) is a study too, in the default ``--studies methods select gamma``.
 
-``--recover N`` adds, for ``nirvana``, ``taylor`` and ``magnitude`` (seed 0, at ``--recover-sparsity``), the
-perplexity after N LoRA steps of ``nirvana finetune`` on the calibration text.
+``--recover N`` adds, for ``nirvana``, ``flap`` and ``taylor`` (:data:`RECOVER_METHODS`; FLAP with its
+compensation biases, which the saved checkpoint carries), pruned from each calibration seed 0 to
+``--recover-seeds`` - 1 (3 by default) at ``--recover-sparsity``, the perplexity after N LoRA steps of
+``nirvana finetune`` on the calibration text (its windows seeded with the same seed); the table gives mean ±
+sample std over those seeds, before and after. A record written before recovery had seeds
+(``recover|M|s=...|steps=N``) is seed 0's.
 
 Results go to ``<out>/quality-<model>.json`` as they come (a rerun with the same settings skips what is
 there, so an interrupted run resumes), then ``quality-<model>.md`` (tables) and ``quality-<model>.png``.
@@ -46,10 +52,11 @@ stops with one line naming it.
 
 Usage:
     python benchmarks/quality.py [--model smollm2|FOLDER] [--calib austen|PATH]
-        [--eval persuasion fortunes PATH ...] [--methods nirvana taylor ...] [--sparsities 0.2 0.3 0.4]
-        [--seeds 3] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len 128]
+        [--eval persuasion fortunes PATH ...] [--methods nirvana taylor ...] [--sparsities 0.2 0.3 0.4 0.5]
+        [--seeds 5] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len 128]
         [--studies methods select gamma variance] [--variance-seeds 5] [--variants paper protect-1 ...]
-        [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--out benchmarks/results]
+        [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--recover-seeds 3] [--out benchmarks/results]
+        [--render-only]
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ METHODS = ("nirvana", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitud
 # The benchmark's rows that are not a --method of their own: NIRVANA's scores, allocated uniformly
 # (what `nirvana prune --allocation uniform` does).
 VARIANT_ALLOCATION = {"nirvana-uniform": "uniform"}
-RECOVER_METHODS = ("nirvana", "taylor", "magnitude")
+RECOVER_METHODS = ("nirvana", "flap", "taylor")
 GAMMA_SWEEP = (1.0, 2.0, 3.0, 4.0)
 DEFAULT_GAMMA = 3.0
 
@@ -443,6 +450,9 @@ class Bench:
         )
 
     def select_study(self, sparsity: float, seeds: list[int]) -> dict:
+        """KL selection among the NIRVANA calibration sets of ``seeds`` at ``sparsity`` (keyed by their number:
+        a run with more seeds selects afresh rather than reusing a pick among fewer); then that set's run."""
+
         def build():
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
             chosen = selection.select(
@@ -451,7 +461,11 @@ class Bench:
             )  # fmt: skip
             return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials}
 
-        record = self.run(f"select|s={sparsity}", build)
+        legacy = self.results["runs"].get(f"select|s={sparsity}")  # before the key had the seed count
+        if legacy is not None and selection_seeds(legacy) == list(seeds):
+            record = legacy
+        else:
+            record = self.run(select_key(sparsity, len(seeds)), build)
         return self.pruned("nirvana", record["seed"], sparsity) | {"selected_seed": record["seed"]}
 
     def gamma_auto(self, sparsity: float) -> dict:
@@ -549,26 +563,71 @@ class Bench:
 
         return self.run(variance_key(name, seed, sparsity), build)
 
-    def recovered(self, method: str, sparsity: float, steps: int) -> dict:
+    def recovered(self, method: str, seed: int, sparsity: float, steps: int) -> dict:
+        """``method`` pruned from calibration seed ``seed`` at ``sparsity`` (FLAP with its compensation biases),
+        saved, fine-tuned for ``steps`` LoRA steps by ``nirvana finetune`` (its windows and adapters seeded with
+        ``seed``), loaded back and evaluated. The methods-table run of the same pruning is recorded first: it is
+        the recovery table's "before"."""
+        self.pruned(method, seed, sparsity)
+        legacy = f"recover|{method}|s={sparsity}|steps={steps}"  # seed 0's key before recovery had seeds
+        if seed == 0 and legacy in self.results["runs"]:
+            return self.results["runs"][legacy]
+
         def build():
             from nirvana.checkpoint import load_pruned, save_pruned
             from nirvana.finetune import finetune
 
-            plan = self.plan(method, 0, sparsity)
-            model = selection.pruned_copy(self.model, plan, self.prepare(method, 0, plan))
+            plan = self.plan(method, seed, sparsity)
+            model = selection.pruned_copy(self.model, plan, self.prepare(method, seed, plan))
             with tempfile.TemporaryDirectory() as tmp:
                 save_pruned(model, self.tokenizer, plan, Path(tmp) / "pruned")
                 del model
                 summary = finetune(
-                    Path(tmp) / "pruned", self.args.calib, steps=steps, out=Path(tmp) / "tuned", progress=False
-                )
+                    Path(tmp) / "pruned", self.args.calib, steps=steps, out=Path(tmp) / "tuned", seed=seed,
+                    progress=False,
+                )  # fmt: skip
                 tuned = load_pruned(Path(tmp) / "tuned")
             record = self.evaluate(tuned)
-            record.update(method=method, seed=0, sparsity=sparsity, steps=steps, params=count_params(tuned))
+            record.update(method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned))
             record["finetune"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             return record
 
-        return self.run(f"recover|{method}|s={sparsity}|steps={steps}", build)
+        return self.run(recover_key(method, seed, sparsity, steps), build)
+
+
+def recover_key(method: str, seed: int, sparsity: float, steps: int) -> str:
+    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}"
+
+
+def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
+    """(method, sparsity, steps) -> {seed: recovery record}. A key without a seed (written before recovery had
+    seeds) is seed 0's, unless a key with ``seed=0`` holds the same run too."""
+    out: dict[tuple, dict[int, dict]] = {}
+    for key, r in sorted(results["runs"].items(), key=lambda kv: "|seed=" in kv[0]):  # seedless keys first
+        if key.startswith("recover|"):
+            seed = r.get("seed", 0) if "|seed=" in key else 0
+            out.setdefault((r["method"], r["sparsity"], r["steps"]), {})[seed] = r
+    return out
+
+
+def select_key(sparsity: float, num_seeds: int) -> str:
+    return f"select|s={sparsity}|seeds={num_seeds}"
+
+
+def selection_seeds(record: dict) -> list[int]:
+    """The calibration seeds a ``select`` record chose among, from its trials."""
+    return sorted({t["seed"] for t in record["trials"]})
+
+
+def selections(results: dict) -> dict[float, dict]:
+    """sparsity -> the ``select`` record that chose among the most calibration seeds."""
+    out: dict[float, dict] = {}
+    for key, r in results["runs"].items():
+        if key.startswith("select|"):
+            have = out.get(r["sparsity"])
+            if have is None or len(selection_seeds(r)) > len(selection_seeds(have)):
+                out[r["sparsity"]] = r
+    return out
 
 
 def variance_key(name: str, seed: int, sparsity: float) -> str:
@@ -580,12 +639,13 @@ def variance_key(name: str, seed: int, sparsity: float) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mean_spread(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean ± sample standard deviation`` (n - 1 in the denominator); the value alone for one run."""
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _runs(results: dict, **match) -> list[dict]:
@@ -598,7 +658,10 @@ def _runs(results: dict, **match) -> list[dict]:
     ]
 
 
-def render(results: dict, methods, sparsities, texts: list[str], command: str) -> str:
+def render(results: dict, methods, sparsities, texts: list[str], command: str, recover_seeds: int | None = None) -> str:
+    """The methods study's markdown: per sparsity, each method's mean ± sample std over seeds; then the KL
+    selection, the gamma sweep and the recovery tables (``recover_seeds``: the seeds asked for, see
+    :func:`recover_table`)."""
     env = results.get("environment", {})
     dense = results["runs"].get("dense", {})
     kl_text = texts[0]
@@ -609,8 +672,8 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
         "",
         f"Settings: {json.dumps(results['settings'])}. Calibration windows are drawn from the calibration "
         "text with each seed; evaluation texts are never used for any choice. Cells with ± are the mean "
-        "± half the spread over the calibration seeds (`seeds` counts them). Sparsity: achieved share of the "
-        "attention+MLP linear parameters removed. Default gamma 3.",
+        "± sample standard deviation (n - 1) over the calibration seeds (`seeds` counts them). Sparsity: "
+        "achieved share of the attention+MLP linear parameters removed. Default gamma 3.",
         "",
         f"Dense: {dense.get('params', 0) / 1e6:.1f}M parameters, "
         + ", ".join(f"perplexity {dense.get(f'ppl_{t}', float('nan')):.2f} on {t}" for t in texts)
@@ -618,6 +681,8 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
         "",
     ]
     for s in sparsities:
+        if not any(_runs(results, method=m, sparsity=s, gamma=DEFAULT_GAMMA) for m in methods):
+            continue  # a sparsity asked for but not run yet: no empty table
         lines += [
             f"## Sparsity {s:.0%}",
             "",
@@ -632,35 +697,37 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
                 continue
             ach = sorted({round(100 * r["achieved_sparsity"], 2) for r in runs})
             params = sorted({round(r["params"] / 1e6, 2) for r in runs})
-            cells = [_mean_spread([r[f"ppl_{t}"] for r in runs]) for t in texts]
-            kl = _mean_spread([r[f"kl_{kl_text}"] for r in runs])
+            cells = [_mean_std([r[f"ppl_{t}"] for r in runs]) for t in texts]
+            kl = _mean_std([r[f"kl_{kl_text}"] for r in runs])
             lines.append(
                 f"| {m} | {runs[0]['allocation']} | {len(runs)} | {'/'.join(f'{a:.2f}%' for a in ach)} | "
                 f"{'/'.join(f'{p:.2f}M' for p in params)} | " + " | ".join(cells) + f" | {kl} |"
             )
         lines.append("")
-    select = [(k, r) for k, r in results["runs"].items() if k.startswith("select|")]
+    select = selections(results)
     if select:
         lines += [
             "## KL-selected calibration set against random calibration sets (NIRVANA)",
             "",
             "The selected set has the lowest KL(dense || pruned) on the calibration text's held-out tail "
             f"({results['settings']['heldout_samples']} windows of {results['settings']['calib_seq_len']} tokens), "
-            "among the seeds; `random` is the mean ± half-spread over the same seeds.",
+            "among the seeds (`seeds` counts them); `random` is the mean ± sample standard deviation over the same "
+            "seeds.",
             "",
-            "| sparsity | selected seed | " + " | ".join(f"ppl {t} selected | ppl {t} random" for t in texts) + " |",
-            "|---|---|" + "---|---|" * len(texts),
+            "| sparsity | seeds | selected seed | "
+            + " | ".join(f"ppl {t} selected | ppl {t} random" for t in texts)
+            + " |",
+            "|---|---|---|" + "---|---|" * len(texts),
         ]
-        for _, r in select:
-            s = r["sparsity"]
+        for s, r in sorted(select.items()):
             runs = _runs(results, method="nirvana", sparsity=s, gamma=DEFAULT_GAMMA)
+            among = selection_seeds(r) or sorted(x["seed"] for x in runs)  # no trials recorded: every seed's
+            runs = [x for x in runs if x["seed"] in among]
             chosen = next((x for x in runs if x["seed"] == r["seed"]), None)
             if chosen is None:
                 continue
-            cells = " | ".join(
-                f"{chosen[f'ppl_{t}']:.2f} | {_mean_spread([x[f'ppl_{t}'] for x in runs])}" for t in texts
-            )
-            lines.append(f"| {s:.0%} | {r['seed']} | {cells} |")
+            cells = " | ".join(f"{chosen[f'ppl_{t}']:.2f} | {_mean_std([x[f'ppl_{t}'] for x in runs])}" for t in texts)
+            lines.append(f"| {s:.0%} | {len(among)} | {r['seed']} | {cells} |")
         lines.append("")
     gamma_runs = _runs(results, method="nirvana", seed=0)
     autos = {r["sparsity"]: r["gamma"] for k, r in results["runs"].items() if k.startswith("gamma-auto|")}
@@ -682,33 +749,54 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str) -
                 + f" | {r[f'kl_{kl_text}']:.4f} |"
             )
         lines.append("")
-    recover = [r for k, r in results["runs"].items() if k.startswith("recover|")]
-    if recover:
-        lines += [
-            "## Recovery: LoRA fine-tuning on the calibration text (seed 0)",
-            "",
-            "| method | sparsity | steps | params | "
-            + " | ".join(f"ppl {t} before | ppl {t} after" for t in texts)
-            + " |",
-            "|---|---|---|---|" + "---|---|" * len(texts),
-        ]
-        for r in recover:
-            before = next(
-                iter(_runs(results, method=r["method"], seed=0, sparsity=r["sparsity"], gamma=DEFAULT_GAMMA)), {}
-            )
-            cells = " | ".join(f"{before.get(f'ppl_{t}', float('nan')):.2f} | {r[f'ppl_{t}']:.2f}" for t in texts)
-            lines.append(f"| {r['method']} | {r['sparsity']:.0%} | {r['steps']} | {r['params'] / 1e6:.2f}M | {cells} |")
-        lines.append("")
+    lines += recover_table(results, methods, texts, recover_seeds)
     return "\n".join(lines)
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    """``mean ± sample standard deviation`` (n - 1 in the denominator); the value alone for one run."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def recover_table(results: dict, methods, texts: list[str], num_seeds: int | None = None) -> list[str]:
+    """Markdown lines: per (method, sparsity, steps) recovered, the mean ± sample std over its seeds of the
+    perplexity before fine-tuning (the methods-table runs of the same seeds) and after. Fewer seeds than
+    ``num_seeds`` (None: the most any row has) is marked partial for a method of :data:`RECOVER_METHODS`."""
+    groups = recover_runs(results)
+    if not groups:
+        return []
+    asked = num_seeds or max(len(by_seed) for by_seed in groups.values())
+    order = {m: i for i, m in enumerate(methods)}
+    lines = [
+        "## Recovery: LoRA fine-tuning on the calibration text",
+        "",
+        "Each method pruned from calibration seed s (before: its run in the tables above), then fine-tuned by "
+        "`nirvana finetune` (LoRA) for `steps` steps on the calibration text, its windows and adapters seeded with "
+        "s (after). Cells are mean ± sample standard deviation (n - 1) over the seeds; `seeds` counts them, "
+        "`k of N (partial)` while only k of the N asked for have run.",
+        "",
+        "| method | sparsity | steps | seeds | params | "
+        + " | ".join(f"ppl {t} before | ppl {t} after" for t in texts)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|" * len(texts),
+    ]
+    for (method, sparsity, steps), by_seed in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])
+    ):
+        seeds = sorted(by_seed)
+        after = [by_seed[seed] for seed in seeds]
+        before = [
+            next(iter(_runs(results, method=method, seed=seed, sparsity=sparsity, gamma=DEFAULT_GAMMA)), {})
+            for seed in seeds
+        ]
+        cells = " | ".join(
+            _mean_std([b[f"ppl_{t}"] for b in before if f"ppl_{t}" in b])
+            + " | "
+            + _mean_std([r[f"ppl_{t}"] for r in after])
+            for t in texts
+        )
+        # Only a method the run recovers can lack seeds; another (an earlier run's) shows what it has.
+        partial = method in RECOVER_METHODS and len(seeds) < asked
+        count = f"{len(seeds)} of {asked} (partial)" if partial else f"{len(seeds)}"
+        params = "/".join(f"{p:.2f}M" for p in sorted({round(r["params"] / 1e6, 2) for r in after}))
+        lines.append(f"| {method} | {sparsity:.0%} | {steps} | {count} | {params} | {cells} |")
+    lines.append("")
+    return lines
 
 
 def variance_runs(results: dict, variant: str, sparsity: float | None = None) -> list[dict]:
@@ -914,11 +1002,10 @@ def plot_variance(results: dict, variants, sparsities, texts: list[str], path: P
 def _selected_runs(results: dict) -> dict[float, dict]:
     """sparsity -> the NIRVANA run of the calibration set KL selection picked (gamma 3)."""
     out = {}
-    for key, r in results["runs"].items():
-        if key.startswith("select|"):
-            runs = _runs(results, method="nirvana", sparsity=r["sparsity"], gamma=DEFAULT_GAMMA, seed=r["seed"])
-            if runs:
-                out[r["sparsity"]] = runs[0]
+    for s, r in selections(results).items():
+        runs = _runs(results, method="nirvana", sparsity=s, gamma=DEFAULT_GAMMA, seed=r["seed"])
+        if runs:
+            out[s] = runs[0]
     return out
 
 
@@ -940,21 +1027,22 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
         base = dense.get(f"ppl_{t}", 1.0)
         top = base
         for m in methods:
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, err = [], [], []
             for s in sparsities:
                 vals = [r[f"ppl_{t}"] for r in _runs(results, method=m, sparsity=s, gamma=DEFAULT_GAMMA)]
                 if vals:
                     xs.append(100 * s)
                     ys.append(statistics.fmean(vals))
-                    lo.append(ys[-1] - min(vals))
-                    hi.append(max(vals) - ys[-1])
+                    err.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             if not xs:
                 continue
             if max(ys) > OFF_SCALE * base:
                 ax.plot([], [], " ", label=f"{m}: off scale ({min(ys):.3g} to {max(ys):.3g})")
                 continue
-            top = max(top, max(y + h for y, h in zip(ys, hi)))
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"{m} (mean, seed range)")
+            top = max(top, max(y + e for y, e in zip(ys, err)))
+            # A std larger than the mean would reach below zero, which a log axis cannot draw: clip it there.
+            low = [min(e, 0.95 * y) for y, e in zip(ys, err)]
+            ax.errorbar(xs, ys, yerr=[low, err], marker="o", capsize=3, label=f"{m} (mean ± std over seeds)")
         if selected:
             xs = sorted(selected)
             ax.plot([100 * s for s in xs], [selected[s][f"ppl_{t}"] for s in xs], "k--", marker="x",
@@ -982,8 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", default="austen")
     p.add_argument("--eval", nargs="+", default=list(corpus.EVAL_TEXTS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=32)
@@ -1009,8 +1097,12 @@ def main(argv: list[str] | None = None) -> int:
         help="results go to quality-<model>-<tag>.json/.md/.png, e.g. for a smaller evaluation that must "
         "not touch the committed results",
     )
-    p.add_argument("--recover", type=int, default=0, metavar="N")
+    p.add_argument("--recover", type=int, default=0, metavar="N", help="LoRA fine-tuning steps (0: no recovery)")
     p.add_argument("--recover-sparsity", type=float, default=0.3)
+    p.add_argument(
+        "--recover-seeds", type=int, default=3, metavar="N",
+        help=f"recover each of {', '.join(RECOVER_METHODS)} from calibration seeds 0..N-1",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--render-only", action="store_true", help="only rewrite the table and plot from the JSON file")
@@ -1020,6 +1112,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--sparsities: {s} is not in (0, 1)")
     if args.tag is not None and not TAG_PATTERN.fullmatch(args.tag):
         p.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
+    if args.seeds < 1:
+        p.error(f"--seeds: must be >= 1, got {args.seeds}")
+    if args.recover < 0:
+        p.error(f"--recover: must be >= 0, got {args.recover}")
+    if args.recover_seeds < 1:
+        p.error(f"--recover-seeds: must be >= 1, got {args.recover_seeds}")
+    if not 0 < args.recover_sparsity < 1:
+        p.error(f"--recover-sparsity: {args.recover_sparsity} is not in (0, 1)")
     if args.variance_seeds < 1:
         p.error(f"--variance-seeds: must be >= 1, got {args.variance_seeds}")
     if args.threads:
@@ -1050,10 +1150,11 @@ def main(argv: list[str] | None = None) -> int:
                 for g in GAMMA_SWEEP:
                     bench.pruned("nirvana", 0, s, g)
                 bench.gamma_auto(s)
-        if args.recover:
+        # Seed-major, as above: an interrupted run has every method recovered from the first seeds.
+        for seed in range(args.recover_seeds) if args.recover else []:
             for m in RECOVER_METHODS:
                 if m in args.methods:
-                    bench.recovered(m, args.recover_sparsity, args.recover)
+                    bench.recovered(m, seed, args.recover_sparsity, args.recover)
         if "variance" in args.studies:
             # Variant-major, cheap variants first: an interrupted run has whole variants over every seed.
             for name in args.variants:
@@ -1093,7 +1194,7 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})
     variants = list(args.variants) + [v for v in present if v not in args.variants]
     text = (
-        render(results, args.methods, args.sparsities, texts, command)
+        render(results, args.methods, args.sparsities, texts, command, args.recover_seeds)
         if has_methods
         else _header(results, texts, command)
     )
