@@ -1051,7 +1051,7 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
             ax.axhline(base, color="gray", linestyle=":", label="dense")
         ax.set_yscale("log")
         ax.set_ylim(0.9 * base, 1.3 * top)
-        ax.set_xticks([100 * s for s in sparsities])
+        ax.set_xticks([100 * s for s in sparsities if _runs(results, sparsity=s, gamma=DEFAULT_GAMMA)])
         ax.set_xlabel("sparsity (% of attention+MLP parameters)")
         ax.set_ylabel(f"perplexity on {t} (log scale)")
         ax.set_title(t)

@@ -163,12 +163,15 @@ def test_quality_evaluate_matches_the_library(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("values", "text"), [([], "-"), ([2.0], "2.00"), ([1.0, 2.0, 6.0], "3.00 ± 2.50")], ids=["none", "one", "three"]
+    ("values", "text"),
+    [([], "-"), ([2.0], "2.00"), ([1.0, 2.0, 6.0], "3.00 ± 2.65"), ([4.0, 4.0], "4.00 ± 0.00")],
+    ids=["none", "one", "three", "equal"],
 )
-def test_quality_mean_spread(values, text):
+def test_quality_mean_std_is_the_sample_std(values, text):
     import quality
 
-    assert quality._mean_spread(values) == text
+    # 1, 2, 6: squared deviations 4 + 1 + 9 = 14 over n - 1 = 2, std sqrt(7) = 2.6458 (half the spread is 2.50).
+    assert quality._mean_std(values) == text
 
 
 @pytest.mark.parametrize("allocation", [None, "global", "uniform"], ids=["own", "global", "uniform"])
@@ -207,10 +210,107 @@ def test_quality_render_lists_every_run():
     }
     results = {"settings": {"model": "m", "heldout_samples": 4, "calib_seq_len": 8}, "runs": runs}
     text = quality.render(results, ["nirvana", "magnitude"], [0.2], ["a", "b"], "cmd")
-    assert "| nirvana | global | 2 | 20.00% | 80.00M | 35.00 ± 5.00 | 70.00 ± 10.00 | 0.35 ± 0.05 |" in text
+    # Two seeds, 30 and 40: sample std 10 / sqrt(2) = 7.07 (the tables gave half the spread, 5.00, before).
+    assert "| nirvana | global | 2 | 20.00% | 80.00M | 35.00 ± 7.07 | 70.00 ± 14.14 | 0.35 ± 0.07 |" in text
     assert "| magnitude | uniform | 1 | 20.00% | 80.00M | 900.00 | 1800.00 | 9.00 |" in text
-    assert "| 20% | 1 | 40.00 | 35.00 ± 5.00 | 80.00 | 70.00 ± 10.00 |" in text  # the selected seed's run
+    assert "| 20% | 2 | 1 | 40.00 | 35.00 ± 7.07 | 80.00 | 70.00 ± 14.14 |" in text  # the selected seed's run
     assert "| 20% | 1 * | 20.00% | 50.00 | 100.00 | 0.5000 |" in text  # gamma 1, auto's pick
+
+
+def _method_run(method, seed, s, ppl_a, ppl_b, kl=0.5):
+    return {
+        "method": method, "seed": seed, "sparsity": s, "gamma": 3.0, "allocation": "global", "achieved_sparsity": s,
+        "params": 100e6 * (1 - s), "ppl_a": ppl_a, "ppl_b": ppl_b, "kl_a": kl,
+    }  # fmt: skip
+
+
+def test_quality_methods_table_gives_mean_and_sample_std_over_seeds():
+    import quality
+
+    runs = {"dense": {"method": "dense", "params": 100e6, "ppl_a": 10.0, "ppl_b": 20.0, "achieved_sparsity": 0.0}}
+    # Five seeds with known moments: a = 10..50 (mean 30, std sqrt(250) = 15.81), b = 1, 2, 3, 4, 10 (mean 4,
+    # std sqrt(50 / 4) = 3.54), KL 0.1, 0.1, 0.1, 0.1, 0.6 (mean 0.2, std sqrt(0.2 / 4) = 0.22).
+    for seed, (a, b, kl) in enumerate(zip([10, 20, 30, 40, 50], [1, 2, 3, 4, 10], [0.1, 0.1, 0.1, 0.1, 0.6])):
+        runs[f"flap|seed={seed}|s=0.5|gamma=3.0"] = _method_run("flap", seed, 0.5, float(a), float(b), kl)
+    results = {"settings": {"model": "m"}, "runs": runs}
+    text = quality.render(results, ["flap", "taylor"], [0.2, 0.5], ["a", "b"], "cmd")
+    assert "| flap | global | 5 | 50.00% | 50.00M | 30.00 ± 15.81 | 4.00 ± 3.54 | 0.20 ± 0.22 |" in text
+    assert "sample standard deviation (n - 1)" in text and "half the spread" not in text
+    assert "## Sparsity 50%" in text and "## Sparsity 20%" not in text  # no runs at 20%: no empty table
+
+
+def test_quality_recovery_table_reads_a_seedless_key_as_seed_0():
+    import quality
+
+    runs = {
+        f"nirvana|seed={seed}|s=0.3|gamma=3.0": _method_run("nirvana", seed, 0.3, a, 2 * a)
+        for seed, a in enumerate([100.0, 120.0, 500.0])
+    }
+
+    def recovered(ppl, seed=None):
+        r = {"method": "nirvana", "sparsity": 0.3, "steps": 5, "params": 70e6, "ppl_a": ppl, "ppl_b": 2 * ppl}
+        return r if seed is None else r | {"seed": seed}
+
+    runs["recover|nirvana|s=0.3|steps=5"] = recovered(50.0)  # written before recovery had seeds: no seed
+    runs[quality.recover_key("nirvana", 1, 0.3, 5)] = recovered(60.0, seed=1)
+    results = {"settings": {"model": "m"}, "runs": runs}
+    assert {k: sorted(v) for k, v in quality.recover_runs(results).items()} == {("nirvana", 0.3, 5): [0, 1]}
+    lines = quality.recover_table(results, ["nirvana"], ["a", "b"], 3)
+    # Seeds 0 and 1 (not seed 2's 500): before 100, 120 -> 110 ± 14.14; after 50, 60 -> 55 ± 7.07.
+    want = "| 2 of 3 (partial) | 70.00M | 110.00 ± 14.14 | 55.00 ± 7.07 | 220.00 ± 28.28 | 110.00 ± 14.14 |"
+    assert "| nirvana | 30% | 5 " + want in lines
+    # A seed-0 key beside the seedless one: one seed 0, the keyed one.
+    runs[quality.recover_key("nirvana", 0, 0.3, 5)] = recovered(40.0, seed=0)
+    runs[quality.recover_key("nirvana", 2, 0.3, 5)] = recovered(70.0, seed=2)
+    lines = quality.recover_table(results, ["nirvana"], ["a", "b"], 3)
+    row = next(line for line in lines if line.startswith("| nirvana |"))
+    assert "| 3 | 70.00M | 240.00 ± 225.39 | 56.67 ± 15.28 |" in row, row  # before: 100, 120, 500
+
+
+def test_quality_selection_table_uses_the_selection_among_the_most_seeds():
+    import quality
+
+    runs = {
+        f"nirvana|seed={seed}|s=0.2|gamma=3.0": _method_run("nirvana", seed, 0.2, a, a)
+        for seed, a in enumerate([30.0, 40.0, 50.0, 60.0, 100.0])
+    }
+
+    def trials(seeds):
+        return [{"seed": seed, "gamma": 3.0, "kl": 1.0} for seed in seeds]
+
+    runs["select|s=0.2"] = {"study": "select", "sparsity": 0.2, "seed": 1, "trials": trials([0, 1, 2])}  # older
+    runs[quality.select_key(0.2, 5)] = {"study": "select", "sparsity": 0.2, "seed": 3, "trials": trials(range(5))}
+    results = {"settings": {"model": "m", "heldout_samples": 4, "calib_seq_len": 8}, "runs": runs}
+    assert quality.selections(results)[0.2]["seed"] == 3
+    text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
+    assert "| 20% | 5 | 3 | 60.00 | 56.00 ± 27.02 |" in text  # random: the five seeds' mean ± std
+    del runs[quality.select_key(0.2, 5)]
+    text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
+    assert "| 20% | 3 | 1 | 40.00 | 40.00 ± 10.00 |" in text  # random over the three seeds it chose among
+
+
+def test_quality_committed_results_render():
+    import json
+    from pathlib import Path
+
+    import quality
+
+    path = Path(quality.__file__).with_name("results") / "quality-smollm2.json"
+    results = json.loads(path.read_text())
+    # Seeds and sparsities are not settings: a run with the new defaults resumes this file.
+    assert set(results["settings"]) == {
+        "model", "calib", "eval", "windows", "seq_len", "num_samples", "calib_seq_len", "heldout_samples",
+    }  # fmt: skip
+    texts = results["settings"]["eval"]
+    text = quality.render(results, quality.METHODS, [0.2, 0.3, 0.4, 0.5], texts, "cmd", 3)
+    runs = [r for k, r in results["runs"].items() if k.startswith("flap|") and r["sparsity"] == 0.2]
+    vals = [r["ppl_fortunes"] for r in runs]
+    assert len(vals) == 3
+    assert f"| {statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f} |" in text
+    assert "## Sparsity 40%" in text and "## Sparsity 50%" not in text
+    recovery = [line for line in text.splitlines() if line.startswith("| ") and "| 50 |" in line]
+    assert [line.split(" | ")[0] for line in recovery] == ["| nirvana", "| taylor", "| magnitude"]
+    assert all("1 of 3 (partial)" in line for line in recovery[:2]) and "partial" not in recovery[2]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,6 +466,90 @@ def test_quality_refuses_a_results_file_of_other_settings(tiny_bench, tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path) in err and "pass another --tag or delete that file" in err, err
         assert json.loads(path.read_text()) == theirs  # untouched
+
+
+def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(tiny_bench, tmp_path, monkeypatch):
+    import json
+
+    import quality
+
+    import nirvana.finetune
+    from nirvana.checkpoint import load_pruned
+
+    _, argv = tiny_bench
+    i = argv.index("--studies")
+    args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", *quality.RECOVER_METHODS]
+    args += ["--seeds", "2", "--recover", "2", "--recover-seeds", "2", "--studies"]  # no study but recovery
+    real = nirvana.finetune.finetune
+    calls = []
+
+    def checked(pruned_dir, text_source, **kw):
+        summary = real(pruned_dir, text_source, **kw)
+        found = {}
+        for name, folder in (("pruned", pruned_dir), ("tuned", kw["out"])):
+            layers = load_pruned(folder).model.layers
+            o = [layer.self_attn.o_proj.bias for layer in layers]
+            down = [layer.mlp.down_proj.bias for layer in layers]
+            found[name] = None if o[0] is None else max(b.abs().max().item() for b in o + down)
+        calls.append((kw["seed"], found))
+        return summary
+
+    monkeypatch.setattr(nirvana.finetune, "finetune", checked)
+    assert quality.main(args) == 0
+    path = tmp_path / "quality-tiny-t.json"
+    runs = json.loads(path.read_text())["runs"]
+    keys = [quality.recover_key(m, seed, 0.3, 2) for seed in (0, 1) for m in quality.RECOVER_METHODS]
+    assert [k for k in runs if k.startswith("recover|")] == sorted(keys)
+    assert all(f"{m}|seed={seed}|s=0.3|gamma=3.0" in runs for seed in (0, 1) for m in quality.RECOVER_METHODS)
+    # Seed-major, fine-tuning seeded like the pruning; FLAP's compensation biases (nonzero: the plan prunes
+    # units) are in the saved checkpoint and survive fine-tuning; the tiny Llama's other methods have none.
+    assert [seed for seed, _ in calls] == [0, 0, 0, 1, 1, 1]
+    for (_, found), method in zip(calls, list(quality.RECOVER_METHODS) * 2):
+        if method == "flap":
+            assert found["pruned"] > 0 and found["tuned"] > 0, found
+        else:
+            assert found == {"pruned": None, "tuned": None}, (method, found)
+
+    # A rerun fine-tunes nothing and changes no record; neither does a seedless key (an older run's) for seed 0.
+    def refuse(*args, **kwargs):
+        raise AssertionError("a recorded recovery ran again")
+
+    monkeypatch.setattr(nirvana.finetune, "finetune", refuse)
+    data = json.loads(path.read_text())
+    legacy = data["runs"].pop(quality.recover_key("nirvana", 0, 0.3, 2))
+    data["runs"]["recover|nirvana|s=0.3|steps=2"] = {k: v for k, v in legacy.items() if k != "seed"}
+    path.write_text(json.dumps(data))
+    assert quality.main(args) == 0
+    again = json.loads(path.read_text())
+    assert again["runs"] == data["runs"]
+    md = (tmp_path / "quality-tiny-t.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| nirvana | 30% | 2 |", "| flap | 30% | 2 |"))]
+    assert len(rows) == 2 and all(line.split(" | ")[3] == "2" for line in rows), rows
+
+
+def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds(tiny_bench, tmp_path, monkeypatch):
+    import json
+
+    import quality
+
+    _, argv = tiny_bench
+    i = argv.index("--studies")
+    args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", "nirvana", "--studies", "methods", "select"]
+    assert quality.main([*args, "--seeds", "2"]) == 0
+    path = tmp_path / "quality-tiny-t.json"
+    data = json.loads(path.read_text())
+    record = data["runs"].pop(quality.select_key(0.3, 2))
+    assert quality.selection_seeds(record) == [0, 1]
+    data["runs"]["select|s=0.3"] = record  # as an older run keyed it
+    path.write_text(json.dumps(data))
+    real = quality.selection.select
+    monkeypatch.setattr(quality.selection, "select", lambda *a, **k: pytest.fail("selected again among the same seeds"))
+    assert quality.main([*args, "--seeds", "2"]) == 0
+    assert json.loads(path.read_text())["runs"] == data["runs"]
+    monkeypatch.setattr(quality.selection, "select", real)
+    assert quality.main([*args, "--seeds", "3"]) == 0  # three seeds: a selection of its own
+    runs = json.loads(path.read_text())["runs"]
+    assert quality.selection_seeds(runs[quality.select_key(0.3, 3)]) == [0, 1, 2] and "select|s=0.3" in runs
 
 
 def test_quality_variance_units_round_trip_and_jaccard():
