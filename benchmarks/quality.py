@@ -184,6 +184,13 @@ VARIANTS = {
     "wnorm-norm": Variant(window_weight="norm", micro_batch_size=1),
     "wnorm-objective": Variant(window_weight="objective", micro_batch_size=1),
     "trim-10": Variant(trim=0.1, micro_batch_size=1),
+    # Combinations with the first layer protected (the study's best single change at 20%, 30% and 40%), and Adam
+    # with per-layer normalisation (its scores are |W*G| / sqrt(V), whose scale differs by layer).
+    "protect-1+gamma-6": Variant(protect_layers=1, gamma=6.0),
+    "protect-1+draws-4": Variant(protect_layers=1, draws=4),
+    "protect-1+select-3": Variant(protect_layers=1, select=3),
+    "protect-1+windows-64": Variant(protect_layers=1, num_samples=64),
+    "adam-norm-mean": Variant(saliency="adam", micro_batch_size=1, normalize="mean"),
 }
 
 
