@@ -191,6 +191,7 @@ VARIANTS = {
     "protect-1+select-3": Variant(protect_layers=1, select=3),
     "protect-1+windows-64": Variant(protect_layers=1, num_samples=64),
     "adam-norm-mean": Variant(saliency="adam", micro_batch_size=1, normalize="mean"),
+    "adam+protect-1": Variant(saliency="adam", micro_batch_size=1, protect_layers=1),
 }
 
 
