@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .sources.gradients import WINDOW_WEIGHTS
 
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
+    own_protection = ", ".join(f"{m}: {get_method(m).protect_layers}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="the first N layers keep every KV group and MLP channel; the target is met from the others (default 0)",
+        help="the first N layers keep every KV group and MLP channel; the target is met from the others "
+        f"(default: the method's own, {own_protection}; at most all layers but one)",
     )
     pr.add_argument(
         "--min-kv-groups",

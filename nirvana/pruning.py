@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from .compaction import compact_model
 from .methods import METHODS, get_method
 from .objective import OBJECTIVES
 from .output import check_target, real_path, scratch, staged
+from .plan import Geometry
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
@@ -91,7 +92,7 @@ class PruneSettings:
     round_to: int = 8
     # Allocation rules (nirvana.allocation): the first N layers keep everything; every attention block keeps
     # at least K KV groups; per-layer "mean"/"median" scaling of the scores before the global ranking.
-    protect_layers: int = 0
+    protect_layers: int | None = None  # None: the method's default (Method.protect_layers), resolved per model
     min_kv_groups: int = 0
     normalize: str = "none"
     micro_batch_size: int = 8
@@ -183,6 +184,8 @@ class PruneSettings:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         for name in ("protect_layers", "min_kv_groups"):
             value = getattr(self, name)
+            if name == "protect_layers" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be a non-negative integer, got {value!r}")
         if self.normalize not in NORMALIZATIONS:
@@ -310,8 +313,19 @@ class PruneSettings:
 
     @property
     def rules(self) -> dict:
-        """The allocation rules, as :func:`nirvana.allocation.allocate` takes them by name."""
+        """The allocation rules, as :func:`nirvana.allocation.allocate` takes them by name; after
+        :meth:`for_geometry` (``protect_layers`` None is a per-model default)."""
+        if self.protect_layers is None:
+            raise ValueError("protect_layers: None is resolved per model; call PruneSettings.for_geometry first")
         return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
+
+    def for_geometry(self, geometry: Geometry) -> PruneSettings:
+        """These settings with the method's default ``protect_layers`` filled in for this model, the rules
+        checked against it (:func:`nirvana.allocation.check_rules`); what report.json then records."""
+        protect = get_method(self.method).resolve_protect_layers(self.protect_layers, geometry.num_layers)
+        settings = replace(self, protect_layers=protect)
+        check_rules(geometry, **settings.rules)
+        return settings
 
     @property
     def resolved_allocation(self) -> str:
@@ -410,7 +424,7 @@ def prune(
     allocation = settings.resolved_allocation
     adapter = get_adapter(model)
     geometry = adapter.geometry(model.config)
-    check_rules(geometry, **settings.rules)  # before any scoring: N or K too large for this model
+    settings = settings.for_geometry(geometry)  # before any scoring: N or K too large for this model
     _check_encoder_decoder(settings, model)
     architecture = architecture_names(model)[0]
     params_before = count_params(model)
@@ -527,8 +541,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     from . import distributed
 
     settings.check()
-    if settings.rules != PruneSettings().rules:
-        _check_rules_from_config(settings)
+    settings = _for_config(settings)
     timer = _Timer()
     run = distributed.score_on_ranks(settings, progress=progress)
     timer.update(run.report["timings_s"])
@@ -587,14 +600,14 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
 
 
-def _check_rules_from_config(settings: PruneSettings) -> None:
-    """:func:`nirvana.allocation.check_rules` against the checkpoint's config, before any rank scores."""
+def _for_config(settings: PruneSettings) -> PruneSettings:
+    """:meth:`PruneSettings.for_geometry` from the checkpoint's config, on every rank before any scores."""
     from transformers import AutoConfig
 
     from .rank_load import checkpoint_folder
 
     config = AutoConfig.from_pretrained(checkpoint_folder(settings.model))
-    check_rules(get_adapter(config).geometry(config), **settings.rules)
+    return settings.for_geometry(get_adapter(config).geometry(config))
 
 
 def _finish_on_rank_0(

@@ -38,6 +38,8 @@ class Method(abc.ABC):
         misallocations: allocation -> why that allocation is known to be meaningless for these scores;
             asking for one is allowed, with a warning (:meth:`allocation_warning`).
         encoder_decoder_refusal: None if it scores encoder-decoders (T5) too, else why it does not.
+        protect_layers: how many first layers ``nirvana prune`` keeps whole by default (``--protect-layers``
+            overrides it); a baseline's is 0, as its paper prunes. Capped so one layer is left to prune.
     """
 
     name: ClassVar[str]
@@ -48,11 +50,16 @@ class Method(abc.ABC):
     allocation: ClassVar[str] = "global"
     misallocations: ClassVar[dict[str, str]] = {}
     encoder_decoder_refusal: ClassVar[str | None] = None
+    protect_layers: ClassVar[int] = 0
 
     def check_model(self, model: nn.Module) -> None:
         """A one-line ValueError if this method cannot score ``model`` (an encoder-decoder, for some)."""
         if self.encoder_decoder_refusal is not None and getattr(model.config, "is_encoder_decoder", False):
             raise ValueError(f"method: {self.name!r} does not score encoder-decoders: {self.encoder_decoder_refusal}")
+
+    def resolve_protect_layers(self, protect_layers: int | None, num_layers: int) -> int:
+        """``protect_layers``, or this method's default when it is None, at most ``num_layers - 1``."""
+        return min(self.protect_layers, num_layers - 1) if protect_layers is None else protect_layers
 
     def resolve_allocation(self, allocation: str | None) -> str:
         """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""
