@@ -18,8 +18,10 @@ built on the meta device from the checkpoint's config.
 
 Nothing is written before the source is checked: every safetensors header and the shard index
 (:mod:`nirvana.tensorfile`), that the checkpoint holds exactly the tensors of that meta model (so the
-output never lacks one), that the plan's method needs nothing but the plan (FLAP's bias compensation
-needs calibration forwards: ``nirvana prune``), and that the device exists.
+output never lacks one), that a plan made with a bias compensation (FLAP's, ``--compensate bias``)
+has its calibration means file (``compensation.safetensors``, which ``nirvana prune`` writes beside the
+plan; the biases are recomputed from it and the dense weights, one tensor at a time), and that the
+device exists.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from . import _remote_modeling as remote
 from .adapters import get_adapter
 from .checkpoint import CONFIG_FILE, PLAN_FILE, base_architecture, config_updates, plan_widths, rewrite_config
 from .compaction import check_plan
-from .methods import NEEDS_ACTIVATIONS
+from .compensation import MEANS_FILE, load_means, plan_compensates, streamed_biases
 from .output import check_target, real_path, staged
 from .plan import PruningPlan
 from .tensorfile import INDEX_FILE, WEIGHTS_FILE, check_folder, check_tensors, expected_tensors, read_config
@@ -378,20 +380,43 @@ def _device(device) -> torch.device:
     return dev
 
 
-def check_method(plan: PruningPlan) -> None:
-    """Refuse a plan whose method changes weights beyond the plan's slices using calibration activations."""
-    method = plan.meta.get("method")
-    if isinstance(method, str) and method in NEEDS_ACTIVATIONS:
-        raise ValueError(
-            f"plan: made with method {method!r}, whose bias compensation needs calibration forwards that "
-            f"apply cannot run (it would drop the {method} biases); use nirvana prune --method {method} instead"
-        )
+def compensation_means(plan: PruningPlan, given, where) -> Path | None:
+    """The means file a compensated ``plan`` needs (``given``, else the one beside the plan ``where``
+    came from), or None for a plan without compensation; a one-line ValueError when it cannot be found."""
+    if not plan_compensates(plan):
+        if given is not None:
+            raise ValueError(f"compensation: the plan was made without a bias compensation, got {os.fspath(given)!r}")
+        return None
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise ValueError(f"compensation: {os.fspath(given)!r} is not a file")
+        return real_path(path)
+    if isinstance(where, (str, os.PathLike)):
+        folder = Path(where) if Path(where).is_dir() else Path(where).parent
+        if (folder / MEANS_FILE).is_file():
+            return real_path(folder / MEANS_FILE)
     compensate = plan.meta.get("compensate")
-    if compensate is not None:
-        raise ValueError(
-            f"plan: made with --compensate {compensate}, whose biases come from calibration forwards that apply "
-            "cannot run (it would drop them); use nirvana prune --compensate instead"
-        )
+    how = f"--compensate {compensate}" if compensate else f"method {plan.meta.get('method')}"
+    raise ValueError(
+        f"plan: made with {how}, whose biases need the calibration means in {MEANS_FILE}, and none is beside "
+        f"the plan; pass --compensation FILE (nirvana prune writes it into the pruned folder)"
+    )
+
+
+def _compensated_biases(src: Path, plan: PruningPlan, means_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = source_tensors(src)
+    _, meta = meta_model(src)
+
+    def read(name: str) -> torch.Tensor | None:
+        if name not in files:
+            return None
+        with safe_open(files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    return streamed_biases(meta, plan, load_means(means_path, plan), read)
 
 
 def meta_model(src: Path):
@@ -537,6 +562,7 @@ def apply_plan(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    compensation: str | os.PathLike | None = None,
 ) -> Path:
     """Compact the dense checkpoint folder ``model`` with ``plan`` into ``out_dir``, tensor by tensor.
 
@@ -554,14 +580,18 @@ def apply_plan(
             The output is the same bits either way.
         overwrite: replace an existing ``out_dir`` that nirvana wrote, only once the new one is complete.
         progress: show a bar of the bytes written on stderr.
+        compensation: for a plan made with a bias compensation (``--method flap``, ``--compensate bias``),
+            the calibration means file (:data:`nirvana.compensation.MEANS_FILE`); None: the one beside the
+            plan. Its biases are recomputed from the dense weights, bit for bit what ``nirvana prune`` wrote,
+            and the file is copied into ``out_dir``.
 
     Returns:
         The path of ``out_dir``.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
-        ValueError: a bad argument or device, a plan made for another geometry or architecture or by a
-            method that needs activations (FLAP), or a checkpoint that is not a dense, supported, complete
+        ValueError: a bad argument or device, a plan made for another geometry or architecture, a
+            compensated plan without its means file, or a checkpoint that is not a dense, supported, complete
             safetensors model (a malformed header or index, a missing, extra or misshapen tensor, a
             shard outside the folder, a symbolic link among the side files).
     """
@@ -572,12 +602,16 @@ def apply_plan(
         raise ValueError(f"model: {str(model)!r} is not a folder")
     max_bytes = parse_size(max_shard_size)
     dev = _device(device)
+    where = plan
     plan = read_plan(plan)
-    check_method(plan)
+    means = compensation_means(plan, compensation, where)
     out = check_target(out_dir, sources=[src], overwrite=overwrite, name="out_dir")
-    stream = prepare_stream(src, plan)
+    biases = None if means is None else _compensated_biases(src, plan, means)
+    stream = prepare_stream(src, plan, biases=biases)
     with staged(out, overwrite=overwrite, sources=[src], name="out_dir") as tmp:
         write_stream(stream, plan, tmp, max_bytes=max_bytes, device=dev, progress=progress)
+        if means is not None:
+            copy_file(means, tmp / MEANS_FILE)
     return out
 
 
@@ -588,7 +622,7 @@ __all__ = [
     "TensorSpec",
     "apply_plan",
     "bias_specs",
-    "check_method",
+    "compensation_means",
     "check_source",
     "copy_file",
     "gathers",

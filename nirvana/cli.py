@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     ap.add_argument("--max-shard-size", default="5GB", help="most bytes per output shard, e.g. 5GB or 500MiB")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument(
+        "--compensation",
+        default=None,
+        metavar="FILE",
+        help="a compensated plan's calibration means (default: the compensation.safetensors beside the plan)",
+    )
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -288,6 +294,7 @@ def cmd_apply(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        compensation=args.compensation,
     )
     print(f"saved to {out}")
     return 0

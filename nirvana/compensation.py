@@ -9,9 +9,12 @@ run, and :func:`needs_statistics` whether to gather activation statistics for it
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from torch import nn
 
+from .methods import NEEDS_ACTIVATIONS as _COMPENSATING
 from .methods.base import Method
 from .methods.flap import METHOD as FLAP
 from .methods.flap import apply_flap_compensation
@@ -88,12 +91,83 @@ def sharded_compensation_for(method: Method, compensate: str | None):
     return None
 
 
+# Beside plan.json in a pruned folder: the calibration means a compensated plan's biases fold in, so that
+# ``nirvana apply`` recomputes the same biases from the dense checkpoint (float64 [L, hidden] inputs of
+# o_proj, [L, intermediate] inputs of down_proj; 23.6 MB for a 70B Llama).
+MEANS_FILE = "compensation.safetensors"
+
+
+def plan_compensates(plan: PruningPlan) -> bool:
+    """Whether ``plan`` was made with a bias compensation (FLAP's own, or ``--compensate bias``)."""
+    method = plan.meta.get("method")
+    own = isinstance(method, str) and method in _COMPENSATING
+    return own or plan.meta.get("compensate") is not None
+
+
+def save_means(stats, path: Path) -> Path:
+    """Write the means :func:`~nirvana.methods.flap.apply_flap_compensation` reads from ``stats`` (ActivationStats)."""
+    from safetensors.torch import save_file
+
+    means = {"o": stats.mean("o").contiguous(), "down": stats.mean("down").contiguous()}
+    save_file(means, path, metadata={"format": "nirvana-compensation", "tokens": str(int(stats.tokens))})
+    return path
+
+
+def load_means(path: Path, plan: PruningPlan) -> dict[str, torch.Tensor]:
+    """The means :func:`save_means` wrote, checked against ``plan``'s geometry; one-line ValueErrors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    g = plan.geometry
+    try:
+        means = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"compensation: cannot read {str(path)!r}: {e}") from None
+    want = {"o": (g.num_layers, g.num_heads * g.head_dim), "down": (g.num_layers, g.intermediate_size)}
+    for name, shape in want.items():
+        t = means.get(name)
+        if t is None or tuple(t.shape) != shape or t.dtype != torch.float64:
+            got = None if t is None else (tuple(t.shape), str(t.dtype))
+            raise ValueError(f"compensation: {str(path)!r} must hold float64 {name!r} of shape {shape}, got {got}")
+    return means
+
+
+def streamed_biases(meta: nn.Module, plan: PruningPlan, means: dict, read) -> dict[str, torch.Tensor]:
+    """The compensated o_proj / down_proj biases (float64, by parameter name) of ``plan``, reading the dense
+    weights one tensor at a time with ``read(name) -> tensor or None`` (None: no such tensor, a bias the model
+    lacks); ``meta`` is the dense model on the meta device. Equal, bit for bit, to the in-memory compensation."""
+    from .adapters import get_adapter
+    from .compaction import pruned_indices
+    from .methods.flap import compensated_bias
+
+    g = plan.geometry
+    names = {id(m): name for name, m in meta.named_modules()}
+    out = {}
+    for i, (lm, lp) in enumerate(zip(get_adapter(meta).layers(meta), plan.layers)):
+        for linear, kept, total, width, mean in (
+            (lm.o, lp.kv_groups_kept, g.num_kv_heads, g.group_size * g.head_dim, means["o"][i]),
+            (lm.down, lp.mlp_channels_kept, g.intermediate_size, 1, means["down"][i]),
+        ):
+            name = names[id(linear)]
+            weight = read(f"{name}.weight")
+            out[f"{name}.bias"] = compensated_bias(
+                weight, read(f"{name}.bias"), pruned_indices(kept, total, width), mean
+            )
+            del weight
+    return out
+
+
 __all__ = [
     "COMPENSATIONS",
+    "MEANS_FILE",
     "Compensation",
     "check_compensate",
     "check_model",
     "compensation_for",
+    "load_means",
     "needs_statistics",
+    "plan_compensates",
+    "save_means",
     "sharded_compensation_for",
+    "streamed_biases",
 ]

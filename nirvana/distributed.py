@@ -626,6 +626,7 @@ def flap_biases_on_ranks(sharded: nn.Module, plan: PruningPlan, stats) -> dict[s
     local shard and the all-reduced means; one ``all_reduce`` of the zero-padded vectors gathers them.
     """
     from .compaction import pruned_indices
+    from .methods.flap import compensated_bias
     from .sources.activations import check_stats
 
     model = sharded.lm
@@ -642,14 +643,8 @@ def flap_biases_on_ranks(sharded: nn.Module, plan: PruningPlan, stats) -> dict[s
         ):
             start, w = local_rows(linear.weight.detach())
             bias = torch.zeros(linear.out_features, dtype=torch.float64)
-            local = torch.zeros(w.shape[0], dtype=torch.float64)
-            if linear.bias is not None:
-                local += local_rows(linear.bias.detach())[1].to("cpu", torch.float64)
-            cols = pruned_indices(kept, total, width)
-            if cols.numel() and w.shape[0]:
-                removed = w.index_select(1, cols.to(w.device)).to(torch.float64)
-                local += (removed @ mean[cols].to(w.device)).cpu()
-            bias[start : start + w.shape[0]] = local
+            b = None if linear.bias is None else local_rows(linear.bias.detach())[1]
+            bias[start : start + w.shape[0]] = compensated_bias(w, b, pruned_indices(kept, total, width), mean)
             parts.append(bias)
             keys.append(f"{names[id(linear)]}.bias")
     flat = torch.cat(parts).to(model_device_of(sharded))

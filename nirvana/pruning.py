@@ -525,7 +525,10 @@ def prune(
             status(f"saving the pruned model to {settings.out}", progress),
             library_bars(progress),
         ):
-            out = save_checkpoint(model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite)
+            out = save_checkpoint(
+                model, tokenizer, plan, best.scores, report, settings.out, settings.overwrite,
+                compensated_from=None if compensate is None else method_stats.get(best.seed),
+            )  # fmt: skip
         report["timings_s"]["save"] = round(timer["save"], 3)
     return PruneResult(model, tokenizer, plan, best.scores, report, out)
 
@@ -642,6 +645,8 @@ def _finish_on_rank_0(
             ):
                 write_stream(stream, plan, tmp, max_bytes=parse_size(DEFAULT_MAX_SHARD_SIZE), device=run.info.device)
                 save_scores(best.scores, tmp / SCORES_FILE)
+                if biases is not None:
+                    compensation.save_means(run.stats[best.seed], tmp / compensation.MEANS_FILE)
                 plot_layers(plan, tmp / PLOT_FILE)
                 (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
             out = real_path(settings.out)
@@ -716,12 +721,19 @@ def _prepare(compensate, kept: dict):
     return prepare
 
 
-def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool) -> Path:
-    """Write the pruned model with its scores, report and plot, all in one atomic rename."""
+def save_checkpoint(
+    model, tokenizer, plan, scores: Scores, report: dict, out, overwrite: bool, compensated_from=None
+) -> Path:
+    """Write the pruned model with its scores, report and plot, all in one atomic rename; with the
+    activation statistics a bias compensation ran from (``compensated_from``), their means too
+    (:data:`nirvana.compensation.MEANS_FILE`, which ``nirvana apply`` reproduces the biases from)."""
     # Beside the output, not in /tmp: a run killed here leaves a folder the next run removes.
     with scratch(out) as tmp:
         scores_path = save_scores(scores, tmp / SCORES_FILE)
         plot_path = plot_layers(plan, tmp / PLOT_FILE)
+        extra = {SCORES_FILE: scores_path, PLOT_FILE: plot_path}
+        if compensated_from is not None:
+            extra[compensation.MEANS_FILE] = compensation.save_means(compensated_from, tmp / compensation.MEANS_FILE)
         return save_pruned(
             model,
             tokenizer,
@@ -729,5 +741,5 @@ def save_checkpoint(model, tokenizer, plan, scores: Scores, report: dict, out, o
             out,
             overwrite=overwrite,
             report=report,
-            extra_files={SCORES_FILE: scores_path, PLOT_FILE: plot_path},
+            extra_files=extra,
         )

@@ -44,8 +44,9 @@ def dense_folder(tmp_path: Path, arch: str, sharded: bool, **overrides) -> Path:
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint folder (its model*.safetensors; a pruned folder's scores and means aside)."""
     out = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in sorted(folder.glob("model*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 assert name not in out, f"{name} is in two shards"
@@ -261,3 +262,36 @@ def test_gpu_apply_gives_the_same_bits_as_cpu(llama_src, tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         assert_bitwise_equal(got[name], want[name], name=name)
+
+
+@pytest.mark.parametrize("flags", [["--method", "flap"], ["--compensate", "bias"]], ids=["flap", "compensate-bias"])
+def test_apply_of_a_compensated_plan_writes_what_prune_wrote(flags, tmp_path, capsys):
+    from tests.test_pruning import write_text
+
+    src = dense_folder(tmp_path, "llama", sharded=True)
+    calib = write_text(tmp_path / "calib.txt")
+    pruned = tmp_path / "pruned"
+    argv = ["prune", src, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"]
+    code, _, err = run([*argv, "--round-to", "1", "--device", "cpu", "--out", pruned, *flags], capsys)
+    assert code == 0, err
+    assert (pruned / "compensation.safetensors").is_file()
+
+    applied = tmp_path / "applied"
+    code, _, err = run(["apply", pruned, "--model", src, "--out", applied, "--device", "cpu"], capsys)
+    assert code == 0, err
+    got, want = tensors(applied), tensors(pruned)
+    assert sorted(got) == sorted(want) and any(n.endswith("o_proj.bias") for n in want)
+    for name in want:
+        assert_bitwise_equal(got[name], want[name], name=name)
+    assert json.loads((applied / "config.json").read_text()) == json.loads((pruned / "config.json").read_text())
+    assert (applied / "compensation.safetensors").read_bytes() == (pruned / "compensation.safetensors").read_bytes()
+
+    # A plan.json on its own finds no means; --compensation names them.
+    alone = tmp_path / "plan.json"
+    alone.write_bytes((pruned / "plan.json").read_bytes())
+    code, _, err = run(["apply", alone, "--model", src, "--out", tmp_path / "again", "--device", "cpu"], capsys)
+    assert code == 2 and "compensation.safetensors" in err and len(err.strip().splitlines()) == 1
+    means = ["--compensation", pruned / "compensation.safetensors"]
+    code, _, err = run(["apply", alone, "--model", src, "--out", tmp_path / "again", "--device", "cpu", *means], capsys)
+    assert code == 0, err
+    assert all(torch.equal(t, want[n]) for n, t in tensors(tmp_path / "again").items())

@@ -65,6 +65,24 @@ def flap_scores(model: nn.Module, stats: ActivationStats, weights: WeightReducti
     return finish(list(attention), list(z_down), geometry, meta)
 
 
+def compensated_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, mean: torch.Tensor
+) -> torch.Tensor:
+    """float64 CPU ``b + W[:, cols] @ mean[cols]`` for the rows of ``weight`` given (all, or one rank's).
+
+    weight: ``[rows, in]`` any float dtype and device; bias: ``[rows]`` or None (zero); cols: int64 removed
+    input columns; mean: float64 ``[in]`` calibration means of the inputs. One formula for the in-memory,
+    the sharded and the streamed compensation, so that all three give the same bits.
+    """
+    out = torch.zeros(weight.shape[0], dtype=torch.float64)
+    if bias is not None:
+        out += bias.detach().to("cpu", torch.float64)
+    if cols.numel() and weight.shape[0]:
+        removed = weight.detach().index_select(1, cols.to(weight.device)).to(torch.float64)
+        out += (removed @ mean[cols].to(weight.device)).cpu()
+    return out
+
+
 def _new_bias(linear: nn.Linear, value: torch.Tensor) -> None:
     # A new Parameter rather than an in-place add: a copy that shares its tensors with the dense model
     # (selection.pruned_copy) must leave the dense model's biases alone.
@@ -132,15 +150,8 @@ def apply_flap_compensation(model: nn.Module, plan: PruningPlan, stats: Activati
             (lm.o, lp.kv_groups_kept, g.num_kv_heads, g.group_size * g.head_dim, mean_o[i]),
             (lm.down, lp.mlp_channels_kept, g.intermediate_size, 1, mean_down[i]),
         ):
-            bias = torch.zeros(linear.out_features, dtype=torch.float64)
-            if linear.bias is not None:
-                bias += linear.bias.detach().to("cpu", torch.float64)
             cols = pruned_indices(kept, total, width)
-            if cols.numel():
-                w = linear.weight.detach()
-                removed = w.index_select(1, cols.to(w.device)).to(torch.float64)
-                bias += (removed @ mean[cols].to(w.device)).cpu()
-            _new_bias(linear, bias)
+            _new_bias(linear, compensated_bias(linear.weight, linear.bias, cols, mean))
     if stock_bias_flags(model.config):
         c = text_config(model.config)
         c.attention_bias, c.mlp_bias = True, True

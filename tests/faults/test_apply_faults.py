@@ -149,22 +149,30 @@ def test_a_faulty_source_is_refused(case, source, tmp_path, capsys):
     refused(argv, capsys, tmp_path, src, needles)
 
 
-def test_a_flap_plan_is_refused(source, tmp_path, capsys):
+def test_a_flap_plan_without_its_means_file_is_refused(source, tmp_path, capsys):
+    """Its biases come from calibration means: writing without them would be wrong."""
     src, plan = source
     flap = _flap_plan(plan, tmp_path)
     argv = ["apply", flap, "--model", src, "--out", tmp_path / "out", "--device", "cpu"]
-    refused(argv, capsys, tmp_path, src, ["'flap'", "use nirvana prune --method flap"])
+    refused(argv, capsys, tmp_path, src, ["method flap", "compensation.safetensors", "--compensation FILE"])
 
 
-def test_a_plan_made_with_compensate_bias_is_refused(source, tmp_path, capsys):
-    """Its biases came from calibration forwards apply cannot run: writing without them would be wrong."""
+def test_a_plan_made_with_compensate_bias_without_its_means_file_is_refused(source, tmp_path, capsys):
     src, plan = source
     data = json.loads(plan.read_text())
     data["meta"]["compensate"] = "bias"
     compensated = tmp_path / "compensated.json"
     compensated.write_text(json.dumps(data))
     argv = ["apply", compensated, "--model", src, "--out", tmp_path / "out", "--device", "cpu"]
-    refused(argv, capsys, tmp_path, src, ["--compensate bias", "use nirvana prune --compensate"])
+    refused(argv, capsys, tmp_path, src, ["--compensate bias", "compensation.safetensors", "--compensation FILE"])
+
+
+def test_a_means_file_for_a_plan_without_compensation_is_refused(source, tmp_path, capsys):
+    src, plan = source
+    means = tmp_path / "means.safetensors"
+    means.write_bytes(b"")
+    argv = ["apply", plan, "--model", src, "--out", tmp_path / "out", "--compensation", means, "--device", "cpu"]
+    refused(argv, capsys, tmp_path, src, ["compensation: the plan was made without a bias compensation"])
 
 
 DEVICES = {
