@@ -56,7 +56,7 @@ Usage:
         [--seeds 5] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len 128]
         [--studies methods select gamma variance] [--variance-seeds 5] [--variants paper protect-1 ...]
         [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--recover-seeds 3] [--out benchmarks/results]
-        [--render-only]
+        [--render-only] [--merge FILE ...]
 """
 
 from __future__ import annotations
@@ -1114,6 +1114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--render-only", action="store_true", help="only rewrite the table and plot from the JSON file")
+    p.add_argument(
+        "--merge", nargs="+", default=[], metavar="FILE",
+        help="first add the runs of other results files of the same settings (a study split over processes)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     for s in args.sparsities:
         if not 0 < s < 1:
@@ -1137,6 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = Bench(args)
         _check_variance_seeds(bench.results, args)
+        for other in args.merge:
+            merge_results(bench.results, Path(other))
+        if args.merge:
+            bench.save()
     except ValueError as e:
         print(f"quality.py: error: {e}", file=sys.stderr)
         return 2
@@ -1177,6 +1185,26 @@ def main(argv: list[str] | None = None) -> int:
     stem = write_outputs(bench, args, command)
     print(f"wrote {stem}.md, {stem}.json and {stem}.png")
     return 0
+
+
+def merge_results(results: dict, other: Path) -> int:
+    """Add to ``results`` the runs of the results file ``other`` that it lacks (a study split over processes
+    or machines, each with its own ``--tag``); returns how many. A ValueError for other settings or variance
+    seeds, or for a run both hold with other figures (two different runs under one key)."""
+    data = json.loads(Path(other).read_text())
+    for key in ("settings", "variance_seeds"):
+        if key in data and key in results and data[key] != results[key]:
+            raise ValueError(f"--merge: {other} has {key} {data[key]!r}, these results {results[key]!r}")
+    added = 0
+    for key, run in data.get("runs", {}).items():
+        mine = results["runs"].get(key)
+        if mine is None:
+            results["runs"][key] = run
+            added += 1
+        elif any(mine.get(f) != v for f, v in run.items() if f.startswith(("ppl_", "kl_"))):
+            raise ValueError(f"--merge: {other} holds other figures for {key!r}")
+    results.setdefault("merged_from", []).append(Path(other).name)
+    return added
 
 
 def _check_variance_seeds(results: dict, args) -> None:

@@ -640,3 +640,24 @@ def test_distributed_e2e_smoke_runs_both_flows_and_their_plans_agree(tmp_path):
     report = (tmp_path / "distributed_e2e.md").read_text()
     assert "plans identical: yes" in report
     assert "prune --distributed fsdp, world size 1" in report
+
+
+def test_quality_merge_adds_the_runs_it_lacks_and_refuses_a_clash(tmp_path):
+    import json
+
+    import quality
+
+    ours = {"settings": {"windows": 8}, "variance_seeds": 5, "runs": {"dense": {"ppl_a": 1.0, "seconds": 3}}}
+    other = tmp_path / "other.json"
+    runs = {"dense": {"ppl_a": 1.0, "seconds": 9}, "variance|adam|seed=0|s=0.2": {"ppl_a": 7.0}}
+    other.write_text(json.dumps({"settings": {"windows": 8}, "variance_seeds": 5, "runs": runs}))
+    assert quality.merge_results(ours, other) == 1
+    assert ours["runs"]["variance|adam|seed=0|s=0.2"] == {"ppl_a": 7.0} and ours["runs"]["dense"]["seconds"] == 3
+    assert ours["merged_from"] == ["other.json"]
+
+    other.write_text(json.dumps({"settings": {"windows": 8}, "runs": {"dense": {"ppl_a": 2.0}}}))
+    with pytest.raises(ValueError, match="other figures for 'dense'"):
+        quality.merge_results(ours, other)
+    other.write_text(json.dumps({"settings": {"windows": 24}, "runs": {}}))
+    with pytest.raises(ValueError, match="has settings"):
+        quality.merge_results(ours, other)
