@@ -192,6 +192,8 @@ VARIANTS = {
     "protect-1+windows-64": Variant(protect_layers=1, num_samples=64),
     "adam-norm-mean": Variant(saliency="adam", micro_batch_size=1, normalize="mean"),
     "adam+protect-1": Variant(saliency="adam", micro_batch_size=1, protect_layers=1),
+    "protect-1+compensate": Variant(protect_layers=1, compensate=True),
+    "protect-1+gamma-6+compensate": Variant(protect_layers=1, gamma=6.0, compensate=True),
 }
 
 
