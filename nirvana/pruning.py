@@ -322,7 +322,9 @@ class PruneSettings:
     def for_geometry(self, geometry: Geometry) -> PruneSettings:
         """These settings with the method's default ``protect_layers`` filled in for this model, the rules
         checked against it (:func:`nirvana.allocation.check_rules`); what report.json then records."""
-        protect = get_method(self.method).resolve_protect_layers(self.protect_layers, geometry.num_layers)
+        protect = get_method(self.method).resolve_protect_layers(
+            self.protect_layers, geometry.num_layers, self.resolved_allocation
+        )
         settings = replace(self, protect_layers=protect)
         check_rules(geometry, **settings.rules)
         return settings

@@ -18,6 +18,7 @@ from nirvana.adapters import get_adapter
 from nirvana.allocation import allocate
 from nirvana.calibration import calibration_windows
 from nirvana.distributed import LAUNCH_ENV, layer_partial_scores
+from nirvana.methods import get_method
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, prune
 from nirvana.saliency import compute_scores
@@ -274,6 +275,7 @@ def test_fsdp_scores_and_plan_match_one_process(fsdp_run, arch):
     expected = allocate(
         single.attention, single.mlp, geometry, sparsity=SETTINGS["sparsity"], gamma=SETTINGS["gamma"],
         round_to=SETTINGS["round_to"], architecture=model.config.architectures[0],
+        protect_layers=get_method("nirvana").protect_layers,  # prune's default for NIRVANA
     )  # fmt: skip
     plan = json.loads((out / arch / "plan.json").read_text())
     assert plan["layers"] == expected.to_dict()["layers"]

@@ -94,7 +94,12 @@ def test_the_documented_surface_scores_allocates_and_compacts_like_prune(tmp_pat
     ids = cfg.calibration_windows(tok, cfg.seed, model, progress=False)
     scores = nirvana.score(model, ids, "nirvana", micro_batch_size=2, progress=False, saliency="adam")
     assert torch.equal(scores.attention, result.scores.attention) and torch.equal(scores.mlp, result.scores.mlp)
-    plan = nirvana.allocate(scores.attention, scores.mlp, scores.geometry, sparsity=0.3, gamma=2.0, round_to=1)
+    # allocate() is the plain ranking: prune()'s defaults beyond it (NIRVANA keeps layer 0 whole) are passed.
+    protect = nirvana.get_method("nirvana").protect_layers
+    plan = nirvana.allocate(
+        scores.attention, scores.mlp, scores.geometry, sparsity=0.3, gamma=2.0, round_to=1, protect_layers=protect
+    )
+    assert protect == 1 and plan.meta["protect_layers"] == result.plan.meta["protect_layers"] == 1
     assert plan.layers == result.plan.layers
     nirvana.compact_model(model, plan)
     assert count_params(model) == count_params(result.model)

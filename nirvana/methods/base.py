@@ -38,8 +38,8 @@ class Method(abc.ABC):
         misallocations: allocation -> why that allocation is known to be meaningless for these scores;
             asking for one is allowed, with a warning (:meth:`allocation_warning`).
         encoder_decoder_refusal: None if it scores encoder-decoders (T5) too, else why it does not.
-        protect_layers: how many first layers ``nirvana prune`` keeps whole by default (``--protect-layers``
-            overrides it); a baseline's is 0, as its paper prunes. Capped so one layer is left to prune.
+        protect_layers: how many first layers ``nirvana prune`` keeps whole by default with global
+            allocation (``--protect-layers`` overrides it); a baseline's is 0, as its paper prunes.
     """
 
     name: ClassVar[str]
@@ -57,9 +57,13 @@ class Method(abc.ABC):
         if self.encoder_decoder_refusal is not None and getattr(model.config, "is_encoder_decoder", False):
             raise ValueError(f"method: {self.name!r} does not score encoder-decoders: {self.encoder_decoder_refusal}")
 
-    def resolve_protect_layers(self, protect_layers: int | None, num_layers: int) -> int:
-        """``protect_layers``, or this method's default when it is None, at most ``num_layers - 1``."""
-        return min(self.protect_layers, num_layers - 1) if protect_layers is None else protect_layers
+    def resolve_protect_layers(self, protect_layers: int | None, num_layers: int, allocation: str) -> int:
+        """``protect_layers``, or when it is None this method's default, at most ``num_layers - 1``; the
+        default is for the global ranking it was measured with, so a ``uniform`` allocation (every layer
+        alike) gets 0."""
+        if protect_layers is not None:
+            return protect_layers
+        return min(self.protect_layers, num_layers - 1) if allocation == "global" else 0
 
     def resolve_allocation(self, allocation: str | None) -> str:
         """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""

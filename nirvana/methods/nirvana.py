@@ -23,6 +23,9 @@ class Nirvana(Method):
     needs = GRADIENTS
     settings = ("objective", "saliency", "adam_steps", "window_weight", "trim")
     allocation = "global"
+    # Layer 0 kept whole: the published recipe prunes one or two of its KV groups in most calibration draws, and
+    # those draws are its worst (benchmarks/results/quality-smollm2-variance.md); --recipe paper gives 0.
+    protect_layers = 1
 
     def scores(
         self,
