@@ -826,7 +826,10 @@ def variance_cells(runs: list[dict], texts: list[str]) -> dict:
         "ppl": {t: [r[f"ppl_{t}"] for r in runs] for t in texts},
         "kl": [r[f"kl_{texts[0]}"] for r in runs],
         "overlap_kv": jaccard([{tuple(u) for u in r["pruned_kv"]} for r in runs]),
-        "overlap_mlp": jaccard([pruned_mlp_set(r) for r in runs]),
+        # A committed results file may leave the masks out (its size); the overlap is then unknown.
+        "overlap_mlp": jaccard([pruned_mlp_set(r) for r in runs])
+        if all("pruned_mlp_bits" in r for r in runs)
+        else None,
         "layer0_kv": [sum(1 for row, _ in r["pruned_kv"] if row == 0) for r in runs],
         "per_candidate_s": [r["scoring_seconds"] / r["draws_scored"] for r in runs],
         "achieved": [r["achieved_sparsity"] for r in runs],
