@@ -188,6 +188,8 @@ VARIANTS = {
     # with per-layer normalisation (its scores are |W*G| / sqrt(V), whose scale differs by layer).
     "protect-1+gamma-6": Variant(protect_layers=1, gamma=6.0),
     "protect-1+draws-4": Variant(protect_layers=1, draws=4),
+    "protect-1+draws-8": Variant(protect_layers=1, draws=8),
+    "protect-1+gamma-6+draws-4": Variant(protect_layers=1, gamma=6.0, draws=4),
     "protect-1+select-3": Variant(protect_layers=1, select=3),
     "protect-1+windows-64": Variant(protect_layers=1, num_samples=64),
     "adam-norm-mean": Variant(saliency="adam", micro_batch_size=1, normalize="mean"),
