@@ -15,8 +15,10 @@ standard deviation (n - 1) over seeds, and so do the plot's error bars. Each met
 ``nirvana prune --method M`` uses by default, its paper's (``Method.allocation`` in ``nirvana.methods``), unless
 ``--allocation`` is given: NIRVANA and FLAP rank globally (FLAP's scores are standardised per layer for exactly
 that), LLM-Pruner (``taylor``), Wanda-SP, magnitude and random prune the same share of every layer.
+Each row prunes as ``nirvana prune --method M`` does with no other flag, so ``nirvana`` keeps layer 0 whole
+(``Method.protect_layers``); ``nirvana-paper`` is ``--recipe paper``, the published settings, and
 ``nirvana-uniform`` (NIRVANA scores, uniform allocation, i.e. ``--allocation uniform``) separates the two
-ingredients.
+ingredients (:data:`ROW_FLAGS`).
 
 Studies (``--studies``), on calibration-side data only, never on the evaluation texts:
 
@@ -95,10 +97,10 @@ from nirvana.pruning import PruneSettings, count_params
 from nirvana.saliency import compute_scores
 from nirvana.scores import mean_scores
 
-METHODS = ("nirvana", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
-# The benchmark's rows that are not a --method of their own: NIRVANA's scores, allocated uniformly
-# (what `nirvana prune --allocation uniform` does).
-VARIANT_ALLOCATION = {"nirvana-uniform": "uniform"}
+METHODS = ("nirvana", "nirvana-paper", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
+# The benchmark's rows that are not a --method of their own, as the `nirvana prune --method nirvana` flags that
+# make them: the published recipe (layer 0 not kept whole), and NIRVANA's scores allocated uniformly.
+ROW_FLAGS = {"nirvana-paper": {"recipe": "paper"}, "nirvana-uniform": {"allocation": "uniform"}}
 RECOVER_METHODS = ("nirvana", "flap", "taylor")
 GAMMA_SWEEP = (1.0, 2.0, 3.0, 4.0)
 DEFAULT_GAMMA = 3.0
@@ -248,13 +250,36 @@ def jaccard(sets: list[set]) -> float | None:
     return statistics.fmean(len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs)
 
 
-def allocation_of(method: str, override: str | None = None) -> str:
-    """The allocation a row prunes with: ``override`` (``--allocation``) if given, else what ``nirvana prune
-    --method BASE`` uses by default (the method's own), ``nirvana-uniform`` aside."""
-    if override is None and method in VARIANT_ALLOCATION:
-        return VARIANT_ALLOCATION[method]
+def row_settings(method: str, override: str | None = None) -> PruneSettings:
+    """The ``nirvana prune`` settings a methods-table row prunes with: ``--method BASE`` with the row's flags
+    (:data:`ROW_FLAGS`), and ``--allocation override`` if given; a ValueError, one line, for a row whose
+    recipe fixes another allocation."""
     base = "nirvana" if method.startswith("nirvana") else method
-    return PruneSettings(method=base, allocation=override).resolved_allocation
+    flags = dict(ROW_FLAGS.get(method, {}))
+    if override is not None:
+        flags["allocation"] = override
+    return PruneSettings.for_recipe(flags.pop("recipe", None), method=base, **flags)
+
+
+def allocation_of(method: str, override: str | None = None) -> str:
+    """The allocation a row prunes with: what :func:`row_settings` resolves to (the method's own by default)."""
+    return row_settings(method, override).resolved_allocation
+
+
+def row_rules(method: str, geometry, override: str | None = None) -> dict:
+    """The allocation rules a row prunes with, resolved for the model as ``nirvana prune`` resolves them
+    (``nirvana``: layer 0 kept whole under global allocation; ``nirvana-paper``: none)."""
+    return row_settings(method, override).for_geometry(geometry).rules
+
+
+def pruned_key(method: str, seed: int, sparsity: float, gamma: float, rules: dict) -> str:
+    """A methods-table run's key; the rules that are not the published ones are part of it, so that a run
+    of other rules is never read as this one's."""
+    return f"{method}|seed={seed}|s={sparsity}|gamma={gamma}{_rules_suffix(rules)}"
+
+
+def _rules_suffix(rules: dict) -> str:
+    return "".join(f"|{k}={v}" for k, v in rules.items() if v not in (0, "none"))
 
 
 def eval_text(name: str) -> str:
@@ -394,6 +419,9 @@ class Bench:
             self._scores[key] = (scores, stats, time.perf_counter() - start)
         return self._scores[key]
 
+    def rules(self, method: str) -> dict:
+        return row_rules(method, self.geometry, self.args.allocation)
+
     def plan(self, method: str, seed: int, sparsity: float, gamma: float = DEFAULT_GAMMA):
         scores = self.scores(method, seed)[0]
         return allocate(
@@ -404,6 +432,7 @@ class Bench:
             gamma=gamma,
             allocation=allocation_of(method, self.args.allocation),
             architecture=self.architecture,
+            **self.rules(method),
         )
 
     def prepare(self, method: str, seed: int, plan):
@@ -439,10 +468,11 @@ class Bench:
                 achieved_sparsity=plan.achieved_sparsity(),
                 params=count_params(model),
                 scoring_seconds=round(self.scores(method, seed)[2], 1),
+                rules=self.rules(method),
             )
             return record
 
-        return self.run(f"{method}|seed={seed}|s={sparsity}|gamma={gamma}", build)
+        return self.run(pruned_key(method, seed, sparsity, gamma, self.rules(method)), build)
 
     def dense(self) -> dict:
         def build():
@@ -470,6 +500,7 @@ class Bench:
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=[DEFAULT_GAMMA],
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
+                rules=self.rules("nirvana"),
             )  # fmt: skip
             return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials}
 
@@ -486,6 +517,7 @@ class Bench:
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=list(selection.GAMMA_GRID),
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
+                rules=self.rules("nirvana"),
             )  # fmt: skip
             return {"study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials}
 
@@ -581,8 +613,9 @@ class Bench:
         ``seed``), loaded back and evaluated. The methods-table run of the same pruning is recorded first: it is
         the recovery table's "before"."""
         self.pruned(method, seed, sparsity)
+        rules = self.rules(method)
         legacy = f"recover|{method}|s={sparsity}|steps={steps}"  # seed 0's key before recovery had seeds
-        if seed == 0 and legacy in self.results["runs"]:
+        if seed == 0 and legacy in self.results["runs"] and not _rules_suffix(rules):
             return self.results["runs"][legacy]
 
         def build():
@@ -600,15 +633,17 @@ class Bench:
                 )  # fmt: skip
                 tuned = load_pruned(Path(tmp) / "tuned")
             record = self.evaluate(tuned)
-            record.update(method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned))
+            record.update(
+                method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned), rules=rules
+            )
             record["finetune"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             return record
 
-        return self.run(recover_key(method, seed, sparsity, steps), build)
+        return self.run(recover_key(method, seed, sparsity, steps, rules), build)
 
 
-def recover_key(method: str, seed: int, sparsity: float, steps: int) -> str:
-    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}"
+def recover_key(method: str, seed: int, sparsity: float, steps: int, rules: dict | None = None) -> str:
+    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}{_rules_suffix(rules or {})}"
 
 
 def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
@@ -1146,6 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     try:
+        for method in args.methods:  # before the model loads: a contradiction costs nothing
+            row_settings(method, args.allocation)
         bench = Bench(args)
         _check_variance_seeds(bench.results, args)
         for other in args.merge:

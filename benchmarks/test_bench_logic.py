@@ -187,7 +187,35 @@ def test_quality_allocates_each_method_as_the_cli_does(allocation):
         assert quality.allocation_of(method, allocation) == cli, method
         assert cli == (allocation or want.get(method, cli)), method
     assert quality.allocation_of("nirvana-uniform", allocation) == (allocation or "uniform")
-    assert set(quality.METHODS) - set(METHODS) == set(quality.VARIANT_ALLOCATION)
+    assert set(quality.METHODS) - set(METHODS) == set(quality.ROW_FLAGS)
+    if allocation == "uniform":  # the published recipe ranks globally: a contradiction, refused in one line
+        with pytest.raises(ValueError, match="--recipe paper fixes it to 'global'"):
+            quality.allocation_of("nirvana-paper", allocation)
+    else:
+        assert quality.allocation_of("nirvana-paper", allocation) == "global"
+
+
+@pytest.mark.parametrize("allocation", [None, "uniform"], ids=["own", "uniform"])
+def test_quality_rows_keep_the_layers_the_cli_keeps(allocation):
+    """A methods-table row prunes with the rules `nirvana prune` resolves for the model: `nirvana` keeps
+    layer 0 whole under global allocation, the published recipe keeps none, and a run's key says so."""
+    import quality
+
+    from nirvana.methods import METHODS
+    from nirvana.pruning import PruneSettings
+    from tests.test_allocation import TINY as geometry
+
+    for method in METHODS:
+        cli = PruneSettings(method=method, allocation=allocation).for_geometry(geometry).rules
+        assert quality.row_rules(method, geometry, allocation) == cli, method
+    protect = 0 if allocation == "uniform" else 1
+    assert quality.row_rules("nirvana", geometry, allocation)["protect_layers"] == protect
+    assert quality.row_rules("nirvana-uniform", geometry)["protect_layers"] == 0
+    assert quality.row_rules("nirvana-paper", geometry)["protect_layers"] == 0
+    paper = quality.pruned_key("nirvana-paper", 0, 0.2, 3.0, quality.row_rules("nirvana-paper", geometry))
+    default = quality.pruned_key("nirvana", 0, 0.2, 3.0, quality.row_rules("nirvana", geometry))
+    assert paper == "nirvana-paper|seed=0|s=0.2|gamma=3.0"
+    assert default == "nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1"
 
 
 def test_quality_render_lists_every_run():
@@ -498,9 +526,13 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     assert quality.main(args) == 0
     path = tmp_path / "quality-tiny-t.json"
     runs = json.loads(path.read_text())["runs"]
-    keys = [quality.recover_key(m, seed, 0.3, 2) for seed in (0, 1) for m in quality.RECOVER_METHODS]
+    rules = {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2" + ("|protect_layers=1" if m == "nirvana" else "")]["rules"]
+             for m in quality.RECOVER_METHODS}  # fmt: skip
+    assert rules["nirvana"]["protect_layers"] == 1 and rules["flap"]["protect_layers"] == 0, rules
+    keys = [quality.recover_key(m, seed, 0.3, 2, rules[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
     assert [k for k in runs if k.startswith("recover|")] == sorted(keys)
-    assert all(f"{m}|seed={seed}|s=0.3|gamma=3.0" in runs for seed in (0, 1) for m in quality.RECOVER_METHODS)
+    before = [quality.pruned_key(m, seed, 0.3, 3.0, rules[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
+    assert all(k in runs for k in before), sorted(runs)
     # Seed-major, fine-tuning seeded like the pruning; FLAP's compensation biases (nonzero: the plan prunes
     # units) are in the saved checkpoint and survive fine-tuning; the tiny Llama's other methods have none.
     assert [seed for seed, _ in calls] == [0, 0, 0, 1, 1, 1]
@@ -516,8 +548,8 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
 
     monkeypatch.setattr(nirvana.finetune, "finetune", refuse)
     data = json.loads(path.read_text())
-    legacy = data["runs"].pop(quality.recover_key("nirvana", 0, 0.3, 2))
-    data["runs"]["recover|nirvana|s=0.3|steps=2"] = {k: v for k, v in legacy.items() if k != "seed"}
+    legacy = data["runs"].pop(quality.recover_key("flap", 0, 0.3, 2))  # FLAP: the published rules, no suffix
+    data["runs"]["recover|flap|s=0.3|steps=2"] = {k: v for k, v in legacy.items() if k != "seed"}
     path.write_text(json.dumps(data))
     assert quality.main(args) == 0
     again = json.loads(path.read_text())
