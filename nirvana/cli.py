@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 32)")
     pr.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 128)")
     pr.add_argument("--select-calib", type=int, default=None, metavar="K", help="candidate sets (KL pick), <= 64")
+    pr.add_argument(
+        "--draws",
+        type=int,
+        default=None,
+        metavar="D",
+        help="calibration draws averaged into each candidate's scores (default 1; D times the scoring)",
+    )
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
     pr.add_argument("--saliency", choices=SALIENCIES, default=None, help="default taylor")
     pr.add_argument("--objective", choices=OBJECTIVES, default=None, help="default maxlogit")

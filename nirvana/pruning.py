@@ -32,8 +32,8 @@ from .plan import Geometry
 from .progress import library_bars, status
 from .report import PLOT_FILE, build_report, plot_layers
 from .saliency import SALIENCIES
-from .scores import SCORES_FILE, Scores, save_scores
-from .sources.activations import activation_statistics
+from .scores import SCORES_FILE, Scores, mean_scores, save_scores
+from .sources.activations import activation_statistics, merge_statistics
 from .sources.gradients import check_aggregation
 
 # accelerate's placements, passed to from_pretrained(device_map=...); "cpu" puts everything on the CPU.
@@ -53,7 +53,7 @@ MAX_SELF_SAMPLES = 1024
 # model); only "auto" is refused, as the paper chooses none.
 RECIPES: dict[str, dict] = {
     "paper": dict(
-        method="nirvana", num_samples=32, seq_len=128, select_calib=1, saliency="taylor", objective="maxlogit",
+        method="nirvana", num_samples=32, seq_len=128, select_calib=1, draws=1, saliency="taylor", objective="maxlogit",
         window_weight="none", trim=0.0, allocation="global", protect_layers=0, min_kv_groups=0, normalize="none",
         compensate=None,
     ),
@@ -76,7 +76,10 @@ class PruneSettings:
     calib: str = "austen"
     num_samples: int = 32
     seq_len: int = 128
-    select_calib: int = 1  # K candidate calibration sets, seeds seed..seed+K-1
+    select_calib: int = 1  # K candidate calibration sets, seeds seed..seed+K-1 (with draws=1)
+    # Each candidate's scores are the mean of this many calibration draws' (nirvana.scores.mean_scores), its
+    # activation statistics their pooled windows'; candidate c draws seeds seed + c*D .. seed + c*D + D-1.
+    draws: int = 1
     heldout_samples: int = 16  # windows of seq_len tokens for the KL criterion
     saliency: str = "taylor"
     objective: str = "maxlogit"
@@ -178,7 +181,9 @@ class PruneSettings:
         for name, choices in choices_by_name:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("num_samples", "seq_len", "select_calib", "heldout_samples", "round_to", "micro_batch_size"):
+        for name in (
+            "num_samples", "seq_len", "select_calib", "draws", "heldout_samples", "round_to", "micro_batch_size",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -240,14 +245,24 @@ class PruneSettings:
                     )
         if self.select_calib > MAX_SELECT_CALIB:
             raise ValueError(f"select_calib: at most {MAX_SELECT_CALIB} candidate sets, got {self.select_calib}")
+        if self.select_calib * self.draws > MAX_SELECT_CALIB:
+            raise ValueError(
+                f"draws: {self.draws} draws for each of {self.select_calib} candidate sets make "
+                f"{self.select_calib * self.draws} calibration draws, at most {MAX_SELECT_CALIB}"
+            )
         top = calibration.HELDOUT_SEED_BASE - 1
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= top:
             raise ValueError(f"seed: must be an integer in [0, 2**31), got {self.seed!r}")
-        if self.seed + self.select_calib - 1 > top:
+        last = self.candidate_seeds()[-1][-1]
+        if last > top:
+            flags = f"--select-calib {self.select_calib}" + (f" --draws {self.draws}" if self.draws > 1 else "")
             raise ValueError(
-                f"seed: {self.seed} with --select-calib {self.select_calib} uses seeds up to "
-                f"{self.seed + self.select_calib - 1}, past 2**31 - 1; pass a smaller --seed"
+                f"seed: {self.seed} with {flags} uses seeds up to {last}, past 2**31 - 1; pass a smaller --seed"
             )
+
+    def candidate_seeds(self) -> list[list[int]]:
+        """Each candidate calibration set's draws: candidate ``c`` draws seeds ``seed + c * draws`` onwards."""
+        return [[self.seed + c * self.draws + k for k in range(self.draws)] for c in range(self.select_calib)]
 
     def _check_placement(self) -> None:
         if self.device_map is not None:
@@ -431,26 +446,29 @@ def prune(
     architecture = architecture_names(model)[0]
     params_before = count_params(model)
 
-    seeds = [settings.seed + k for k in range(settings.select_calib)]
+    seeds = [seed for group in settings.candidate_seeds() for seed in group]
     saved = None  # --scores: the one candidate comes from the file
     if settings.scores is not None:
         saved = replan.load_matching(settings.scores, geometry, settings.method)
         seed = settings.seed if saved.seed is None else saved.seed
         seeds, precomputed_scores = [seed], {seed: saved.scores}
-    candidates = []
     method = get_method(settings.method)
     compensate = compensation.compensation_for(method, settings.compensate)
     # calibration seed -> the method's activation statistics, or those its compensation reads, if any
-    method_stats: dict[int, object] = dict(precomputed_stats or {})
+    draw_stats: dict[int, object] = dict(precomputed_stats or {})
+    draw_scores: dict[int, Scores] = {}
     for seed in tqdm(seeds, desc="calibration sets", unit="set", disable=not progress or len(seeds) == 1):
         if precomputed_scores is not None:
-            scores = precomputed_scores[seed]
+            draw_scores[seed] = precomputed_scores[seed]
         else:
             with timer.stage("calibration"):
                 windows = settings.calibration_windows(tokenizer, seed, model, progress=progress)
             with timer.stage("saliency"):
-                scores = _method_scores(settings, method, model, windows, seed, progress, method_stats)
-        candidates.append(selection.Candidate(seed, scores if saved is not None else _tagged(settings, seed, scores)))
+                draw_scores[seed] = _method_scores(settings, method, model, windows, seed, progress, draw_stats)
+    if saved is not None:
+        candidates, method_stats = [selection.Candidate(seeds[0], saved.scores)], draw_stats
+    else:
+        candidates, method_stats = _candidates(settings, draw_scores, draw_stats)
 
     gammas = _gammas(settings)
     chosen = None
@@ -558,9 +576,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     allocation = settings.resolved_allocation
     sharded_compensation = compensation.sharded_compensation_for(method, settings.compensate)
     architecture = architecture_names(run.sharded.lm)[0]
-    candidates = []
-    for seed in sorted(run.scores):
-        candidates.append(selection.Candidate(seed, _tagged(settings, seed, run.scores[seed])))
+    candidates, stats = _candidates(settings, run.scores, run.stats)
     gammas = _gammas(settings)
     chosen = None
     if len(candidates) > 1 or len(gammas) > 1:
@@ -570,7 +586,7 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
             chosen = distributed.select_on_ranks(
                 run.sharded, candidates, heldout, sparsity=settings.sparsity, gammas=gammas,
                 allocation=allocation, round_to=settings.round_to, architecture=architecture,
-                compensation=sharded_compensation, stats=run.stats, progress=show, rules=settings.rules,
+                compensation=sharded_compensation, stats=stats, progress=show, rules=settings.rules,
             )  # fmt: skip
         plan, best = chosen.plan, next(c for c in candidates if c.seed == chosen.seed)
     else:
@@ -588,12 +604,12 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     biases = None
     if sharded_compensation is not None:
         with timer.stage("compaction"):
-            biases = sharded_compensation(run.sharded, plan, run.stats[best.seed])
+            biases = sharded_compensation(run.sharded, plan, stats[best.seed])
     run.drop_model()
     try:
         result = _finish_on_rank_0(
             settings, run, plan, best, chosen=chosen, gammas=gammas, biases=biases, timer=timer,
-            extra_report=extra_report, progress=progress,
+            extra_report=extra_report, progress=progress, stats=stats,
         )  # fmt: skip
     except BaseException:
         if rank0:  # release the others, then fail with rank 0's own error
@@ -602,7 +618,8 @@ def _prune_distributed(settings: PruneSettings, *, progress: bool, extra_report:
     seed, plan = distributed.share_plan(run, None if result is None else result.plan)
     if result is not None:
         return result
-    return PruneResult(None, run.tokenizer, plan, run.scores[seed], {"distributed": run.report}, None, biases)
+    scores = next(c.scores for c in candidates if c.seed == seed)
+    return PruneResult(None, run.tokenizer, plan, scores, {"distributed": run.report}, None, biases)
 
 
 def _for_config(settings: PruneSettings) -> PruneSettings:
@@ -616,7 +633,7 @@ def _for_config(settings: PruneSettings) -> PruneSettings:
 
 
 def _finish_on_rank_0(
-    settings: PruneSettings, run, plan, best, *, chosen, gammas, biases, timer, extra_report, progress: bool
+    settings: PruneSettings, run, plan, best, *, chosen, gammas, biases, timer, extra_report, progress: bool, stats
 ) -> PruneResult | None:
     """Rank 0's report and streamed checkpoint (None on the other ranks): ``run`` is the
     :class:`nirvana.distributed.RankScores`, ``best`` the chosen candidate, ``chosen`` the KL selection or None."""
@@ -648,7 +665,7 @@ def _finish_on_rank_0(
                 write_stream(stream, plan, tmp, max_bytes=parse_size(DEFAULT_MAX_SHARD_SIZE), device=run.info.device)
                 save_scores(best.scores, tmp / SCORES_FILE)
                 if biases is not None:
-                    compensation.save_means(run.stats[best.seed], tmp / compensation.MEANS_FILE)
+                    compensation.save_means(stats[best.seed], tmp / compensation.MEANS_FILE)
                 plot_layers(plan, tmp / PLOT_FILE)
                 (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
             out = real_path(settings.out)
@@ -673,6 +690,20 @@ def _tagged(settings: PruneSettings, seed: int, scores: Scores) -> Scores:
     scores.meta.setdefault("method", settings.method)
     scores.meta.update(calib=settings.calib, calibration_seed=seed)
     return scores
+
+
+def _candidates(settings: PruneSettings, scores: dict, stats: dict) -> tuple[list[selection.Candidate], dict]:
+    """The candidate calibration sets from each draw's ``scores`` and ``stats`` (both by seed), and each
+    candidate's statistics by its seed (its first draw's). A candidate of several draws
+    (:meth:`PruneSettings.candidate_seeds`) scores their mean (:func:`nirvana.scores.mean_scores`) and pools
+    their windows' statistics (:func:`nirvana.sources.activations.merge_statistics`)."""
+    candidates, pooled = [], {}
+    for group in settings.candidate_seeds():
+        draws = [_tagged(settings, seed, scores[seed]) for seed in group]
+        candidates.append(selection.Candidate(group[0], draws[0] if len(draws) == 1 else mean_scores(draws)))
+        if all(seed in stats for seed in group):
+            pooled[group[0]] = merge_statistics([stats[seed] for seed in group])
+    return candidates, pooled
 
 
 def _gammas(settings: PruneSettings) -> list[float]:

@@ -39,6 +39,8 @@ CASES = {
     "adam": dict(saliency="adam"),  # micro-batch Adam: one process with micro_batch_size * world_size
     "flap-select": dict(method="flap", select_calib=2, gamma="auto", heldout_samples=3),
     "wanda-sp-bias": dict(method="wanda-sp", compensate="bias"),  # FLAP's sharded compensation for another method
+    # Two candidates of two draws each: the mean scores and the pooled statistics, on rank 0 and in the selection.
+    "flap-draws": dict(method="flap", select_calib=2, draws=2, heldout_samples=3),
     # The allocation rules reach rank 0's allocation and every rank's KL selection.
     "rules": dict(protect_layers=1, min_kv_groups=2, normalize="median", select_calib=2, heldout_samples=3),
 }

@@ -74,18 +74,20 @@ def logits(model: nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("method", "select_calib"),
-    [("nirvana", 1), ("magnitude", 1), ("wanda-sp", 1), ("nirvana", 2)],
-    ids=["nirvana", "magnitude", "wanda-sp", "nirvana-kl-selection"],
+    ("method", "select_calib", "draws"),
+    [("nirvana", 1, 1), ("magnitude", 1, 1), ("wanda-sp", 1, 1), ("nirvana", 2, 1), ("nirvana", 2, 2), ("flap", 1, 2)],
+    ids=["nirvana", "magnitude", "wanda-sp", "nirvana-kl-selection", "nirvana-selection-of-draws", "flap-draws"],
 )
-def test_pruned_logits_equal_the_masked_dense_model_plus_the_hand_made_biases(method, select_calib, tmp_path):
+def test_pruned_logits_equal_the_masked_dense_model_plus_the_hand_made_biases(method, select_calib, draws, tmp_path):
     dense, tok = tiny_model("llama", **WIDE), tiny_tokenizer()
-    s = settings(tmp_path, method=method, compensate="bias", select_calib=select_calib, out=None)
+    s = settings(tmp_path, method=method, compensate="bias", select_calib=select_calib, draws=draws, out=None)
     result = prune(s, model=copy.deepcopy(dense), tokenizer=tok, progress=False)
     plan = result.plan
     assert any(len(lp.kv_groups_kept) < dense.config.num_key_value_heads for lp in plan.layers), "nothing pruned"
-    # With KL selection, the chosen candidate's own windows (its compensation was what the selection measured).
-    windows = s.calibration_windows(tok, plan.meta["calibration_seed"])
+    # With KL selection, the chosen candidate's own windows (its compensation was what the selection measured);
+    # with draws, all of that candidate's draws' windows pooled.
+    first = plan.meta["calibration_seed"]
+    windows = torch.cat([s.calibration_windows(tok, seed) for seed in range(first, first + draws)])
     expected = logits(hand_reference(dense, plan, windows))
     assert_close(logits(result.model), expected, **TOL, name=f"{method} compensated")
     # The biases are not a no-op: the plainly masked model is far from it.

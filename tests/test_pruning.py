@@ -172,6 +172,40 @@ def test_baseline_methods_run_through_the_whole_flow(method, tmp_path):
         assert_close(loaded(ids).logits, result.model(ids).logits, rtol=1e-5, atol=1e-6, name=f"{method} reloaded")
 
 
+def test_draws_average_the_scores_of_their_calibration_sets(tmp_path):
+    """--draws D: a candidate's scores are the mean of D draws' (seeds seed .. seed+D-1), and its plan is what
+    that mean allocates; with --select-calib K the candidates draw disjoint seeds and are named by their first."""
+    import copy
+
+    from nirvana.allocation import allocate
+    from nirvana.scores import mean_scores
+
+    model, tok = tiny_model("llama", **WIDE), tiny_tokenizer()
+
+    def run(**kw):
+        return prune(settings(tmp_path, out=None, **kw), model=copy.deepcopy(model), tokenizer=tok, progress=False)
+
+    single = [run(seed=seed).scores for seed in (3, 4)]
+    result = run(seed=3, draws=2)
+    want = mean_scores(single)
+    assert torch.equal(result.scores.attention, want.attention) and torch.equal(result.scores.mlp, want.mlp)
+    assert result.scores.meta["calibration_seeds"] == [3, 4] and result.scores.meta["draws"] == 2
+    assert result.plan.meta["calibration_seed"] == 3 and result.report["settings"]["draws"] == 2
+    s = settings(tmp_path, seed=3, draws=2).for_geometry(want.geometry)
+    plan = allocate(
+        want.attention, want.mlp, want.geometry, sparsity=s.sparsity, gamma=s.gamma, allocation="global",
+        round_to=s.round_to, architecture="LlamaForCausalLM", **s.rules,
+    )  # fmt: skip
+    assert [lp.kv_groups_kept for lp in result.plan.layers] == [lp.kv_groups_kept for lp in plan.layers]
+    assert [lp.mlp_channels_kept for lp in result.plan.layers] == [lp.mlp_channels_kept for lp in plan.layers]
+    assert not torch.equal(single[0].attention, single[1].attention), "the two draws scored alike: no test"
+
+    chosen = run(select_calib=2, draws=2)
+    trials = chosen.report["selection"]["trials"]
+    assert [t["seed"] for t in trials] == [0, 2], trials
+    assert chosen.scores.meta["calibration_seeds"] in ([0, 1], [2, 3])
+
+
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="method: must be one of"):
         prune(settings(tmp_path, method="sparsegpt", out=None))
@@ -244,6 +278,9 @@ CHEAP_CHECKS = {
     "seed-float": (dict(seed=1.0), r"seed: must be an integer"),
     "seed-bool": (dict(seed=True), r"seed: must be an integer"),
     "seed-plus-candidates": (dict(seed=2**31 - 2, select_calib=3), "uses seeds up to 2147483648, past 2"),
+    "seed-plus-draws": (dict(seed=2**31 - 2, draws=3), "--select-calib 1 --draws 3 uses seeds up to 2147483648"),
+    "draws-zero": (dict(draws=0), "draws: must be a positive integer, got 0"),
+    "draws-times-candidates": (dict(select_calib=8, draws=9), "draws: 9 draws for each of 8 candidate sets make 72"),
     "calib-missing": (lambda t: dict(calib=str(t / "none.txt")), "calib: .*none.txt' does not exist"),
     "calib-missing-relative": (dict(calib="texts/none.jsonl"), "calib: 'texts/none.jsonl' does not exist"),
     "calib-empty": (lambda t: dict(calib=_empty_file(t / "e.txt")), "e.txt' is empty"),
@@ -359,6 +396,7 @@ def test_for_recipe_fills_in_the_paper_and_check_holds_it(tmp_path):
             lambda: PruneSettings.for_recipe("paper", select_calib=3),
             "select_calib: --recipe paper fixes it to 1, got 3",
         ),
+        (lambda: PruneSettings.for_recipe("paper", draws=4), "draws: --recipe paper fixes it to 1, got 4"),
         (lambda: PruneSettings.for_recipe("mine"), "recipe: must be one of paper, got 'mine'"),
         (
             lambda: PruneSettings(recipe="paper", protect_layers=1).check(),
@@ -366,7 +404,7 @@ def test_for_recipe_fills_in_the_paper_and_check_holds_it(tmp_path):
         ),
         (lambda: PruneSettings.for_recipe("paper", gamma="auto").check(), "gamma: --recipe paper takes a number"),
     ],
-    ids=["contradicted", "contradicted-int", "unknown", "hand-built", "gamma-auto"],
+    ids=["contradicted", "contradicted-int", "contradicted-draws", "unknown", "hand-built", "gamma-auto"],
 )
 def test_a_recipe_refuses_what_contradicts_it_in_one_line(build, message):
     with pytest.raises(ValueError) as err:

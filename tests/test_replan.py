@@ -226,6 +226,7 @@ def test_a_file_that_is_not_scores_is_refused_before_the_model_loads(
 
 REFUSED = [
     ("select-calib", ["--select-calib", "2"], "select_calib: 2 candidate calibration sets, but --scores holds one"),
+    ("draws", ["--draws", "2"], "draws: 2 calibration draws, but --scores holds scores already made"),
     ("flap", ["--method", "flap"], "method: 'flap' needs its calibration set's activation statistics"),
     ("other-method", ["--method", "taylor"], "holds 'nirvana' scores, not 'taylor'; pass --method nirvana"),
 ]

@@ -260,6 +260,27 @@ def activation_statistics(
     )
 
 
+def merge_statistics(parts) -> ActivationStats:
+    """The statistics of several calibration draws' windows pooled, as if gathered in one pass (the sums and
+    token counts add). A ValueError, one line, for no parts or parts of different geometries."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: at least one ActivationStats is needed")
+    first = check_stats(parts[0], getattr(parts[0], "geometry", None))
+    if len(parts) == 1:
+        return first
+    for p in parts[1:]:
+        check_stats(p, first.geometry)
+    decoder = None if first.decoder_tokens is None else sum(p.decoder_tokens for p in parts)
+    return ActivationStats(
+        first.geometry,
+        sum(p.tokens for p in parts),
+        {k: sum(p.sums[k] for p in parts) for k in first.sums},
+        {k: sum(p.squares[k] for p in parts) for k in first.squares},
+        decoder,
+    )
+
+
 def check_stats(stats, geometry: Geometry) -> ActivationStats:
     """``stats``; a ValueError unless it is an :class:`ActivationStats` gathered for ``geometry``."""
     if not isinstance(stats, ActivationStats):
@@ -278,5 +299,6 @@ __all__ = [
     "activation_statistics",
     "check_stats",
     "load_statistics",
+    "merge_statistics",
     "save_statistics",
 ]
