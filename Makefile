@@ -6,7 +6,7 @@ PIP_PKGS := torch==2.13.0 triton==3.7.1
 WHEELS ?= ../shared/wheels
 LLAMA_CPP_WHEEL := $(WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
-.PHONY: demo test test-integrations bench quality static lint setup clean
+.PHONY: demo test test-integrations bench quality quality-variance static lint setup clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -48,9 +48,15 @@ test-integrations: $(VENV_INT)/.installed
 bench: $(PY)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
-# Hours on a 2-core CPU, minutes on a GPU: every method x sparsity x seed on SmolLM2, two held-out texts.
+# Hours on a 2-core CPU, minutes on a GPU: every method x sparsity x seed on SmolLM2, two held-out texts,
+# KL selection, and LoRA recovery of nirvana/flap/taylor over 3 seeds (the README's Results section).
 quality: $(PY)
-	$(PY) benchmarks/quality.py --recover 50
+	$(PY) benchmarks/quality.py --windows 8 --methods nirvana nirvana-paper flap taylor wanda-sp magnitude random \
+		--studies methods select --recover 50
+
+# Hours: NIRVANA's variants over 5 calibration seeds (the README's "The defaults, measured"); resumable.
+quality-variance: $(PY)
+	$(PY) benchmarks/quality.py --studies variance --tag variance --windows 8 --sparsities 0.2 0.3 0.4
 
 # Seconds, no GPU: every launch compiled for sm_90a and sm_80, read from the cubin; before figures beside.
 static: $(PY)

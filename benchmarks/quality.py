@@ -1070,7 +1070,7 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 5.2), squeeze=False)
     dense = results["runs"].get("dense", {})
     selected = _selected_runs(results)
     for ax, t in zip(axes[0], texts):
@@ -1086,13 +1086,18 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
                     err.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             if not xs:
                 continue
-            if max(ys) > OFF_SCALE * base:
-                ax.plot([], [], " ", label=f"{m}: off scale ({min(ys):.3g} to {max(ys):.3g})")
+            if min(ys) > OFF_SCALE * base:
+                ax.plot([], [], " ", label=f"{m}: off scale ({min(ys):.2g} to {max(ys):.2g})")
                 continue
+            # Only the points on the scale are drawn; the label names the others.
+            off = [(x, y) for x, y in zip(xs, ys) if y > OFF_SCALE * base]
+            keep = [i for i, y in enumerate(ys) if y <= OFF_SCALE * base]
+            xs, ys, err = [xs[i] for i in keep], [ys[i] for i in keep], [err[i] for i in keep]
+            note = f" ({', '.join(f'{x:g}%: {y:.2g}' for x, y in off)} off scale)" if off else ""
             top = max(top, max(y + e for y, e in zip(ys, err)))
             # A std larger than the mean would reach below zero, which a log axis cannot draw: clip it there.
             low = [min(e, 0.95 * y) for y, e in zip(ys, err)]
-            ax.errorbar(xs, ys, yerr=[low, err], marker="o", capsize=3, label=f"{m} (mean ± std over seeds)")
+            ax.errorbar(xs, ys, yerr=[low, err], marker="o", capsize=3, label=f"{m}{note}")
         if selected:
             xs = sorted(selected)
             ax.plot([100 * s for s in xs], [selected[s][f"ppl_{t}"] for s in xs], "k--", marker="x",
@@ -1107,7 +1112,10 @@ def plot(results: dict, methods, sparsities, texts: list[str], path: Path) -> Pa
         ax.set_title(t)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{results['settings']['model']}: perplexity after pruning (gamma 3, no fine-tuning)")
+    fig.suptitle(
+        f"{results['settings']['model']}: perplexity after pruning, mean ± std over calibration seeds "
+        "(gamma 3, no fine-tuning)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
