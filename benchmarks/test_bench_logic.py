@@ -333,12 +333,15 @@ def test_quality_committed_results_render():
     text = quality.render(results, quality.METHODS, [0.2, 0.3, 0.4, 0.5], texts, "cmd", 3)
     runs = [r for k, r in results["runs"].items() if k.startswith("flap|") and r["sparsity"] == 0.2]
     vals = [r["ppl_fortunes"] for r in runs]
-    assert len(vals) == 3
+    assert len(vals) == 5
     assert f"| {statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f} |" in text
-    assert "## Sparsity 40%" in text and "## Sparsity 50%" not in text
+    assert "## Sparsity 50%" in text
+    # The default's rows and the published recipe's are told apart by their keys and records.
+    assert all(r["rules"]["protect_layers"] == 1 for r in quality._runs(results, method="nirvana"))
+    assert all(r["rules"]["protect_layers"] == 0 for r in quality._runs(results, method="nirvana-paper"))
     recovery = [line for line in text.splitlines() if line.startswith("| ") and "| 50 |" in line]
-    assert [line.split(" | ")[0] for line in recovery] == ["| nirvana", "| taylor", "| magnitude"]
-    assert all("1 of 3 (partial)" in line for line in recovery[:2]) and "partial" not in recovery[2]
+    assert [line.split(" | ")[0] for line in recovery] == ["| nirvana", "| taylor", "| flap"]
+    assert all(line.split(" | ")[3] == "3" and "partial" not in line for line in recovery), recovery
 
 
 # --------------------------------------------------------------------------------------------------
