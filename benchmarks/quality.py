@@ -285,6 +285,24 @@ def _rules_suffix(rules: dict) -> str:
     return "".join(f"|{k}={v}" for k, v in rules.items() if v not in (0, "none"))
 
 
+def same_rules(record: dict, rules: dict) -> bool:
+    """Whether ``record`` was made with the allocation rules ``rules``; a record without rules was made
+    before records had them, with the published rules (none)."""
+    return _rules_suffix(record.get("rules", {})) == _rules_suffix(rules)
+
+
+def current_results(results: dict, rules: dict[str, dict]) -> dict:
+    """``results`` with only the methods-table, selection, gamma and recovery runs made with the rules each
+    row has now (``rules``: method -> rules; the select and gamma-auto studies are NIRVANA's). A file resumed
+    across a change of a row's defaults keeps its older runs, but its tables show only the row's own."""
+
+    def current(record: dict) -> bool:
+        method = "nirvana" if record.get("study") in ("select", "gamma-auto") else record.get("method")
+        return method not in rules or same_rules(record, rules[method])
+
+    return results | {"runs": {k: r for k, r in results["runs"].items() if current(r)}}
+
+
 def eval_text(name: str) -> str:
     named = corpus.eval_text(name)
     if named is not None:
@@ -496,35 +514,44 @@ class Bench:
 
     def select_study(self, sparsity: float, seeds: list[int]) -> dict:
         """KL selection among the NIRVANA calibration sets of ``seeds`` at ``sparsity`` (keyed by their number:
-        a run with more seeds selects afresh rather than reusing a pick among fewer); then that set's run."""
+        a run with more seeds selects afresh rather than reusing a pick among fewer, and by the default's rules:
+        a pick made with other rules is not this one's); then that set's run."""
+        rules = self.rules("nirvana")
 
         def build():
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=[DEFAULT_GAMMA],
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
-                rules=self.rules("nirvana"),
+                rules=rules,
             )  # fmt: skip
-            return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials}
+            return {
+                "study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials, "rules": rules
+            }  # fmt: skip
 
         legacy = self.results["runs"].get(f"select|s={sparsity}")  # before the key had the seed count
-        if legacy is not None and selection_seeds(legacy) == list(seeds):
+        if legacy is not None and selection_seeds(legacy) == list(seeds) and same_rules(legacy, rules):
             record = legacy
         else:
-            record = self.run(select_key(sparsity, len(seeds)), build)
+            record = self.run(select_key(sparsity, len(seeds), rules), build)
         return self.pruned("nirvana", record["seed"], sparsity) | {"selected_seed": record["seed"]}
 
     def gamma_auto(self, sparsity: float) -> dict:
+        rules = self.rules("nirvana")
+
         def build():
             candidates = [selection.Candidate(0, self.scores("nirvana", 0)[0])]
             chosen = selection.select(
                 self.model, candidates, self.heldout(), sparsity=sparsity, gammas=list(selection.GAMMA_GRID),
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
-                rules=self.rules("nirvana"),
+                rules=rules,
             )  # fmt: skip
-            return {"study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials}
+            return {
+                "study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials,
+                "rules": rules,
+            }  # fmt: skip
 
-        record = self.run(f"gamma-auto|s={sparsity}", build)
+        record = self.run(gamma_auto_key(sparsity, rules), build)
         return self.pruned("nirvana", 0, sparsity, record["gamma"])
 
     def variant_scores(self, variant: Variant, seed: int):
@@ -660,8 +687,13 @@ def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def select_key(sparsity: float, num_seeds: int) -> str:
-    return f"select|s={sparsity}|seeds={num_seeds}"
+def select_key(sparsity: float, num_seeds: int, rules: dict) -> str:
+    """A KL-selection study's key: its seed count and, as in :func:`pruned_key`, its rules."""
+    return f"select|s={sparsity}|seeds={num_seeds}{_rules_suffix(rules)}"
+
+
+def gamma_auto_key(sparsity: float, rules: dict) -> str:
+    return f"gamma-auto|s={sparsity}{_rules_suffix(rules)}"
 
 
 def selection_seeds(record: dict) -> list[int]:
@@ -1279,7 +1311,7 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     """The markdown tables and the plot from the results so far; returns their path stem."""
     texts = list(bench.windows)
     stem = bench.json_path.with_suffix("")
-    results = bench.results
+    results = current_results(bench.results, {m: bench.rules(m) for m in {*args.methods, "nirvana"}})
     has_methods = any(k.count("|") and not k.startswith("variance|") for k in results["runs"])
     # The variants asked for, in that order, then any other the results hold (an earlier run's).
     present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})

@@ -307,12 +307,12 @@ def test_quality_selection_table_uses_the_selection_among_the_most_seeds():
         return [{"seed": seed, "gamma": 3.0, "kl": 1.0} for seed in seeds]
 
     runs["select|s=0.2"] = {"study": "select", "sparsity": 0.2, "seed": 1, "trials": trials([0, 1, 2])}  # older
-    runs[quality.select_key(0.2, 5)] = {"study": "select", "sparsity": 0.2, "seed": 3, "trials": trials(range(5))}
+    runs[quality.select_key(0.2, 5, {})] = {"study": "select", "sparsity": 0.2, "seed": 3, "trials": trials(range(5))}
     results = {"settings": {"model": "m", "heldout_samples": 4, "calib_seq_len": 8}, "runs": runs}
     assert quality.selections(results)[0.2]["seed"] == 3
     text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
     assert "| 20% | 5 | 3 | 60.00 | 56.00 ± 27.02 |" in text  # random: the five seeds' mean ± std
-    del runs[quality.select_key(0.2, 5)]
+    del runs[quality.select_key(0.2, 5, {})]
     text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
     assert "| 20% | 3 | 1 | 40.00 | 40.00 ± 10.00 |" in text  # random over the three seeds it chose among
 
@@ -562,7 +562,7 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     assert len(rows) == 2 and all(line.split(" | ")[3] == "2" for line in rows), rows
 
 
-def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds(tiny_bench, tmp_path, monkeypatch):
+def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_rules(tiny_bench, tmp_path, monkeypatch):
     import json
 
     import quality
@@ -573,7 +573,10 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds(tiny_
     assert quality.main([*args, "--seeds", "2"]) == 0
     path = tmp_path / "quality-tiny-t.json"
     data = json.loads(path.read_text())
-    record = data["runs"].pop(quality.select_key(0.3, 2))
+    rules = {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}  # the default's, as the CLI's
+    key = quality.select_key(0.3, 2, rules)
+    assert key == "select|s=0.3|seeds=2|protect_layers=1" and data["runs"][key]["rules"] == rules
+    record = data["runs"].pop(key)
     assert quality.selection_seeds(record) == [0, 1]
     data["runs"]["select|s=0.3"] = record  # as an older run keyed it
     path.write_text(json.dumps(data))
@@ -581,10 +584,49 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds(tiny_
     monkeypatch.setattr(quality.selection, "select", lambda *a, **k: pytest.fail("selected again among the same seeds"))
     assert quality.main([*args, "--seeds", "2"]) == 0
     assert json.loads(path.read_text())["runs"] == data["runs"]
+    # An older pick without rules was made with the published ones (layer 0 not kept): not the default's.
+    del record["rules"]
+    path.write_text(json.dumps(data))
     monkeypatch.setattr(quality.selection, "select", real)
+    assert quality.main([*args, "--seeds", "2"]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert runs[key]["rules"] == rules and quality.selection_seeds(runs[key]) == [0, 1]
+    assert runs["select|s=0.3"] == record  # kept, not read
     assert quality.main([*args, "--seeds", "3"]) == 0  # three seeds: a selection of its own
     runs = json.loads(path.read_text())["runs"]
-    assert quality.selection_seeds(runs[quality.select_key(0.3, 3)]) == [0, 1, 2] and "select|s=0.3" in runs
+    assert quality.selection_seeds(runs[quality.select_key(0.3, 3, rules)]) == [0, 1, 2]
+
+
+def test_quality_tables_show_only_the_runs_of_each_rows_current_rules():
+    import quality
+
+    default = {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}
+    runs = {
+        "dense": {"method": "dense", "params": 100e6, "ppl_a": 10.0, "achieved_sparsity": 0.0},
+        "nirvana|seed=0|s=0.2|gamma=3.0": _method_run("nirvana", 0, 0.2, 90.0, 90.0),  # before rules were kept
+        "nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1": _method_run("nirvana", 0, 0.2, 60.0, 60.0)
+        | {"rules": default},
+        "flap|seed=0|s=0.2|gamma=3.0": _method_run("flap", 0, 0.2, 50.0, 50.0),
+        "select|s=0.2|seeds=5": {"study": "select", "sparsity": 0.2, "seed": 3, "trials": []},
+        quality.select_key(0.2, 5, default): {
+            "study": "select",
+            "sparsity": 0.2,
+            "seed": 0,
+            "trials": [],
+            "rules": default,
+        },
+        "gamma-auto|s=0.2": {"study": "gamma-auto", "sparsity": 0.2, "gamma": 1.0, "trials": []},
+        quality.variance_key("paper", 0, 0.2): {"study": "variance", "variant": "paper", "seed": 0, "sparsity": 0.2},
+    }
+    shown = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": default, "flap": {}})
+    assert sorted(shown["runs"]) == sorted(
+        ["dense", "nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1", "flap|seed=0|s=0.2|gamma=3.0",
+         "select|s=0.2|seeds=5|protect_layers=1", "variance|paper|seed=0|s=0.2"]
+    )  # fmt: skip
+    assert quality.selections(shown)[0.2]["seed"] == 0 and len(runs) == 8  # the file keeps every run
+    published = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": {}})
+    assert "nirvana|seed=0|s=0.2|gamma=3.0" in published["runs"] and "gamma-auto|s=0.2" in published["runs"]
+    assert quality.selections(published)[0.2]["seed"] == 3
 
 
 def test_quality_variance_units_round_trip_and_jaccard():
