@@ -192,6 +192,7 @@ VARIANTS = {
     "protect-1+draws-4": Variant(protect_layers=1, draws=4),
     "protect-1+draws-8": Variant(protect_layers=1, draws=8),
     "protect-1+gamma-6+draws-4": Variant(protect_layers=1, gamma=6.0, draws=4),
+    "protect-1+gamma-6+draws-8": Variant(protect_layers=1, gamma=6.0, draws=8),
     "protect-1+select-3": Variant(protect_layers=1, select=3),
     "protect-1+windows-64": Variant(protect_layers=1, num_samples=64),
     "protect-1+windows-128": Variant(protect_layers=1, num_samples=128),
@@ -201,6 +202,7 @@ VARIANTS = {
     "adam+protect-1": Variant(saliency="adam", micro_batch_size=1, protect_layers=1),
     "protect-1+compensate": Variant(protect_layers=1, compensate=True),
     "protect-1+gamma-6+compensate": Variant(protect_layers=1, gamma=6.0, compensate=True),
+    "protect-1+gamma-6+compensate+draws-4": Variant(protect_layers=1, gamma=6.0, compensate=True, draws=4),
 }
 
 
