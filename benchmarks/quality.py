@@ -96,6 +96,7 @@ from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, count_params
 from nirvana.saliency import compute_scores
 from nirvana.scores import mean_scores
+from nirvana.sources.activations import merge_statistics
 
 METHODS = ("nirvana", "nirvana-paper", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
 # The benchmark's rows that are not a --method of their own, as the `nirvana prune --method nirvana` flags that
@@ -602,6 +603,8 @@ class Bench:
             bias = compensation.compensation_for(get_method("nirvana"), "bias") if variant.compensate else None
             if variant.draws > 1:
                 candidates = [selection.Candidate(seed, mean_scores([sc for sc, _, _ in drawn]))]
+                if variant.compensate:  # as `nirvana prune --draws`: the biases from all the draws' windows
+                    stats = {seed: merge_statistics([st for _, st, _ in drawn])}
             else:
                 candidates = [selection.Candidate(d, sc) for d, (sc, _, _) in zip(seeds, drawn)]
             gammas = list(selection.GAMMA_GRID) if variant.gamma == "auto" else [float(variant.gamma)]

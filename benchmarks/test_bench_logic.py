@@ -454,6 +454,47 @@ def test_quality_variance_study_records_resumes_and_tables(tiny_bench, monkeypat
     assert all(len(results["runs"][k]["kv_scores"]) == 3 for k in keys)  # [layers, KV groups] of the tiny model
 
 
+def test_quality_variance_row_of_draws_and_compensation_is_the_clis_prune(tiny_bench):
+    """With one variance seed, a row's draws are seeds 0..K-1, as ``nirvana prune --draws K`` draws them: the
+    row's plan and perplexity are the CLI's, its biases folded from all the draws' windows."""
+    import json
+
+    import quality
+
+    from nirvana import calibration
+    from nirvana.evaluation import text_windows
+    from nirvana.models import load_model
+    from nirvana.pruning import PruneSettings, prune
+
+    root, argv = tiny_bench
+    name = "protect-1+gamma-6+compensate+draws-4"
+    out = root / "cli-draws"
+    i = argv.index("--variance-seeds")
+    args = [*argv[:i], *argv[i + 2 :], "--variance-seeds", "1", "--out", str(out), "--variants", name]
+    assert quality.main(args) == 0
+    record = json.loads((out / "quality-tiny-t.json").read_text())["runs"][quality.variance_key(name, 0, 0.3)]
+    assert record["draw_seeds"] == [0, 1, 2, 3]
+
+    model, tokenizer = load_model(str(root / "tiny"), device="cpu")
+    settings = PruneSettings(
+        model=str(root / "tiny"), calib=str(root / "calib.txt"), sparsity=0.3, gamma=6.0, draws=4,
+        compensate="bias", protect_layers=1,
+    )  # fmt: skip
+    result = prune(settings, model=model, tokenizer=tokenizer, progress=False)
+    kv = [
+        [r, j]
+        for r, lp in enumerate(result.plan.layers)
+        for j in range(result.plan.geometry.num_kv_heads)
+        if j not in lp.kv_groups_kept
+    ]
+    assert record["pruned_kv"] == kv
+    assert record["pruned_mlp_counts"] == [
+        result.plan.geometry.intermediate_size - len(lp.mlp_channels_kept) for lp in result.plan.layers
+    ]
+    windows = text_windows(calibration.tokenize((root / "a.txt").read_text(), tokenizer), 16, 2)
+    assert quality.evaluate(result.model, windows)["ppl"] == pytest.approx(record["ppl_a"], rel=1e-9)
+
+
 def test_quality_variance_marks_partial_rows_and_ranks(tiny_bench):
     import json
 
