@@ -344,6 +344,43 @@ def test_quality_committed_results_render():
     assert all(line.split(" | ")[3] == "3" and "partial" not in line for line in recovery), recovery
 
 
+# README rows of "The defaults, measured" and the variance-study variants they are.
+README_VARIANTS = {
+    "`--recipe paper` (the published settings)": "paper",
+    "**default: layer 0 kept whole** (`--protect-layers 1`)": "protect-1",
+    "layer 0 whole, `--select-calib 3`": "protect-1+select-3",
+    "layer 0 whole, `--draws 8`": "protect-1+draws-8",
+    "layer 0 whole, `--draws 8 --gamma 6`": "protect-1+gamma-6+draws-8",
+    "layer 0 whole, `--seq-len 512` (32 windows of 512 tokens)": "protect-1+windows-32x512",
+    "layer 0 whole, `--seq-len 512 --gamma 6`": "protect-1+gamma-6+windows-32x512",
+    "layer 0 whole, `--num-samples 128`": "protect-1+windows-128",
+    "layer 0 whole, `--gamma 6 --compensate bias`": "protect-1+gamma-6+compensate",
+    "`--num-samples 256`": "windows-256",
+    "`--window-weight objective`": "wnorm-objective",
+}
+
+
+@pytest.mark.parametrize("label", list(README_VARIANTS), ids=list(README_VARIANTS.values()))
+def test_quality_readme_defaults_rows_are_the_committed_variance_figures(label):
+    import json
+    from pathlib import Path
+
+    import quality
+
+    root = Path(quality.__file__).parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "quality-smollm2-variance.json").read_text())
+    name = README_VARIANTS[label]
+    summary = quality.variance_summary(results, [name], [0.2, 0.3, 0.4], ["persuasion", "fortunes"], 5)[0]
+    assert summary["complete"], summary
+    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith(f"| {label} |"))
+    cells = row.split(" | ")
+    assert cells[4].strip("*") == f"{summary['mean_ppl']:.1f}", row
+    for cell, s in zip(cells[1:4], (0.2, 0.3, 0.4)):
+        ppl = quality.variance_cells(quality.variance_runs(results, name, s), ["persuasion", "fortunes"])["ppl"]
+        want = " / ".join(f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}" for v in ppl.values())
+        assert cell == want, (s, row)
+
+
 # --------------------------------------------------------------------------------------------------
 # gpu_check reads the static compile check's committed figures (no GPU needed)
 # --------------------------------------------------------------------------------------------------
