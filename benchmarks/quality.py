@@ -1055,35 +1055,64 @@ def layer0_table(results: dict, variants, sparsities) -> list[str]:
 
 
 def plot_variance(results: dict, variants, sparsities, texts: list[str], path: Path) -> Path:
-    """Mean perplexity ± sample std over seeds, per variant and sparsity, one panel per text."""
+    """One panel per text, one row per variant, ranked by mean perplexity (:func:`variance_summary`, the best
+    at the top): the mean ± sample std over seeds at each sparsity, one colour per sparsity, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.8), squeeze=False)
+    summary = variance_summary(results, variants, sparsities, texts, 1)
+    ranked = [r["variant"] for r in summary]
+    # The scale fits the variants within 2x the best mean; a worse one (Adam, per-layer normalisation) would
+    # squeeze the rest into a sliver, so its points beyond the edge are drawn as ">" at the edge.
+    near = [r["variant"] for r in summary if r["mean_ppl"] <= 2 * summary[0]["mean_ppl"]] if summary else []
+    cap = 1.5 * max(
+        (statistics.fmean(vals) + (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+         for v in near for s in sparsities for t in texts
+         if (vals := [r[f"ppl_{t}"] for r in variance_runs(results, v, s)])),
+        default=float("inf"),
+    )  # fmt: skip
+    height = 1.5 + 0.26 * len(ranked)
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), height), squeeze=False, sharey=True)
     dense = results["runs"].get("dense", {})
+    offset = 0.6 / max(len(sparsities), 1)
     for ax, t in zip(axes[0], texts):
-        for v in variants:
-            xs, ys, err = [], [], []
-            for s in sparsities:
+        for k, s in enumerate(sparsities):
+            xs, err, rows = [], [], []
+            for i, v in enumerate(ranked):
                 vals = [r[f"ppl_{t}"] for r in variance_runs(results, v, s)]
                 if vals:
-                    xs.append(100 * s)
-                    ys.append(statistics.fmean(vals))
+                    xs.append(statistics.fmean(vals))
                     err.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-            if xs:
-                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=v)
+                    rows.append(i + (k - (len(sparsities) - 1) / 2) * offset)
+            inside = [i for i, x in enumerate(xs) if x <= cap]
+            bar = ax.errorbar(
+                [xs[i] for i in inside], [rows[i] for i in inside], xerr=[err[i] for i in inside], fmt="o",
+                markersize=3, capsize=2, linewidth=0.8, label=f"{s:.0%}",
+            )  # fmt: skip
+            beyond = [rows[i] for i in range(len(xs)) if xs[i] > cap]
+            if beyond:
+                ax.plot([cap] * len(beyond), beyond, ">", markersize=4, color=bar[0].get_color(), clip_on=False)
         if f"ppl_{t}" in dense:
-            ax.axhline(dense[f"ppl_{t}"], color="gray", linestyle=":", label="dense")
-        ax.set_yscale("log")
-        ax.set_xticks([100 * s for s in sparsities])
-        ax.set_xlabel("sparsity (% of attention+MLP parameters)")
-        ax.set_ylabel(f"perplexity on {t} (log scale)")
+            ax.axvline(dense[f"ppl_{t}"], color="gray", linestyle=":", label="dense")
+        ax.set_xscale("log")
+        if math.isfinite(cap):
+            ax.set_xlim(right=cap)
+        # Plain numbers at 1, 2, 3 and 5 per decade: the default labels every minor tick, and they overlap.
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_yticks(range(len(ranked)), ranked, fontsize=7)
+        ax.set_ylim(len(ranked) - 0.5, -0.5)  # the best variant at the top
+        ax.set_xlabel(f"perplexity on {t} (log scale; > off scale)")
         ax.set_title(t)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"{results['settings']['model']}: NIRVANA variants, mean ± sample std over calibration seeds")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=7, title="sparsity", title_fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"{results['settings']['model']}: NIRVANA variants ranked by mean perplexity, mean ± sample std over seeds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
