@@ -1065,15 +1065,17 @@ def plot_variance(results: dict, variants, sparsities, texts: list[str], path: P
 
     summary = variance_summary(results, variants, sparsities, texts, 1)
     ranked = [r["variant"] for r in summary]
+    cells = {}  # (variant, sparsity, text) -> (mean, sample std) over seeds
+    for v in ranked:
+        for s in sparsities:
+            for t in texts:
+                vals = [r[f"ppl_{t}"] for r in variance_runs(results, v, s)]
+                if vals:
+                    cells[v, s, t] = (statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
     # The scale fits the variants within 2x the best mean; a worse one (Adam, per-layer normalisation) would
     # squeeze the rest into a sliver, so its points beyond the edge are drawn as ">" at the edge.
-    near = [r["variant"] for r in summary if r["mean_ppl"] <= 2 * summary[0]["mean_ppl"]] if summary else []
-    cap = 1.5 * max(
-        (statistics.fmean(vals) + (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-         for v in near for s in sparsities for t in texts
-         if (vals := [r[f"ppl_{t}"] for r in variance_runs(results, v, s)])),
-        default=float("inf"),
-    )  # fmt: skip
+    near = {r["variant"] for r in summary if r["mean_ppl"] <= 2 * summary[0]["mean_ppl"]} if summary else set()
+    cap = 1.5 * max((m + e for (v, _, _), (m, e) in cells.items() if v in near), default=float("inf"))
     height = 1.5 + 0.26 * len(ranked)
     fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), height), squeeze=False, sharey=True)
     dense = results["runs"].get("dense", {})
@@ -1082,10 +1084,9 @@ def plot_variance(results: dict, variants, sparsities, texts: list[str], path: P
         for k, s in enumerate(sparsities):
             xs, err, rows = [], [], []
             for i, v in enumerate(ranked):
-                vals = [r[f"ppl_{t}"] for r in variance_runs(results, v, s)]
-                if vals:
-                    xs.append(statistics.fmean(vals))
-                    err.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                if (v, s, t) in cells:
+                    xs.append(cells[v, s, t][0])
+                    err.append(cells[v, s, t][1])
                     rows.append(i + (k - (len(sparsities) - 1) / 2) * offset)
             inside = [i for i, x in enumerate(xs) if x <= cap]
             bar = ax.errorbar(
