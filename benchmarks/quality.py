@@ -200,6 +200,9 @@ VARIANTS = {
     "protect-1+windows-256": Variant(protect_layers=1, num_samples=256),
     "protect-1+windows-32x512": Variant(protect_layers=1, seq_len=512),
     "protect-1+gamma-6+windows-32x512": Variant(protect_layers=1, gamma=6.0, seq_len=512),
+    # The two that lower the spread most (4 draws, 512-token windows) together; both rows share their draws.
+    "protect-1+windows-32x512+draws-4": Variant(protect_layers=1, seq_len=512, draws=4),
+    "protect-1+gamma-6+windows-32x512+draws-4": Variant(protect_layers=1, gamma=6.0, seq_len=512, draws=4),
     "adam-norm-mean": Variant(saliency="adam", micro_batch_size=1, normalize="mean"),
     "adam+protect-1": Variant(saliency="adam", micro_batch_size=1, protect_layers=1),
     "protect-1+compensate": Variant(protect_layers=1, compensate=True),
