@@ -55,7 +55,7 @@ stops with one line naming it.
 Usage:
     python benchmarks/quality.py [--model smollm2|FOLDER] [--calib austen|PATH]
         [--eval persuasion fortunes PATH ...] [--methods nirvana taylor ...] [--sparsities 0.2 0.3 0.4 0.5]
-        [--seeds 5] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len 128]
+        [--seeds 5] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len N]
         [--studies methods select gamma variance] [--variance-seeds 5] [--variants paper protect-1 ...]
         [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--recover-seeds 3] [--out benchmarks/results]
         [--render-only] [--merge FILE ...]
@@ -105,6 +105,9 @@ ROW_FLAGS = {"nirvana-paper": {"recipe": "paper"}, "nirvana-uniform": {"allocati
 RECOVER_METHODS = ("nirvana", "flap", "taylor")
 GAMMA_SWEEP = (1.0, 2.0, 3.0, 4.0)
 DEFAULT_GAMMA = 3.0
+# Every run recorded before rows had their method's own calibration window length was at this length; a key
+# names its length only when it is another, so those records keep their keys.
+BASE_SEQ_LEN = 128
 
 
 STUDIES = ("methods", "select", "gamma", "variance")
@@ -282,30 +285,35 @@ def row_rules(method: str, geometry, override: str | None = None) -> dict:
     return row_settings(method, override).for_geometry(geometry).rules
 
 
-def pruned_key(method: str, seed: int, sparsity: float, gamma: float, rules: dict) -> str:
-    """A methods-table run's key; the rules that are not the published ones are part of it, so that a run
-    of other rules is never read as this one's."""
-    return f"{method}|seed={seed}|s={sparsity}|gamma={gamma}{_rules_suffix(rules)}"
+def pruned_key(method: str, seed: int, sparsity: float, gamma: float, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
+    """A methods-table run's key; the rules that are not the published ones, and a calibration window length
+    other than :data:`BASE_SEQ_LEN`, are part of it, so that a run of other rules or windows is never read as
+    this one's."""
+    return f"{method}|seed={seed}|s={sparsity}|gamma={gamma}{_rules_suffix(rules, seq_len)}"
 
 
-def _rules_suffix(rules: dict) -> str:
-    return "".join(f"|{k}={v}" for k, v in rules.items() if v not in (0, "none"))
+def _rules_suffix(rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
+    window = "" if seq_len == BASE_SEQ_LEN else f"|seq_len={seq_len}"
+    return "".join(f"|{k}={v}" for k, v in rules.items() if v not in (0, "none")) + window
 
 
-def same_rules(record: dict, rules: dict) -> bool:
-    """Whether ``record`` was made with the allocation rules ``rules``; a record without rules was made
-    before records had them, with the published rules (none)."""
-    return _rules_suffix(record.get("rules", {})) == _rules_suffix(rules)
+def same_rules(record: dict, rules: dict, seq_len: int = BASE_SEQ_LEN) -> bool:
+    """Whether ``record`` was made with the allocation rules ``rules`` and ``seq_len``-token calibration
+    windows; a record without rules (or length) was made before records had them, with the published rules
+    (none) and :data:`BASE_SEQ_LEN`."""
+    return _rules_suffix(record.get("rules", {}), record.get("seq_len", BASE_SEQ_LEN)) == _rules_suffix(rules, seq_len)
 
 
-def current_results(results: dict, rules: dict[str, dict]) -> dict:
-    """``results`` with only the methods-table, selection, gamma and recovery runs made with the rules each
-    row has now (``rules``: method -> rules; the select and gamma-auto studies are NIRVANA's). A file resumed
-    across a change of a row's defaults keeps its older runs, but its tables show only the row's own."""
+def current_results(results: dict, rules: dict[str, dict], seq_lens: dict[str, int] | None = None) -> dict:
+    """``results`` with only the methods-table, selection, gamma and recovery runs made with the rules and
+    calibration window length each row has now (``rules``: method -> rules; ``seq_lens``: method -> length,
+    :data:`BASE_SEQ_LEN` if absent; the select and gamma-auto studies are NIRVANA's). A file resumed across a
+    change of a row's defaults keeps its older runs, but its tables show only the row's own."""
+    seq_lens = seq_lens or {}
 
     def current(record: dict) -> bool:
         method = "nirvana" if record.get("study") in ("select", "gamma-auto") else record.get("method")
-        return method not in rules or same_rules(record, rules[method])
+        return method not in rules or same_rules(record, rules[method], seq_lens.get(method, BASE_SEQ_LEN))
 
     return results | {"runs": {k: r for k, r in results["runs"].items() if current(r)}}
 
@@ -379,7 +387,7 @@ class Bench:
         """The results file's runs when its settings are these; a ValueError when they are not, since starting
         afresh would throw away what is there (hours of runs)."""
         if self.json_path.is_file():
-            data = json.loads(self.json_path.read_text())
+            data = upgraded(json.loads(self.json_path.read_text()), self.args.calib_seq_len)
             if data.get("settings") == self._settings():
                 return data
             theirs = data.get("settings") or {}
@@ -420,25 +428,34 @@ class Bench:
                 out[f"kl_{name}"] = r["kl"]
         return out
 
-    def calibration(self, seed: int) -> torch.Tensor:
+    def seq_len(self, method: str) -> int:
+        """The calibration window length a row scores with: ``--calib-seq-len``, else what ``nirvana prune``
+        uses for the row's settings (NIRVANA's 512, 128 for ``nirvana-paper`` and the baselines)."""
+        return self.args.calib_seq_len or row_settings(method, self.args.allocation).resolved_seq_len
+
+    def calibration(self, method: str, seed: int) -> torch.Tensor:
         return calibration.calibration_windows(
             self.args.calib,
             self.tokenizer,
             num_samples=self.args.num_samples,
-            seq_len=self.args.calib_seq_len,
+            seq_len=self.seq_len(method),
             seed=seed,
         )
 
     def scores(self, method: str, seed: int):
         """(Scores, FLAP statistics or None) for a method and calibration seed; computed once per process."""
         base = "nirvana" if method.startswith("nirvana") else method
-        key = (base, seed)
+        seq_len = self.seq_len(method)
+        key = (base, seq_len, seed)
         if key not in self._scores:
             start = time.perf_counter()
             stats = None
-            windows = None if base in baselines.DATA_FREE else self.calibration(seed)
+            windows = None if base in baselines.DATA_FREE else self.calibration(method, seed)
             if base == "nirvana":
-                scores = compute_scores(self.model, windows, objective="maxlogit", saliency="taylor", progress=False)
+                mbs = dataclasses.replace(row_settings(method), seq_len=seq_len).resolved_micro_batch_size
+                scores = compute_scores(
+                    self.model, windows, objective="maxlogit", saliency="taylor", micro_batch_size=mbs, progress=False
+                )
             elif base == "flap":
                 stats = baselines.activation_statistics(self.model, windows, progress=False)
                 scores = baselines.flap_scores(self.model, stats)
@@ -497,10 +514,11 @@ class Bench:
                 params=count_params(model),
                 scoring_seconds=round(self.scores(method, seed)[2], 1),
                 rules=self.rules(method),
+                seq_len=self.seq_len(method),
             )
             return record
 
-        return self.run(pruned_key(method, seed, sparsity, gamma, self.rules(method)), build)
+        return self.run(pruned_key(method, seed, sparsity, gamma, self.rules(method), self.seq_len(method)), build)
 
     def dense(self) -> dict:
         def build():
@@ -511,19 +529,20 @@ class Bench:
         return self.run("dense", build)
 
     def heldout(self) -> torch.Tensor:
+        """NIRVANA's held-out KL windows, as long as its calibration windows (as ``nirvana prune`` draws them)."""
         return calibration.heldout_windows(
             self.args.calib,
             self.tokenizer,
             num_samples=self.args.heldout_samples,
-            seq_len=self.args.calib_seq_len,
+            seq_len=self.seq_len("nirvana"),
             seed=0,
         )
 
     def select_study(self, sparsity: float, seeds: list[int]) -> dict:
         """KL selection among the NIRVANA calibration sets of ``seeds`` at ``sparsity`` (keyed by their number:
-        a run with more seeds selects afresh rather than reusing a pick among fewer, and by the default's rules:
-        a pick made with other rules is not this one's); then that set's run."""
-        rules = self.rules("nirvana")
+        a run with more seeds selects afresh rather than reusing a pick among fewer, and by the default's rules
+        and window length: a pick made with others is not this one's); then that set's run."""
+        rules, seq_len = self.rules("nirvana"), self.seq_len("nirvana")
 
         def build():
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
@@ -533,18 +552,19 @@ class Bench:
                 rules=rules,
             )  # fmt: skip
             return {
-                "study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials, "rules": rules
+                "study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials, "rules": rules,
+                "seq_len": seq_len,
             }  # fmt: skip
 
         legacy = self.results["runs"].get(f"select|s={sparsity}")  # before the key had the seed count
-        if legacy is not None and selection_seeds(legacy) == list(seeds) and same_rules(legacy, rules):
+        if legacy is not None and selection_seeds(legacy) == list(seeds) and same_rules(legacy, rules, seq_len):
             record = legacy
         else:
-            record = self.run(select_key(sparsity, len(seeds), rules), build)
+            record = self.run(select_key(sparsity, len(seeds), rules, seq_len), build)
         return self.pruned("nirvana", record["seed"], sparsity) | {"selected_seed": record["seed"]}
 
     def gamma_auto(self, sparsity: float) -> dict:
-        rules = self.rules("nirvana")
+        rules, seq_len = self.rules("nirvana"), self.seq_len("nirvana")
 
         def build():
             candidates = [selection.Candidate(0, self.scores("nirvana", 0)[0])]
@@ -555,10 +575,10 @@ class Bench:
             )  # fmt: skip
             return {
                 "study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials,
-                "rules": rules,
+                "rules": rules, "seq_len": seq_len,
             }  # fmt: skip
 
-        record = self.run(gamma_auto_key(sparsity, rules), build)
+        record = self.run(gamma_auto_key(sparsity, rules, seq_len), build)
         return self.pruned("nirvana", 0, sparsity, record["gamma"])
 
     def variant_scores(self, variant: Variant, seed: int):
@@ -652,9 +672,9 @@ class Bench:
         ``seed``), loaded back and evaluated. The methods-table run of the same pruning is recorded first: it is
         the recovery table's "before"."""
         self.pruned(method, seed, sparsity)
-        rules = self.rules(method)
+        rules, seq_len = self.rules(method), self.seq_len(method)
         legacy = f"recover|{method}|s={sparsity}|steps={steps}"  # seed 0's key before recovery had seeds
-        if seed == 0 and legacy in self.results["runs"] and not _rules_suffix(rules):
+        if seed == 0 and legacy in self.results["runs"] and not _rules_suffix(rules, seq_len):
             return self.results["runs"][legacy]
 
         def build():
@@ -673,16 +693,19 @@ class Bench:
                 tuned = load_pruned(Path(tmp) / "tuned")
             record = self.evaluate(tuned)
             record.update(
-                method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned), rules=rules
-            )
+                method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned), rules=rules,
+                seq_len=seq_len,
+            )  # fmt: skip
             record["finetune"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             return record
 
-        return self.run(recover_key(method, seed, sparsity, steps, rules), build)
+        return self.run(recover_key(method, seed, sparsity, steps, rules, seq_len), build)
 
 
-def recover_key(method: str, seed: int, sparsity: float, steps: int, rules: dict | None = None) -> str:
-    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}{_rules_suffix(rules or {})}"
+def recover_key(
+    method: str, seed: int, sparsity: float, steps: int, rules: dict | None = None, seq_len: int = BASE_SEQ_LEN
+) -> str:
+    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}{_rules_suffix(rules or {}, seq_len)}"
 
 
 def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
@@ -696,13 +719,13 @@ def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def select_key(sparsity: float, num_seeds: int, rules: dict) -> str:
-    """A KL-selection study's key: its seed count and, as in :func:`pruned_key`, its rules."""
-    return f"select|s={sparsity}|seeds={num_seeds}{_rules_suffix(rules)}"
+def select_key(sparsity: float, num_seeds: int, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
+    """A KL-selection study's key: its seed count and, as in :func:`pruned_key`, its rules and window length."""
+    return f"select|s={sparsity}|seeds={num_seeds}{_rules_suffix(rules, seq_len)}"
 
 
-def gamma_auto_key(sparsity: float, rules: dict) -> str:
-    return f"gamma-auto|s={sparsity}{_rules_suffix(rules)}"
+def gamma_auto_key(sparsity: float, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
+    return f"gamma-auto|s={sparsity}{_rules_suffix(rules, seq_len)}"
 
 
 def selection_seeds(record: dict) -> list[int]:
@@ -797,11 +820,12 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str, r
         lines.append("")
     select = selections(results)
     if select:
+        lengths = "/".join(str(n) for n in sorted({r.get("seq_len", BASE_SEQ_LEN) for r in select.values()}))
         lines += [
             "## KL-selected calibration set against random calibration sets (NIRVANA)",
             "",
             "The selected set has the lowest KL(dense || pruned) on the calibration text's held-out tail "
-            f"({results['settings']['heldout_samples']} windows of {results['settings']['calib_seq_len']} tokens), "
+            f"({results['settings']['heldout_samples']} windows of {lengths} tokens, as the calibration windows), "
             "among the seeds (`seeds` counts them); `random` is the mean ± sample standard deviation over the same "
             "seeds.",
             "",
@@ -1207,7 +1231,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration window for every row (default: each row's own, as nirvana prune: nirvana 512, "
+        "nirvana-paper and the baselines 128)",
+    )
     p.add_argument("--heldout-samples", type=int, default=16)
     p.add_argument("--allocation", choices=("global", "uniform"), default=None, help="default: each method's own")
     p.add_argument(
@@ -1313,11 +1343,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def upgraded(data: dict, calib_seq_len: int | None) -> dict:
+    """A results file from before rows had their method's own window length (``calib_seq_len`` 128 for every
+    row), for a run with each row's own (``calib_seq_len`` None): its runs stay valid under their keys, which
+    name a length only when it is not :data:`BASE_SEQ_LEN`, and NIRVANA's rows at 512 get keys of their own."""
+    settings = data.get("settings") or {}
+    if calib_seq_len is None and settings.get("calib_seq_len") == BASE_SEQ_LEN:
+        data["settings"] = settings | {"calib_seq_len": None}
+    return data
+
+
 def merge_results(results: dict, other: Path) -> int:
     """Add to ``results`` the runs of the results file ``other`` that it lacks (a study split over processes
     or machines, each with its own ``--tag``); returns how many. A ValueError for other settings or variance
     seeds, or for a run both hold with other figures (two different runs under one key)."""
-    data = json.loads(Path(other).read_text())
+    data = upgraded(json.loads(Path(other).read_text()), (results.get("settings") or {}).get("calib_seq_len", 0))
     for key in ("settings", "variance_seeds"):
         if key in data and key in results and data[key] != results[key]:
             raise ValueError(f"--merge: {other} has {key} {data[key]!r}, these results {results[key]!r}")
@@ -1350,7 +1390,8 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     """The markdown tables and the plot from the results so far; returns their path stem."""
     texts = list(bench.windows)
     stem = bench.json_path.with_suffix("")
-    results = current_results(bench.results, {m: bench.rules(m) for m in {*args.methods, "nirvana"}})
+    rows = {*args.methods, "nirvana"}
+    results = current_results(bench.results, {m: bench.rules(m) for m in rows}, {m: bench.seq_len(m) for m in rows})
     has_methods = any(k.count("|") and not k.startswith("variance|") for k in results["runs"])
     # The variants asked for, in that order, then any other the results hold (an earlier run's).
     present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})

@@ -515,7 +515,7 @@ def test_quality_variance_row_of_draws_and_compensation_is_the_clis_prune(tiny_b
     model, tokenizer = load_model(str(root / "tiny"), device="cpu")
     settings = PruneSettings(
         model=str(root / "tiny"), calib=str(root / "calib.txt"), sparsity=0.3, gamma=6.0, draws=4,
-        compensate="bias", protect_layers=1,
+        compensate="bias", protect_layers=1, seq_len=128,
     )  # fmt: skip
     result = prune(settings, model=model, tokenizer=tokenizer, progress=False)
     kv = [
@@ -607,12 +607,19 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     assert quality.main(args) == 0
     path = tmp_path / "quality-tiny-t.json"
     runs = json.loads(path.read_text())["runs"]
-    rules = {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2" + ("|protect_layers=1" if m == "nirvana" else "")]["rules"]
-             for m in quality.RECOVER_METHODS}  # fmt: skip
+    # NIRVANA's rows keep layer 0 whole and score 512-token windows, as `nirvana prune` does by default.
+    own = {"nirvana": "|protect_layers=1|seq_len=512", "flap": "", "taylor": ""}
+    rules = {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2{own[m]}"]["rules"] for m in quality.RECOVER_METHODS}
     assert rules["nirvana"]["protect_layers"] == 1 and rules["flap"]["protect_layers"] == 0, rules
-    keys = [quality.recover_key(m, seed, 0.3, 2, rules[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
+    lengths = {m: 512 if m == "nirvana" else 128 for m in quality.RECOVER_METHODS}
+    assert {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2{own[m]}"]["seq_len"] for m in lengths} == lengths
+    keys = [
+        quality.recover_key(m, seed, 0.3, 2, rules[m], lengths[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS
+    ]
     assert [k for k in runs if k.startswith("recover|")] == sorted(keys)
-    before = [quality.pruned_key(m, seed, 0.3, 3.0, rules[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
+    before = [
+        quality.pruned_key(m, seed, 0.3, 3.0, rules[m], lengths[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS
+    ]
     assert all(k in runs for k in before), sorted(runs)
     # Seed-major, fine-tuning seeded like the pruning; FLAP's compensation biases (nonzero: the plan prunes
     # units) are in the saved checkpoint and survive fine-tuning; the tiny Llama's other methods have none.
@@ -647,7 +654,10 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_r
 
     _, argv = tiny_bench
     i = argv.index("--studies")
-    args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", "nirvana", "--studies", "methods", "select"]
+    default_args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", "nirvana"]
+    default_args += ["--studies", "methods", "select"]
+    # 128-token windows for every row, as every run was before NIRVANA's rows had 512 of their own.
+    args = [*default_args, "--calib-seq-len", "128"]
     assert quality.main([*args, "--seeds", "2"]) == 0
     path = tmp_path / "quality-tiny-t.json"
     data = json.loads(path.read_text())
@@ -673,6 +683,18 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_r
     assert quality.main([*args, "--seeds", "3"]) == 0  # three seeds: a selection of its own
     runs = json.loads(path.read_text())["runs"]
     assert quality.selection_seeds(runs[quality.select_key(0.3, 3, rules)]) == [0, 1, 2]
+
+    # The same file resumed with each row's own length: the 128-token runs keep their keys, and NIRVANA selects
+    # afresh among its 512-token draws (held-out windows as long), recorded under keys of their own.
+    assert quality.main([*default_args, "--seeds", "2"]) == 0
+    data = json.loads(path.read_text())
+    assert data["settings"]["calib_seq_len"] is None
+    assert all(data["runs"][k] == v for k, v in runs.items())
+    key = quality.select_key(0.3, 2, rules, 512)
+    assert key == "select|s=0.3|seeds=2|protect_layers=1|seq_len=512" and data["runs"][key]["seq_len"] == 512
+    assert data["runs"][quality.pruned_key("nirvana", 1, 0.3, 3.0, rules, 512)]["seq_len"] == 512
+    md = (tmp_path / "quality-tiny-t.md").read_text()
+    assert "(4 windows of 512 tokens, as the calibration windows)" in md
 
 
 def test_quality_tables_show_only_the_runs_of_each_rows_current_rules():
@@ -705,6 +727,25 @@ def test_quality_tables_show_only_the_runs_of_each_rows_current_rules():
     published = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": {}})
     assert "nirvana|seed=0|s=0.2|gamma=3.0" in published["runs"] and "gamma-auto|s=0.2" in published["runs"]
     assert quality.selections(published)[0.2]["seed"] == 3
+
+
+def test_quality_tables_show_only_the_runs_of_each_rows_current_window_length():
+    import quality
+
+    default = {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}
+    short = quality.pruned_key("nirvana", 0, 0.2, 3.0, default)  # made before rows had their own length
+    long = quality.pruned_key("nirvana", 0, 0.2, 3.0, default, 512)
+    assert (short, long) == ("nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1", f"{short}|seq_len=512")
+    runs = {
+        short: _method_run("nirvana", 0, 0.2, 60.0, 60.0) | {"rules": default},
+        long: _method_run("nirvana", 0, 0.2, 50.0, 50.0) | {"rules": default, "seq_len": 512},
+        "flap|seed=0|s=0.2|gamma=3.0": _method_run("flap", 0, 0.2, 50.0, 50.0) | {"seq_len": 128},
+    }
+    results = {"settings": {}, "runs": runs}
+    now = quality.current_results(results, {"nirvana": default, "flap": {}}, {"nirvana": 512, "flap": 128})
+    assert sorted(now["runs"]) == sorted([long, "flap|seed=0|s=0.2|gamma=3.0"])
+    before = quality.current_results(results, {"nirvana": default, "flap": {}})
+    assert sorted(before["runs"]) == sorted([short, "flap|seed=0|s=0.2|gamma=3.0"])
 
 
 def test_quality_variance_units_round_trip_and_jaccard():

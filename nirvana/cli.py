@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import DTYPES as EXPORT_DTYPES
     from .export import QUANT_TYPES
     from .methods import METHODS, get_method
-    from .pruning import DEVICE_MAPS, OBJECTIVES, RECIPES, SALIENCIES
+    from .pruning import DEVICE_MAPS, MICRO_BATCH_TOKENS, OBJECTIVES, RECIPES, SALIENCIES
     from .sources.gradients import WINDOW_WEIGHTS
 
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
     own_protection = ", ".join(f"{m}: {get_method(m).protect_layers}" for m in METHODS)
+    own_seq_len = ", ".join(f"{m}: {get_method(m).seq_len}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -69,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gamma", type=_gamma, default=None, help="MLP/attention pruning ratio, or 'auto' (default 3.0)")
     pr.add_argument("--calib", default="austen", help="text file/folder, .jsonl, dataset name, 'austen' or 'self'")
     pr.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 32)")
-    pr.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 128)")
+    pr.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per calibration (and held-out) window (default: the method's own, {own_seq_len})",
+    )
     pr.add_argument("--select-calib", type=int, default=None, metavar="K", help="candidate sets (KL pick), <= 64")
     pr.add_argument(
         "--draws",
@@ -148,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "it is refused",
     )
     pr.add_argument("--round-to", type=int, default=8)
-    pr.add_argument("--micro-batch-size", type=int, default=8)
+    pr.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help=f"windows per forward/backward pass (default {MICRO_BATCH_TOKENS} tokens' worth: 8 at 128, 2 at 512)",
+    )
     pr.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     pr.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     pr.add_argument("--distributed", choices=STRATEGIES, default=None, help="fsdp: score on all torchrun ranks")

@@ -59,6 +59,10 @@ RECIPES: dict[str, dict] = {
     ),
 }  # fmt: skip
 PAPER_GAMMA = 3.0
+# The default micro-batch holds this many tokens: 8 windows of 128, as before windows had a per-method length,
+# so that NIRVANA's 512-token windows (2 a pass) hold no more activations than its 128-token ones did. The
+# gradient sums are the same for any micro-batch; only --saliency adam's V counts micro-batches.
+MICRO_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -75,7 +79,7 @@ class PruneSettings:
     gamma: float | str = 3.0  # or "auto": chosen from selection.GAMMA_GRID by held-out KL
     calib: str = "austen"
     num_samples: int = 32
-    seq_len: int = 128
+    seq_len: int | None = None  # None: the method's default (Method.seq_len: nirvana 512, the baselines 128)
     select_calib: int = 1  # K candidate calibration sets, seeds seed..seed+K-1 (with draws=1)
     # Each candidate's scores are the mean of this many calibration draws' (nirvana.scores.mean_scores), its
     # activation statistics their pooled windows'; candidate c draws seeds seed + c*D .. seed + c*D + D-1.
@@ -98,7 +102,7 @@ class PruneSettings:
     protect_layers: int | None = None  # None: the method's default (Method.protect_layers), resolved per model
     min_kv_groups: int = 0
     normalize: str = "none"
-    micro_batch_size: int = 8
+    micro_batch_size: int | None = None  # None: MICRO_BATCH_TOKENS // seq_len windows (8 at 128 tokens, 2 at 512)
     device: str | None = None  # None: CUDA when present
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     seed: int = 0
@@ -135,7 +139,9 @@ class PruneSettings:
             return
         for name, value in _recipe(self.recipe).items():
             # None is the method's own allocation, which is the recipe's when the method is.
-            have = self.resolved_allocation if name == "allocation" and self.method in METHODS else getattr(self, name)
+            have = getattr(self, name)
+            if self.method in METHODS and name in ("allocation", "seq_len"):
+                have = getattr(self, f"resolved_{name}")
             if have != value:
                 raise ValueError(
                     f"{name}: --recipe {self.recipe} fixes it to {value!r}, got {have!r} "
@@ -185,6 +191,8 @@ class PruneSettings:
             "num_samples", "seq_len", "select_calib", "draws", "heldout_samples", "round_to", "micro_batch_size",
         ):  # fmt: skip
             value = getattr(self, name)
+            if name in ("seq_len", "micro_batch_size") and value is None:
+                continue  # the method's default, resolved by for_geometry
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         for name in ("protect_layers", "min_kv_groups"):
@@ -320,7 +328,7 @@ class PruneSettings:
             self.calib,
             tokenizer,
             num_samples=self.num_samples,
-            seq_len=self.seq_len,
+            seq_len=self.resolved_seq_len,
             seed=seed,
             model=model,
             progress=progress,
@@ -335,14 +343,29 @@ class PruneSettings:
         return {"protect_layers": self.protect_layers, "min_kv_groups": self.min_kv_groups, "normalize": self.normalize}
 
     def for_geometry(self, geometry: Geometry) -> PruneSettings:
-        """These settings with the method's default ``protect_layers`` filled in for this model, the rules
-        checked against it (:func:`nirvana.allocation.check_rules`); what report.json then records."""
+        """These settings with the method's defaults filled in (``protect_layers`` for this model, ``seq_len``,
+        ``micro_batch_size``), the rules checked against it (:func:`nirvana.allocation.check_rules`); what
+        report.json then records."""
         protect = get_method(self.method).resolve_protect_layers(
             self.protect_layers, geometry.num_layers, self.resolved_allocation
         )
-        settings = replace(self, protect_layers=protect)
+        settings = replace(
+            self, protect_layers=protect, seq_len=self.resolved_seq_len, micro_batch_size=self.resolved_micro_batch_size
+        )
         check_rules(geometry, **settings.rules)
         return settings
+
+    @property
+    def resolved_seq_len(self) -> int:
+        """The calibration window length this run uses: ``seq_len``, or the method's default when it is None."""
+        return get_method(self.method).resolve_seq_len(self.seq_len)
+
+    @property
+    def resolved_micro_batch_size(self) -> int:
+        """``micro_batch_size``, or when it is None as many windows as :data:`MICRO_BATCH_TOKENS` holds (at least 1)."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        return max(1, MICRO_BATCH_TOKENS // self.resolved_seq_len)
 
     @property
     def resolved_allocation(self) -> str:
@@ -676,9 +699,9 @@ def _finish_on_rank_0(
 
 def _warn_past_positions(settings: PruneSettings, config) -> None:
     limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and settings.seq_len > limit:
+    if isinstance(limit, int) and settings.resolved_seq_len > limit:
         warnings.warn(
-            f"seq_len: {settings.seq_len} is longer than the model's max_position_embeddings ({limit}); "
+            f"seq_len: {settings.resolved_seq_len} is longer than the model's max_position_embeddings ({limit}); "
             "it never saw positions past that, so windows that long may score it badly",
             RuntimeWarning,
             stacklevel=3,

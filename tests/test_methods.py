@@ -154,6 +154,51 @@ def test_prune_settings_default_to_the_methods_allocation():
         PruneSettings(allocation="layer").check()
 
 
+OWN_SEQ_LEN = {"nirvana": 512, "magnitude": 128, "random": 128, "taylor": 128, "wanda-sp": 128, "flap": 128}
+
+
+def test_every_method_declares_its_calibration_window_length():
+    assert {name: get_method(name).seq_len for name in METHODS} == OWN_SEQ_LEN
+    for name in METHODS:
+        assert get_method(name).resolve_seq_len(None) == OWN_SEQ_LEN[name]
+        assert get_method(name).resolve_seq_len(64) == 64
+
+
+@pytest.mark.parametrize(
+    "given, seq_len, micro_batch",
+    [
+        ({}, 512, 2),
+        ({"method": "flap"}, 128, 8),
+        ({"seq_len": 128}, 128, 8),
+        ({"seq_len": 2048}, 2048, 1),
+        ({"seq_len": 16, "micro_batch_size": 3}, 16, 3),
+        ({"method": "taylor", "seq_len": 512}, 512, 2),
+    ],
+    ids=["nirvana", "flap", "nirvana-128", "longer-than-the-budget", "both-given", "taylor-512"],
+)
+def test_prune_settings_fill_in_the_methods_window_length_and_a_micro_batch_of_the_same_tokens(
+    given, seq_len, micro_batch
+):
+    """None is the method's own length, and a micro-batch of MICRO_BATCH_TOKENS, so activation memory per pass
+    stays that of 8 x 128 tokens; for_geometry writes both into the settings report.json records."""
+    from nirvana.pruning import MICRO_BATCH_TOKENS, PruneSettings
+
+    settings = PruneSettings(**given)
+    settings.check()
+    assert (settings.resolved_seq_len, settings.resolved_micro_batch_size) == (seq_len, micro_batch)
+    filled = settings.for_geometry(_geometry())
+    assert (filled.seq_len, filled.micro_batch_size) == (seq_len, micro_batch)
+    if "micro_batch_size" not in given and seq_len <= MICRO_BATCH_TOKENS:
+        assert micro_batch * seq_len == MICRO_BATCH_TOKENS
+
+
+def _geometry():
+    from nirvana.adapters import get_adapter
+
+    model = tiny_model("llama")
+    return get_adapter(model).geometry(model.config)
+
+
 def prune_cli(folder, calib, out, *extra):
     return [
         *("prune", folder, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"),

@@ -399,14 +399,48 @@ def test_for_recipe_fills_in_the_paper_and_check_holds_it(tmp_path):
         (lambda: PruneSettings.for_recipe("paper", draws=4), "draws: --recipe paper fixes it to 1, got 4"),
         (lambda: PruneSettings.for_recipe("mine"), "recipe: must be one of paper, got 'mine'"),
         (
-            lambda: PruneSettings(recipe="paper", protect_layers=1).check(),
+            lambda: PruneSettings(recipe="paper", seq_len=128, protect_layers=1).check(),
             "protect_layers: --recipe paper fixes it to 0, got 1",
         ),
+        # None is NIRVANA's own 512-token windows, which are not the paper's.
+        (lambda: PruneSettings(recipe="paper").check(), "seq_len: --recipe paper fixes it to 128, got 512"),
         (lambda: PruneSettings.for_recipe("paper", gamma="auto").check(), "gamma: --recipe paper takes a number"),
     ],
-    ids=["contradicted", "contradicted-int", "contradicted-draws", "unknown", "hand-built", "gamma-auto"],
+    ids=[
+        "contradicted",
+        "contradicted-int",
+        "contradicted-draws",
+        "unknown",
+        "hand-built",
+        "hand-built-seq-len",
+        "gamma-auto",
+    ],  # fmt: skip
 )
 def test_a_recipe_refuses_what_contradicts_it_in_one_line(build, message):
     with pytest.raises(ValueError) as err:
         build()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nirvana_prunes_from_512_token_windows_two_a_pass_by_default(tmp_path, monkeypatch):
+    """With seq_len and micro_batch_size left to the method, NIRVANA draws 512-token windows (its calibration and
+    its held-out KL windows alike) two a pass, and report.json records both as used."""
+    from nirvana import calibration
+
+    heldout_lengths = []
+    real_heldout = calibration.heldout_windows
+
+    def heldout_windows(*args, **kw):
+        heldout_lengths.append(kw["seq_len"])
+        return real_heldout(*args, **kw)
+
+    monkeypatch.setattr(calibration, "heldout_windows", heldout_windows)
+    calib = write_text(tmp_path / "long.txt", n_words=12000)
+    cfg = settings(tmp_path, calib=str(calib), seq_len=None, micro_batch_size=None, select_calib=2, out=None)
+    model = tiny_model("llama", max_position_embeddings=1024)
+    result = prune(cfg, model=model, tokenizer=tiny_tokenizer(), progress=False)
+    s = result.report["settings"]
+    assert (s["seq_len"], s["micro_batch_size"]) == (512, 2)
+    meta = result.scores.meta
+    assert (meta["num_windows"], meta["window_length"], meta["micro_batch_size"]) == (4, 512, 2)
+    assert len(result.report["selection"]["trials"]) == 2 and heldout_lengths == [512]

@@ -40,6 +40,8 @@ class Method(abc.ABC):
         encoder_decoder_refusal: None if it scores encoder-decoders (T5) too, else why it does not.
         protect_layers: how many first layers ``nirvana prune`` keeps whole by default with global
             allocation (``--protect-layers`` overrides it); a baseline's is 0, as its paper prunes.
+        seq_len: tokens per calibration window ``nirvana prune`` draws by default (``--seq-len`` overrides
+            it); a baseline's is 128, the length it was measured with here.
     """
 
     name: ClassVar[str]
@@ -51,6 +53,7 @@ class Method(abc.ABC):
     misallocations: ClassVar[dict[str, str]] = {}
     encoder_decoder_refusal: ClassVar[str | None] = None
     protect_layers: ClassVar[int] = 0
+    seq_len: ClassVar[int] = 128
 
     def check_model(self, model: nn.Module) -> None:
         """A one-line ValueError if this method cannot score ``model`` (an encoder-decoder, for some)."""
@@ -64,6 +67,10 @@ class Method(abc.ABC):
         if protect_layers is not None:
             return protect_layers
         return min(self.protect_layers, num_layers - 1) if allocation == "global" else 0
+
+    def resolve_seq_len(self, seq_len: int | None) -> int:
+        """``seq_len``, or this method's default when it is None."""
+        return self.seq_len if seq_len is None else seq_len
 
     def resolve_allocation(self, allocation: str | None) -> str:
         """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""
