@@ -772,6 +772,16 @@ def _runs(results: dict, **match) -> list[dict]:
     ]
 
 
+def _window_lengths(results: dict) -> str:
+    length = results["settings"].get("calib_seq_len")
+    if length is not None:
+        return f"{length} tokens each for every row"
+    return (
+        "each row as long as `nirvana prune` draws them for its method (NIRVANA's 512 tokens; `nirvana-paper` "
+        f"and the baselines {BASE_SEQ_LEN})"
+    )
+
+
 def render(results: dict, methods, sparsities, texts: list[str], command: str, recover_seeds: int | None = None) -> str:
     """The methods study's markdown: per sparsity, each method's mean ± sample std over seeds; then the KL
     selection, the gamma sweep and the recovery tables (``recover_seeds``: the seeds asked for, see
@@ -785,7 +795,8 @@ def render(results: dict, methods, sparsities, texts: list[str], command: str, r
         f"Date {env.get('date', '?')}; {env.get('machine', '?')}. Command: `{command}`.",
         "",
         f"Settings: {json.dumps(results['settings'])}. Calibration windows are drawn from the calibration "
-        "text with each seed; evaluation texts are never used for any choice. Cells with ± are the mean "
+        f"text with each seed, {_window_lengths(results)}; evaluation texts are never used for any choice. "
+        "Cells with ± are the mean "
         "± sample standard deviation (n - 1) over the calibration seeds (`seeds` counts them). Sparsity: "
         "achieved share of the attention+MLP linear parameters removed. Default gamma 3.",
         "",

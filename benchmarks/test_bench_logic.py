@@ -330,6 +330,15 @@ def test_quality_committed_results_render():
         "model", "calib", "eval", "windows", "seq_len", "num_samples", "calib_seq_len", "heldout_samples",
     }  # fmt: skip
     texts = results["settings"]["eval"]
+    from nirvana.plan import Geometry
+
+    smollm2 = Geometry(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
+    rows = quality.METHODS
+    results = quality.current_results(
+        results,
+        {m: quality.row_rules(m, smollm2) for m in rows},
+        {m: quality.row_settings(m).resolved_seq_len for m in rows},
+    )
     text = quality.render(results, quality.METHODS, [0.2, 0.3, 0.4, 0.5], texts, "cmd", 3)
     runs = [r for k, r in results["runs"].items() if k.startswith("flap|") and r["sparsity"] == 0.2]
     vals = [r["ppl_fortunes"] for r in runs]
@@ -339,6 +348,9 @@ def test_quality_committed_results_render():
     # The default's rows and the published recipe's are told apart by their keys and records.
     assert all(r["rules"]["protect_layers"] == 1 for r in quality._runs(results, method="nirvana"))
     assert all(r["rules"]["protect_layers"] == 0 for r in quality._runs(results, method="nirvana-paper"))
+    # NIRVANA's rows score 512-token windows, as `nirvana prune` does; the published recipe's, 128.
+    assert {r["seq_len"] for r in quality._runs(results, method="nirvana")} == {512}
+    assert {r.get("seq_len", 128) for r in quality._runs(results, method="nirvana-paper")} == {128}
     recovery = [line for line in text.splitlines() if line.startswith("| ") and "| 50 |" in line]
     assert [line.split(" | ")[0] for line in recovery] == ["| nirvana", "| taylor", "| flap"]
     assert all(line.split(" | ")[3] == "3" and "partial" not in line for line in recovery), recovery
@@ -347,16 +359,36 @@ def test_quality_committed_results_render():
 # README rows of "The defaults, measured" and the variance-study variants they are.
 README_VARIANTS = {
     "`--recipe paper` (the published settings)": "paper",
-    "**default: layer 0 kept whole** (`--protect-layers 1`)": "protect-1",
+    "**default: layer 0 kept whole, 32 windows of 512 tokens**": "protect-1+windows-32x512",
+    "layer 0 whole, 512-token windows, `--gamma 6`": "protect-1+gamma-6+windows-32x512",
+    "layer 0 whole, 512-token windows, `--draws 4`": "protect-1+windows-32x512+draws-4",
+    "layer 0 whole, 512-token windows, `--draws 4 --gamma 6`": "protect-1+gamma-6+windows-32x512+draws-4",
+    "512-token windows, layer 0 not protected": "windows-32x512",
+    "layer 0 whole, 128-token windows (the default before)": "protect-1",
+    "first 2 layers kept whole": "protect-2",
+    "layer 0 whole, `--gamma 6`": "protect-1+gamma-6",
     "layer 0 whole, `--select-calib 3`": "protect-1+select-3",
+    "layer 0 whole, `--draws 4`": "protect-1+draws-4",
+    "layer 0 whole, `--draws 4 --gamma 6`": "protect-1+gamma-6+draws-4",
     "layer 0 whole, `--draws 8`": "protect-1+draws-8",
     "layer 0 whole, `--draws 8 --gamma 6`": "protect-1+gamma-6+draws-8",
-    "layer 0 whole, `--seq-len 512` (32 windows of 512 tokens)": "protect-1+windows-32x512",
-    "layer 0 whole, `--seq-len 512 --gamma 6`": "protect-1+gamma-6+windows-32x512",
+    "layer 0 whole, `--num-samples 64`": "protect-1+windows-64",
     "layer 0 whole, `--num-samples 128`": "protect-1+windows-128",
+    "layer 0 whole, `--num-samples 256`": "protect-1+windows-256",
+    "layer 0 whole, `--compensate bias`": "protect-1+compensate",
     "layer 0 whole, `--gamma 6 --compensate bias`": "protect-1+gamma-6+compensate",
+    "`--select-calib 3`": "select-3",
+    "`--select-calib 8`": "select-8",
+    "`--draws 8`": "draws-8",
+    "`--gamma auto`": "gamma-auto",
+    "`--gamma 6`": "gamma-6",
+    "`--min-kv-groups 2`": "floor-2",
+    "`--num-samples 64`": "windows-64",
+    "`--num-samples 128`": "windows-128",
     "`--num-samples 256`": "windows-256",
+    "`--window-weight norm`": "wnorm-norm",
     "`--window-weight objective`": "wnorm-objective",
+    "`--trim 0.1`": "trim-10",
 }
 
 
@@ -379,6 +411,55 @@ def test_quality_readme_defaults_rows_are_the_committed_variance_figures(label):
         ppl = quality.variance_cells(quality.variance_runs(results, name, s), ["persuasion", "fortunes"])["ppl"]
         want = " / ".join(f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}" for v in ppl.values())
         assert cell == want, (s, row)
+
+
+# The README's Results table: its columns (the methods-table rows) and rows (sparsity, text).
+README_METHODS = ["nirvana", "nirvana-paper", "taylor", "flap", "wanda-sp", "magnitude", "random"]
+README_TEXTS = {"Persuasion": "persuasion", "fortunes": "fortunes"}
+
+
+def _readme_cell(values: list[float]) -> str:
+    """A README Results cell: mean ± sample std, 4 significant digits at most, 1.3e6-style past 1e4."""
+    mean = statistics.fmean(values)
+    text = f"{mean:.1e}".replace("e+0", "e") if mean >= 1e4 else f"{mean:.0f}" if mean >= 1000 else f"{mean:.1f}"
+    if len(values) < 2 or mean >= 1e4:
+        return text
+    std = statistics.stdev(values)
+    return f"{text} ± {std:.0f}" if mean >= 1000 else f"{text} ± {std:.1f}"
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.4, 0.5], ids=["20", "30", "40", "50"])
+def test_quality_readme_results_table_is_the_committed_methods_figures(sparsity):
+    """Each cell of the README's Results table is its row's current runs in quality-smollm2.json (the rules and
+    window length ``nirvana prune`` gives that method now), and bold marks the best data-driven method."""
+    import json
+    from pathlib import Path
+
+    import quality
+
+    from nirvana.plan import Geometry
+
+    root = Path(quality.__file__).parents[1]
+    results = json.loads((root / "benchmarks" / "results" / "quality-smollm2.json").read_text())
+    smollm2 = Geometry(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
+    rules = {m: quality.row_rules(m, smollm2) for m in README_METHODS}
+    seq_lens = {m: quality.row_settings(m).resolved_seq_len for m in README_METHODS}
+    assert seq_lens["nirvana"] == 512 and seq_lens["nirvana-paper"] == seq_lens["flap"] == 128
+    current = quality.current_results(results, rules, seq_lens)
+    lines = (root / "README.md").read_text().splitlines()
+    for label, text in README_TEXTS.items():
+        row = next(line for line in lines if line.startswith(f"| {sparsity:.0%}, {label} |"))
+        cells = row.strip("| ").split(" | ")[1:]
+        values = {
+            m: [r[f"ppl_{text}"] for r in quality._runs(current, method=m, sparsity=sparsity, gamma=3.0)]
+            for m in README_METHODS
+        }
+        assert len(values["nirvana"]) == len(values["flap"]) == 5, {m: len(v) for m, v in values.items()}
+        best = min(
+            (m for m in README_METHODS if m not in ("magnitude", "random")), key=lambda m: statistics.fmean(values[m])
+        )
+        want = [f"**{_readme_cell(values[m])}**" if m == best else _readme_cell(values[m]) for m in README_METHODS]
+        assert cells == want, (label, sparsity)
 
 
 # --------------------------------------------------------------------------------------------------
