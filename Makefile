@@ -49,10 +49,11 @@ bench: $(PY)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 # Hours on a 2-core CPU, minutes on a GPU: every method x sparsity x seed on SmolLM2, two held-out texts,
-# KL selection, and LoRA recovery of nirvana/flap/taylor over 3 seeds (the README's Results section).
+# KL selection, and LoRA recovery of nirvana/flap/taylor over 3 seeds (the README's Results section). Each
+# calibration draw's scores are kept in .cache/, so an interrupted run resumes without scoring them again.
 quality: $(PY)
 	$(PY) benchmarks/quality.py --windows 8 --methods nirvana nirvana-paper flap taylor wanda-sp magnitude random \
-		--studies methods select --recover 50
+		--studies methods select --recover 50 --scores-cache .cache/quality-scores
 
 # Hours: NIRVANA's variants over 5 calibration seeds (the README's "The defaults, measured"); resumable.
 quality-variance: $(PY)

@@ -55,7 +55,8 @@ stops with one line naming it.
 Usage:
     python benchmarks/quality.py [--model smollm2|FOLDER] [--calib austen|PATH]
         [--eval persuasion fortunes PATH ...] [--methods nirvana taylor ...] [--sparsities 0.2 0.3 0.4 0.5]
-        [--seeds 5] [--windows 24] [--seq-len 512] [--num-samples 32] [--calib-seq-len N]
+        [--seeds 5] [--first-seed 0] [--scores-cache DIR] [--windows 24] [--seq-len 512] [--num-samples 32]
+        [--calib-seq-len N]
         [--studies methods select gamma variance] [--variance-seeds 5] [--variants paper protect-1 ...]
         [--tag NAME] [--recover N] [--recover-sparsity 0.3] [--recover-seeds 3] [--out benchmarks/results]
         [--render-only] [--merge FILE ...]
@@ -95,7 +96,7 @@ from nirvana.methods import get_method
 from nirvana.models import load_model
 from nirvana.pruning import PruneSettings, count_params
 from nirvana.saliency import compute_scores
-from nirvana.scores import mean_scores
+from nirvana.scores import load_scores, mean_scores, save_scores
 from nirvana.sources.activations import merge_statistics
 
 METHODS = ("nirvana", "nirvana-paper", "nirvana-uniform", "taylor", "flap", "wanda-sp", "magnitude", "random")
@@ -285,35 +286,68 @@ def row_rules(method: str, geometry, override: str | None = None) -> dict:
     return row_settings(method, override).for_geometry(geometry).rules
 
 
-def pruned_key(method: str, seed: int, sparsity: float, gamma: float, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
-    """A methods-table run's key; the rules that are not the published ones, and a calibration window length
-    other than :data:`BASE_SEQ_LEN`, are part of it, so that a run of other rules or windows is never read as
-    this one's."""
-    return f"{method}|seed={seed}|s={sparsity}|gamma={gamma}{_rules_suffix(rules, seq_len)}"
+def cache_meta(args) -> dict:
+    """What every ``--scores-cache`` file this run reads must have been made with (beyond its name's method,
+    window length and seed)."""
+    return {"model": args.model, "calib": args.calib, "num_samples": args.num_samples}
 
 
-def _rules_suffix(rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
-    window = "" if seq_len == BASE_SEQ_LEN else f"|seq_len={seq_len}"
-    return "".join(f"|{k}={v}" for k, v in rules.items() if v not in (0, "none")) + window
+def check_scores_cache(args) -> None:
+    """A one-line ValueError, before the model loads, for a file in ``--scores-cache`` that this run would
+    read (its name's window count is this run's) but that was made with another model or calibration text."""
+    folder = getattr(args, "scores_cache", None)
+    if folder is None or not Path(folder).is_dir():
+        return
+    want = cache_meta(args)
+    for file in sorted(Path(folder).glob(f"*-{args.num_samples}x*-seed*.safetensors")):
+        made = load_scores(file).meta.get("bench") or {}
+        if {k: made.get(k) for k in want} != want:
+            raise ValueError(f"--scores-cache: {file} was made with {made!r}, not {want!r}")
 
 
-def same_rules(record: dict, rules: dict, seq_len: int = BASE_SEQ_LEN) -> bool:
-    """Whether ``record`` was made with the allocation rules ``rules`` and ``seq_len``-token calibration
-    windows; a record without rules (or length) was made before records had them, with the published rules
-    (none) and :data:`BASE_SEQ_LEN`."""
-    return _rules_suffix(record.get("rules", {}), record.get("seq_len", BASE_SEQ_LEN)) == _rules_suffix(rules, seq_len)
+def identity(rules: dict | None = None, seq_len: int = BASE_SEQ_LEN, draws: int = 1) -> dict:
+    """How a row scores and allocates beyond its method, seed, sparsity and gamma, as its records store it:
+    its allocation rules, calibration window length and calibration draws per candidate. A record without
+    one of them was made before records had it, with the published value (no rules, :data:`BASE_SEQ_LEN`,
+    one draw)."""
+    return {"rules": dict(rules or {}), "seq_len": seq_len, "draws": draws}
 
 
-def current_results(results: dict, rules: dict[str, dict], seq_lens: dict[str, int] | None = None) -> dict:
-    """``results`` with only the methods-table, selection, gamma and recovery runs made with the rules and
-    calibration window length each row has now (``rules``: method -> rules; ``seq_lens``: method -> length,
-    :data:`BASE_SEQ_LEN` if absent; the select and gamma-auto studies are NIRVANA's). A file resumed across a
-    change of a row's defaults keeps its older runs, but its tables show only the row's own."""
-    seq_lens = seq_lens or {}
+def record_identity(record: dict) -> dict:
+    """The :func:`identity` a record was made with."""
+    return identity(record.get("rules"), record.get("seq_len", BASE_SEQ_LEN), record.get("draws", 1))
+
+
+def _suffix(ident: dict | None) -> str:
+    """The part of a key that names an identity: only what differs from the published one, so that records
+    made before a field existed keep their keys."""
+    ident = ident or identity()
+    rules = "".join(f"|{k}={v}" for k, v in ident["rules"].items() if v not in (0, "none"))
+    window = "" if ident["seq_len"] == BASE_SEQ_LEN else f"|seq_len={ident['seq_len']}"
+    draws = "" if ident["draws"] == 1 else f"|draws={ident['draws']}"
+    return rules + window + draws
+
+
+def pruned_key(method: str, seed: int, sparsity: float, gamma: float, ident: dict | None = None) -> str:
+    """A methods-table run's key; its :func:`identity` is part of it where it is not the published one, so
+    that a run of other rules, windows or draws is never read as this one's."""
+    return f"{method}|seed={seed}|s={sparsity}|gamma={gamma}{_suffix(ident)}"
+
+
+def same_identity(record: dict, ident: dict) -> bool:
+    """Whether ``record`` was made with the identity ``ident`` (:func:`identity`)."""
+    return _suffix(record_identity(record)) == _suffix(ident)
+
+
+def current_results(results: dict, identities: dict[str, dict]) -> dict:
+    """``results`` with only the methods-table, selection, gamma and recovery runs made with the identity
+    each row has now (``identities``: method -> :func:`identity`; the select and gamma-auto studies are
+    NIRVANA's). A file resumed across a change of a row's defaults keeps its older runs, but its tables show
+    only the row's own."""
 
     def current(record: dict) -> bool:
         method = "nirvana" if record.get("study") in ("select", "gamma-auto") else record.get("method")
-        return method not in rules or same_rules(record, rules[method], seq_lens.get(method, BASE_SEQ_LEN))
+        return method not in identities or same_identity(record, identities[method])
 
     return results | {"runs": {k: r for k, r in results["runs"].items() if current(r)}}
 
@@ -431,7 +465,23 @@ class Bench:
     def seq_len(self, method: str) -> int:
         """The calibration window length a row scores with: ``--calib-seq-len``, else what ``nirvana prune``
         uses for the row's settings (NIRVANA's 512, 128 for ``nirvana-paper`` and the baselines)."""
-        return self.args.calib_seq_len or row_settings(method, self.args.allocation).resolved_seq_len
+        return self.prune_settings(method).seq_len
+
+    def prune_settings(self, method: str, seed: int = 0) -> PruneSettings:
+        """The ``nirvana prune --seed seed`` settings of a row, resolved for this model, with
+        ``--calib-seq-len`` for its window length when given."""
+        settings = row_settings(method, self.args.allocation)
+        if self.args.calib_seq_len:
+            settings = dataclasses.replace(settings, seq_len=self.args.calib_seq_len)
+        return dataclasses.replace(settings, seed=seed).for_geometry(self.geometry)
+
+    def draws(self, method: str) -> int:
+        """The calibration draws a row averages (NIRVANA's 4, 1 for ``nirvana-paper`` and the baselines)."""
+        return self.prune_settings(method).draws
+
+    def identity(self, method: str) -> dict:
+        """The row's :func:`identity`: its rules, window length and draws, as ``nirvana prune`` resolves them."""
+        return identity(self.rules(method), self.seq_len(method), self.draws(method))
 
     def calibration(self, method: str, seed: int) -> torch.Tensor:
         return calibration.calibration_windows(
@@ -443,29 +493,74 @@ class Bench:
         )
 
     def scores(self, method: str, seed: int):
-        """(Scores, FLAP statistics or None) for a method and calibration seed; computed once per process."""
+        """(Scores, FLAP statistics or None, seconds) of a row pruned with ``--seed seed``: the mean of its
+        draws' scores (:meth:`PruneSettings.candidate_seeds`; FLAP's statistics pooled), and the seconds
+        they took together; each draw computed once per process, or read from ``--scores-cache``."""
+        drawn = [self.draw_scores(method, d) for d in self.prune_settings(method, seed).candidate_seeds()[0]]
+        seconds = sum(t for _, _, t in drawn)
+        if len(drawn) == 1:
+            return drawn[0][0], drawn[0][1], seconds
+        stats = None if drawn[0][1] is None else merge_statistics([st for _, st, _ in drawn])
+        return mean_scores([sc for sc, _, _ in drawn]), stats, seconds
+
+    def draw_scores(self, method: str, seed: int):
+        """(Scores, FLAP statistics or None, seconds) of one calibration draw of a row's method."""
         base = "nirvana" if method.startswith("nirvana") else method
         seq_len = self.seq_len(method)
         key = (base, seq_len, seed)
         if key not in self._scores:
-            start = time.perf_counter()
-            stats = None
-            windows = None if base in baselines.DATA_FREE else self.calibration(method, seed)
-            if base == "nirvana":
-                mbs = dataclasses.replace(row_settings(method), seq_len=seq_len).resolved_micro_batch_size
-                scores = compute_scores(
-                    self.model, windows, objective="maxlogit", saliency="taylor", micro_batch_size=mbs, progress=False
-                )
-            elif base == "flap":
-                stats = baselines.activation_statistics(self.model, windows, progress=False)
-                scores = baselines.flap_scores(self.model, stats)
-            else:
-                scores = baselines.method_scores(self.model, windows, base, seed=seed, progress=False)
-            self._scores[key] = (scores, stats, time.perf_counter() - start)
+            self._scores[key] = self._cached(base, seq_len, seed) or self._score(method, base, seed)
+            self._cache(base, seq_len, seed, *self._scores[key])
         return self._scores[key]
 
+    def _score(self, method: str, base: str, seed: int):
+        start = time.perf_counter()
+        stats = None
+        windows = None if base in baselines.DATA_FREE else self.calibration(method, seed)
+        if base == "nirvana":
+            mbs = self.prune_settings(method).micro_batch_size
+            scores = compute_scores(
+                self.model, windows, objective="maxlogit", saliency="taylor", micro_batch_size=mbs, progress=False
+            )
+        elif base == "flap":
+            stats = baselines.activation_statistics(self.model, windows, progress=False)
+            scores = baselines.flap_scores(self.model, stats)
+        else:
+            scores = baselines.method_scores(self.model, windows, base, seed=seed, progress=False)
+        return scores, stats, time.perf_counter() - start
+
+    def _cache_file(self, base: str, seq_len: int, seed: int) -> Path | None:
+        folder = getattr(self.args, "scores_cache", None)
+        name = f"{base}-{self.args.num_samples}x{seq_len}-seed{seed}.safetensors"
+        return None if folder is None else Path(folder) / name
+
+    def _cache_meta(self, base: str, seq_len: int, seed: int) -> dict:
+        return cache_meta(self.args) | {"method": base, "seq_len": seq_len, "seed": seed}
+
+    def _cached(self, base: str, seq_len: int, seed: int):
+        """A draw's scores from ``--scores-cache`` (scores only: FLAP's statistics are not kept), or None; a
+        ValueError for a file made with other settings under the same name."""
+        file = self._cache_file(base, seq_len, seed)
+        if file is None or base == "flap" or not file.is_file():
+            return None
+        scores = load_scores(file)
+        made, want = scores.meta.get("bench"), self._cache_meta(base, seq_len, seed)
+        if made != want:
+            raise ValueError(f"--scores-cache: {file} was made with {made!r}, not {want!r}")
+        return scores, None, float(scores.meta["seconds"])
+
+    def _cache(self, base: str, seq_len: int, seed: int, scores, stats, seconds: float) -> None:
+        file = self._cache_file(base, seq_len, seed)
+        if file is None or stats is not None or file.is_file():
+            return
+        file.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(scores.meta, bench=self._cache_meta(base, seq_len, seed), seconds=seconds)
+        tmp = file.with_name(file.name + ".tmp")
+        save_scores(dataclasses.replace(scores, meta=meta), tmp)
+        os.replace(tmp, file)
+
     def rules(self, method: str) -> dict:
-        return row_rules(method, self.geometry, self.args.allocation)
+        return self.prune_settings(method).rules
 
     def plan(self, method: str, seed: int, sparsity: float, gamma: float = DEFAULT_GAMMA):
         scores = self.scores(method, seed)[0]
@@ -513,12 +608,11 @@ class Bench:
                 achieved_sparsity=plan.achieved_sparsity(),
                 params=count_params(model),
                 scoring_seconds=round(self.scores(method, seed)[2], 1),
-                rules=self.rules(method),
-                seq_len=self.seq_len(method),
+                **self.identity(method),
             )
             return record
 
-        return self.run(pruned_key(method, seed, sparsity, gamma, self.rules(method), self.seq_len(method)), build)
+        return self.run(pruned_key(method, seed, sparsity, gamma, self.identity(method)), build)
 
     def dense(self) -> dict:
         def build():
@@ -542,7 +636,8 @@ class Bench:
         """KL selection among the NIRVANA calibration sets of ``seeds`` at ``sparsity`` (keyed by their number:
         a run with more seeds selects afresh rather than reusing a pick among fewer, and by the default's rules
         and window length: a pick made with others is not this one's); then that set's run."""
-        rules, seq_len = self.rules("nirvana"), self.seq_len("nirvana")
+        ident = self.identity("nirvana")
+        rules = ident["rules"]
 
         def build():
             candidates = [selection.Candidate(s, self.scores("nirvana", s)[0]) for s in seeds]
@@ -551,20 +646,18 @@ class Bench:
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
                 rules=rules,
             )  # fmt: skip
-            return {
-                "study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials, "rules": rules,
-                "seq_len": seq_len,
-            }  # fmt: skip
+            return {"study": "select", "sparsity": sparsity, "seed": chosen.seed, "trials": chosen.trials, **ident}
 
         legacy = self.results["runs"].get(f"select|s={sparsity}")  # before the key had the seed count
-        if legacy is not None and selection_seeds(legacy) == list(seeds) and same_rules(legacy, rules, seq_len):
+        if legacy is not None and selection_seeds(legacy) == list(seeds) and same_identity(legacy, ident):
             record = legacy
         else:
-            record = self.run(select_key(sparsity, len(seeds), rules, seq_len), build)
+            record = self.run(select_key(sparsity, len(seeds), ident), build)
         return self.pruned("nirvana", record["seed"], sparsity) | {"selected_seed": record["seed"]}
 
     def gamma_auto(self, sparsity: float) -> dict:
-        rules, seq_len = self.rules("nirvana"), self.seq_len("nirvana")
+        ident = self.identity("nirvana")
+        rules = ident["rules"]
 
         def build():
             candidates = [selection.Candidate(0, self.scores("nirvana", 0)[0])]
@@ -573,12 +666,10 @@ class Bench:
                 allocation=allocation_of("nirvana", self.args.allocation), architecture=self.architecture,
                 rules=rules,
             )  # fmt: skip
-            return {
-                "study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials,
-                "rules": rules, "seq_len": seq_len,
-            }  # fmt: skip
+            record = {"study": "gamma-auto", "sparsity": sparsity, "gamma": chosen.gamma, "trials": chosen.trials}
+            return record | ident
 
-        record = self.run(gamma_auto_key(sparsity, rules, seq_len), build)
+        record = self.run(gamma_auto_key(sparsity, ident), build)
         return self.pruned("nirvana", 0, sparsity, record["gamma"])
 
     def variant_scores(self, variant: Variant, seed: int):
@@ -672,9 +763,9 @@ class Bench:
         ``seed``), loaded back and evaluated. The methods-table run of the same pruning is recorded first: it is
         the recovery table's "before"."""
         self.pruned(method, seed, sparsity)
-        rules, seq_len = self.rules(method), self.seq_len(method)
+        ident = self.identity(method)
         legacy = f"recover|{method}|s={sparsity}|steps={steps}"  # seed 0's key before recovery had seeds
-        if seed == 0 and legacy in self.results["runs"] and not _rules_suffix(rules, seq_len):
+        if seed == 0 and legacy in self.results["runs"] and not _suffix(ident):
             return self.results["runs"][legacy]
 
         def build():
@@ -693,19 +784,16 @@ class Bench:
                 tuned = load_pruned(Path(tmp) / "tuned")
             record = self.evaluate(tuned)
             record.update(
-                method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned), rules=rules,
-                seq_len=seq_len,
+                method=method, seed=seed, sparsity=sparsity, steps=steps, params=count_params(tuned), **ident
             )  # fmt: skip
             record["finetune"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
             return record
 
-        return self.run(recover_key(method, seed, sparsity, steps, rules, seq_len), build)
+        return self.run(recover_key(method, seed, sparsity, steps, ident), build)
 
 
-def recover_key(
-    method: str, seed: int, sparsity: float, steps: int, rules: dict | None = None, seq_len: int = BASE_SEQ_LEN
-) -> str:
-    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}{_rules_suffix(rules or {}, seq_len)}"
+def recover_key(method: str, seed: int, sparsity: float, steps: int, ident: dict | None = None) -> str:
+    return f"recover|{method}|seed={seed}|s={sparsity}|steps={steps}{_suffix(ident)}"
 
 
 def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
@@ -719,13 +807,13 @@ def recover_runs(results: dict) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def select_key(sparsity: float, num_seeds: int, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
-    """A KL-selection study's key: its seed count and, as in :func:`pruned_key`, its rules and window length."""
-    return f"select|s={sparsity}|seeds={num_seeds}{_rules_suffix(rules, seq_len)}"
+def select_key(sparsity: float, num_seeds: int, ident: dict | None = None) -> str:
+    """A KL-selection study's key: its seed count and, as in :func:`pruned_key`, its identity."""
+    return f"select|s={sparsity}|seeds={num_seeds}{_suffix(ident)}"
 
 
-def gamma_auto_key(sparsity: float, rules: dict, seq_len: int = BASE_SEQ_LEN) -> str:
-    return f"gamma-auto|s={sparsity}{_rules_suffix(rules, seq_len)}"
+def gamma_auto_key(sparsity: float, ident: dict | None = None) -> str:
+    return f"gamma-auto|s={sparsity}{_suffix(ident)}"
 
 
 def selection_seeds(record: dict) -> list[int]:
@@ -1239,6 +1327,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.2, 0.3, 0.4, 0.5])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument(
+        "--first-seed", type=int, default=0, metavar="F",
+        help="the methods study runs seeds F..SEEDS-1 only: a study split over processes, whose files --merge "
+        "joins (the select study still takes all SEEDS, from --scores-cache)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scores-cache", default=None, metavar="DIR",
+        help="keep each calibration draw's scores here, and read them back instead of scoring again (across "
+        "processes and resumed runs)",
+    )  # fmt: skip
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=32)
@@ -1291,6 +1389,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tag: {args.tag!r} must be letters, digits, '.', '_' or '-'")
     if args.seeds < 1:
         p.error(f"--seeds: must be >= 1, got {args.seeds}")
+    if not 0 <= args.first_seed < args.seeds:
+        p.error(f"--first-seed: must be in [0, --seeds), got {args.first_seed}")
     if args.recover < 0:
         p.error(f"--recover: must be >= 0, got {args.recover}")
     if args.recover_seeds < 1:
@@ -1306,6 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for method in args.methods:  # before the model loads: a contradiction costs nothing
             row_settings(method, args.allocation)
+        check_scores_cache(args)
         bench = Bench(args)
         _check_variance_seeds(bench.results, args)
         for other in args.merge:
@@ -1319,7 +1420,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render_only:
         bench.dense()
         # Seed-major, so an interrupted run still has every method at every sparsity for the first seeds.
-        for seed in seeds if "methods" in args.studies else []:
+        for seed in seeds[args.first_seed :] if "methods" in args.studies else []:
             for method in args.methods:
                 if method in baselines.DATA_FREE and seed > 0:
                     continue  # magnitude is deterministic; random is 50-1000x worse than any other at one seed
@@ -1378,10 +1479,16 @@ def merge_results(results: dict, other: Path) -> int:
         if mine is None:
             results["runs"][key] = run
             added += 1
-        elif any(mine.get(f) != v for f, v in run.items() if f.startswith(("ppl_", "kl_"))):
+        elif not all(_same_figure(mine.get(f), v) for f, v in run.items() if f.startswith(("ppl_", "kl_"))):
             raise ValueError(f"--merge: {other} holds other figures for {key!r}")
     results.setdefault("merged_from", []).append(Path(other).name)
     return added
+
+
+def _same_figure(a, b) -> bool:
+    """Whether two processes' figures are one run's: equal up to the float rounding that another thread count
+    gives (a relative 1e-3; 1e-5 absolute for a KL near 0), where another run's differ by far more."""
+    return isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-5)
 
 
 def _check_variance_seeds(results: dict, args) -> None:
@@ -1402,7 +1509,7 @@ def write_outputs(bench: Bench, args, command: str) -> Path:
     texts = list(bench.windows)
     stem = bench.json_path.with_suffix("")
     rows = {*args.methods, "nirvana"}
-    results = current_results(bench.results, {m: bench.rules(m) for m in rows}, {m: bench.seq_len(m) for m in rows})
+    results = current_results(bench.results, {m: bench.identity(m) for m in rows})
     has_methods = any(k.count("|") and not k.startswith("variance|") for k in results["runs"])
     # The variants asked for, in that order, then any other the results hold (an earlier run's).
     present = sorted({r["variant"] for k, r in results["runs"].items() if k.startswith("variance|")})

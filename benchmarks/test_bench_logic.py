@@ -4,6 +4,7 @@ They take no ``benchmark`` fixture, so ``--benchmark-only`` skips them; run them
 ``python -m pytest -q benchmarks/test_bench_logic.py``.
 """
 
+import contextlib
 import statistics
 
 import gpu_check
@@ -212,8 +213,10 @@ def test_quality_rows_keep_the_layers_the_cli_keeps(allocation):
     assert quality.row_rules("nirvana", geometry, allocation)["protect_layers"] == protect
     assert quality.row_rules("nirvana-uniform", geometry)["protect_layers"] == 0
     assert quality.row_rules("nirvana-paper", geometry)["protect_layers"] == 0
-    paper = quality.pruned_key("nirvana-paper", 0, 0.2, 3.0, quality.row_rules("nirvana-paper", geometry))
-    default = quality.pruned_key("nirvana", 0, 0.2, 3.0, quality.row_rules("nirvana", geometry))
+    paper, default = (
+        quality.pruned_key(m, 0, 0.2, 3.0, quality.identity(quality.row_rules(m, geometry)))
+        for m in ("nirvana-paper", "nirvana")
+    )
     assert paper == "nirvana-paper|seed=0|s=0.2|gamma=3.0"
     assert default == "nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1"
 
@@ -307,14 +310,22 @@ def test_quality_selection_table_uses_the_selection_among_the_most_seeds():
         return [{"seed": seed, "gamma": 3.0, "kl": 1.0} for seed in seeds]
 
     runs["select|s=0.2"] = {"study": "select", "sparsity": 0.2, "seed": 1, "trials": trials([0, 1, 2])}  # older
-    runs[quality.select_key(0.2, 5, {})] = {"study": "select", "sparsity": 0.2, "seed": 3, "trials": trials(range(5))}
+    runs[quality.select_key(0.2, 5)] = {"study": "select", "sparsity": 0.2, "seed": 3, "trials": trials(range(5))}
     results = {"settings": {"model": "m", "heldout_samples": 4, "calib_seq_len": 8}, "runs": runs}
     assert quality.selections(results)[0.2]["seed"] == 3
     text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
     assert "| 20% | 5 | 3 | 60.00 | 56.00 ± 27.02 |" in text  # random: the five seeds' mean ± std
-    del runs[quality.select_key(0.2, 5, {})]
+    del runs[quality.select_key(0.2, 5)]
     text = quality.render(results, ["nirvana"], [0.2], ["a"], "cmd")
     assert "| 20% | 3 | 1 | 40.00 | 40.00 ± 10.00 |" in text  # random over the three seeds it chose among
+
+
+def _row_identity(method: str, geometry) -> dict:
+    """A row's identity as ``nirvana prune`` resolves its settings for ``geometry`` (no ``--calib-seq-len``)."""
+    import quality
+
+    settings = quality.row_settings(method).for_geometry(geometry)
+    return quality.identity(settings.rules, settings.seq_len, settings.draws)
 
 
 def test_quality_committed_results_render():
@@ -333,12 +344,7 @@ def test_quality_committed_results_render():
     from nirvana.plan import Geometry
 
     smollm2 = Geometry(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
-    rows = quality.METHODS
-    results = quality.current_results(
-        results,
-        {m: quality.row_rules(m, smollm2) for m in rows},
-        {m: quality.row_settings(m).resolved_seq_len for m in rows},
-    )
+    results = quality.current_results(results, {m: _row_identity(m, smollm2) for m in quality.METHODS})
     text = quality.render(results, quality.METHODS, [0.2, 0.3, 0.4, 0.5], texts, "cmd", 3)
     runs = [r for k, r in results["runs"].items() if k.startswith("flap|") and r["sparsity"] == 0.2]
     vals = [r["ppl_fortunes"] for r in runs]
@@ -348,9 +354,12 @@ def test_quality_committed_results_render():
     # The default's rows and the published recipe's are told apart by their keys and records.
     assert all(r["rules"]["protect_layers"] == 1 for r in quality._runs(results, method="nirvana"))
     assert all(r["rules"]["protect_layers"] == 0 for r in quality._runs(results, method="nirvana-paper"))
-    # NIRVANA's rows score 512-token windows, as `nirvana prune` does; the published recipe's, 128.
-    assert {r["seq_len"] for r in quality._runs(results, method="nirvana")} == {512}
-    assert {r.get("seq_len", 128) for r in quality._runs(results, method="nirvana-paper")} == {128}
+    # NIRVANA's rows score 512-token windows and average 4 draws, as `nirvana prune` does; the published
+    # recipe's, 128 and one. Without any current NIRVANA row the checks above would hold of nothing.
+    assert quality._runs(results, method="nirvana") and quality._runs(results, method="nirvana-paper")
+    assert {(r["seq_len"], r["draws"]) for r in quality._runs(results, method="nirvana")} == {(512, 4)}
+    paper = quality._runs(results, method="nirvana-paper")
+    assert {(r.get("seq_len", 128), r.get("draws", 1)) for r in paper} == {(128, 1)}
     recovery = [line for line in text.splitlines() if line.startswith("| ") and "| 50 |" in line]
     assert [line.split(" | ")[0] for line in recovery] == ["| nirvana", "| taylor", "| flap"]
     assert all(line.split(" | ")[3] == "3" and "partial" not in line for line in recovery), recovery
@@ -359,9 +368,11 @@ def test_quality_committed_results_render():
 # README rows of "The defaults, measured" and the variance-study variants they are.
 README_VARIANTS = {
     "`--recipe paper` (the published settings)": "paper",
-    "**default: layer 0 kept whole, 32 windows of 512 tokens**": "protect-1+windows-32x512",
+    "**default: layer 0 kept whole, the mean of 4 draws of 32 windows of 512 tokens**": (
+        "protect-1+windows-32x512+draws-4"
+    ),
+    "layer 0 whole, 512-token windows, `--draws 1` (one set)": "protect-1+windows-32x512",
     "layer 0 whole, 512-token windows, `--gamma 6`": "protect-1+gamma-6+windows-32x512",
-    "layer 0 whole, 512-token windows, `--draws 4`": "protect-1+windows-32x512+draws-4",
     "layer 0 whole, 512-token windows, `--draws 4 --gamma 6`": "protect-1+gamma-6+windows-32x512+draws-4",
     "512-token windows, layer 0 not protected": "windows-32x512",
     "layer 0 whole, 128-token windows (the default before)": "protect-1",
@@ -430,8 +441,9 @@ def _readme_cell(values: list[float]) -> str:
 
 @pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.4, 0.5], ids=["20", "30", "40", "50"])
 def test_quality_readme_results_table_is_the_committed_methods_figures(sparsity):
-    """Each cell of the README's Results table is its row's current runs in quality-smollm2.json (the rules and
-    window length ``nirvana prune`` gives that method now), and bold marks the best data-driven method."""
+    """Each cell of the README's Results table is its row's current runs in quality-smollm2.json (the rules,
+    window length and draws ``nirvana prune`` gives that method now), and bold marks the best data-driven
+    method."""
     import json
     from pathlib import Path
 
@@ -442,10 +454,10 @@ def test_quality_readme_results_table_is_the_committed_methods_figures(sparsity)
     root = Path(quality.__file__).parents[1]
     results = json.loads((root / "benchmarks" / "results" / "quality-smollm2.json").read_text())
     smollm2 = Geometry(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
-    rules = {m: quality.row_rules(m, smollm2) for m in README_METHODS}
-    seq_lens = {m: quality.row_settings(m).resolved_seq_len for m in README_METHODS}
-    assert seq_lens["nirvana"] == 512 and seq_lens["nirvana-paper"] == seq_lens["flap"] == 128
-    current = quality.current_results(results, rules, seq_lens)
+    identities = {m: _row_identity(m, smollm2) for m in README_METHODS}
+    assert (identities["nirvana"]["seq_len"], identities["nirvana"]["draws"]) == (512, 4)
+    assert all((identities[m]["seq_len"], identities[m]["draws"]) == (128, 1) for m in ("nirvana-paper", "flap"))
+    current = quality.current_results(results, identities)
     lines = (root / "README.md").read_text().splitlines()
     for label, text in README_TEXTS.items():
         row = next(line for line in lines if line.startswith(f"| {sparsity:.0%}, {label} |"))
@@ -572,9 +584,9 @@ def test_quality_variance_study_records_resumes_and_tables(tiny_bench, monkeypat
     assert all(len(results["runs"][k]["kv_scores"]) == 3 for k in keys)  # [layers, KV groups] of the tiny model
 
 
-def test_quality_variance_row_of_draws_and_compensation_is_the_clis_prune(tiny_bench):
-    """With one variance seed, a row's draws are seeds 0..K-1, as ``nirvana prune --draws K`` draws them: the
-    row's plan and perplexity are the CLI's, its biases folded from all the draws' windows."""
+def test_quality_variance_row_of_draws_and_compensation_is_the_clis_prune(tiny_bench, monkeypatch):
+    """With one variance seed, a row's draws are seeds 0..K-1: pruned from those draws, the CLI gives the
+    row's plan and perplexity, its biases folded from all the draws' windows."""
     import json
 
     import quality
@@ -598,6 +610,10 @@ def test_quality_variance_row_of_draws_and_compensation_is_the_clis_prune(tiny_b
         model=str(root / "tiny"), calib=str(root / "calib.txt"), sparsity=0.3, gamma=6.0, draws=4,
         compensate="bias", protect_layers=1, seq_len=128,
     )  # fmt: skip
+    # The CLI's draws now lie 2**20 seeds apart; the variance study keeps its own seeds (seed + k * S), which
+    # its committed rows were made with, so the CLI is given them here: the rest of the pruning is compared.
+    assert settings.candidate_seeds() == [_four_draws(0)] != [record["draw_seeds"]]
+    monkeypatch.setattr(PruneSettings, "candidate_seeds", lambda self: [record["draw_seeds"]])
     result = prune(settings, model=model, tokenizer=tokenizer, progress=False)
     kv = [
         [r, j]
@@ -658,7 +674,9 @@ def test_quality_refuses_a_results_file_of_other_settings(tiny_bench, tmp_path, 
         assert json.loads(path.read_text()) == theirs  # untouched
 
 
-def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(tiny_bench, tmp_path, monkeypatch):
+def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(
+    tiny_bench, tmp_path, monkeypatch, quick
+):
     import json
 
     import quality
@@ -670,6 +688,7 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     i = argv.index("--studies")
     args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", *quality.RECOVER_METHODS]
     args += ["--seeds", "2", "--recover", "2", "--recover-seeds", "2", "--studies"]  # no study but recovery
+    args += ["--num-samples", "8"]  # NIRVANA's 4 draws a seed: 8 windows each, not 32, keep this test quick
     real = nirvana.finetune.finetune
     calls = []
 
@@ -688,19 +707,16 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     assert quality.main(args) == 0
     path = tmp_path / "quality-tiny-t.json"
     runs = json.loads(path.read_text())["runs"]
-    # NIRVANA's rows keep layer 0 whole and score 512-token windows, as `nirvana prune` does by default.
-    own = {"nirvana": "|protect_layers=1|seq_len=512", "flap": "", "taylor": ""}
-    rules = {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2{own[m]}"]["rules"] for m in quality.RECOVER_METHODS}
-    assert rules["nirvana"]["protect_layers"] == 1 and rules["flap"]["protect_layers"] == 0, rules
-    lengths = {m: 512 if m == "nirvana" else 128 for m in quality.RECOVER_METHODS}
-    assert {m: runs[f"recover|{m}|seed=0|s=0.3|steps=2{own[m]}"]["seq_len"] for m in lengths} == lengths
-    keys = [
-        quality.recover_key(m, seed, 0.3, 2, rules[m], lengths[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS
-    ]
+    # NIRVANA's rows keep layer 0 whole, score 512-token windows and average 4 draws, as `nirvana prune` does
+    # by default.
+    own = {"nirvana": "|protect_layers=1|seq_len=512|draws=4", "flap": "", "taylor": ""}
+    idents = {m: quality.record_identity(runs[f"recover|{m}|seed=0|s=0.3|steps=2{own[m]}"]) for m in own}
+    assert idents["nirvana"]["rules"]["protect_layers"] == 1 and idents["flap"]["rules"]["protect_layers"] == 0
+    want = {m: (512, 4) if m == "nirvana" else (128, 1) for m in quality.RECOVER_METHODS}
+    assert {m: (idents[m]["seq_len"], idents[m]["draws"]) for m in want} == want, idents
+    keys = [quality.recover_key(m, seed, 0.3, 2, idents[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
     assert [k for k in runs if k.startswith("recover|")] == sorted(keys)
-    before = [
-        quality.pruned_key(m, seed, 0.3, 3.0, rules[m], lengths[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS
-    ]
+    before = [quality.pruned_key(m, seed, 0.3, 3.0, idents[m]) for seed in (0, 1) for m in quality.RECOVER_METHODS]
     assert all(k in runs for k in before), sorted(runs)
     # Seed-major, fine-tuning seeded like the pruning; FLAP's compensation biases (nonzero: the plan prunes
     # units) are in the saved checkpoint and survive fine-tuning; the tiny Llama's other methods have none.
@@ -728,7 +744,9 @@ def test_quality_recovery_over_two_seeds_records_resumes_and_keeps_flap_biases(t
     assert len(rows) == 2 and all(line.split(" | ")[3] == "2" for line in rows), rows
 
 
-def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_rules(tiny_bench, tmp_path, monkeypatch):
+def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_rules(
+    tiny_bench, tmp_path, monkeypatch, quick
+):
     import json
 
     import quality
@@ -737,14 +755,17 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_r
     i = argv.index("--studies")
     default_args = [*argv[:i], *argv[i + 2 :], "--out", str(tmp_path), "--methods", "nirvana"]
     default_args += ["--studies", "methods", "select"]
+    default_args += ["--num-samples", "8"]  # NIRVANA's 4 draws a seed: 8 windows each, not 32, keep this test quick
     # 128-token windows for every row, as every run was before NIRVANA's rows had 512 of their own.
     args = [*default_args, "--calib-seq-len", "128"]
     assert quality.main([*args, "--seeds", "2"]) == 0
     path = tmp_path / "quality-tiny-t.json"
     data = json.loads(path.read_text())
     rules = {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}  # the default's, as the CLI's
-    key = quality.select_key(0.3, 2, rules)
-    assert key == "select|s=0.3|seeds=2|protect_layers=1" and data["runs"][key]["rules"] == rules
+    ident = quality.identity(rules, 128, 4)  # and its 4 draws a candidate
+    key = quality.select_key(0.3, 2, ident)
+    assert key == "select|s=0.3|seeds=2|protect_layers=1|draws=4" and data["runs"][key]["rules"] == rules
+    assert quality.record_identity(data["runs"][key]) == ident
     record = data["runs"].pop(key)
     assert quality.selection_seeds(record) == [0, 1]
     data["runs"]["select|s=0.3"] = record  # as an older run keyed it
@@ -763,7 +784,7 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_r
     assert runs["select|s=0.3"] == record  # kept, not read
     assert quality.main([*args, "--seeds", "3"]) == 0  # three seeds: a selection of its own
     runs = json.loads(path.read_text())["runs"]
-    assert quality.selection_seeds(runs[quality.select_key(0.3, 3, rules)]) == [0, 1, 2]
+    assert quality.selection_seeds(runs[quality.select_key(0.3, 3, ident)]) == [0, 1, 2]
 
     # The same file resumed with each row's own length: the 128-token runs keep their keys, and NIRVANA selects
     # afresh among its 512-token draws (held-out windows as long), recorded under keys of their own.
@@ -771,9 +792,10 @@ def test_quality_select_study_reuses_a_selection_only_among_the_same_seeds_and_r
     data = json.loads(path.read_text())
     assert data["settings"]["calib_seq_len"] is None
     assert all(data["runs"][k] == v for k, v in runs.items())
-    key = quality.select_key(0.3, 2, rules, 512)
-    assert key == "select|s=0.3|seeds=2|protect_layers=1|seq_len=512" and data["runs"][key]["seq_len"] == 512
-    assert data["runs"][quality.pruned_key("nirvana", 1, 0.3, 3.0, rules, 512)]["seq_len"] == 512
+    long = quality.identity(rules, 512, 4)
+    key = quality.select_key(0.3, 2, long)
+    assert key == "select|s=0.3|seeds=2|protect_layers=1|seq_len=512|draws=4" and data["runs"][key]["seq_len"] == 512
+    assert data["runs"][quality.pruned_key("nirvana", 1, 0.3, 3.0, long)]["seq_len"] == 512
     md = (tmp_path / "quality-tiny-t.md").read_text()
     assert "(4 windows of 512 tokens, as the calibration windows)" in md
 
@@ -789,7 +811,7 @@ def test_quality_tables_show_only_the_runs_of_each_rows_current_rules():
         | {"rules": default},
         "flap|seed=0|s=0.2|gamma=3.0": _method_run("flap", 0, 0.2, 50.0, 50.0),
         "select|s=0.2|seeds=5": {"study": "select", "sparsity": 0.2, "seed": 3, "trials": []},
-        quality.select_key(0.2, 5, default): {
+        quality.select_key(0.2, 5, quality.identity(default)): {
             "study": "select",
             "sparsity": 0.2,
             "seed": 0,
@@ -799,13 +821,14 @@ def test_quality_tables_show_only_the_runs_of_each_rows_current_rules():
         "gamma-auto|s=0.2": {"study": "gamma-auto", "sparsity": 0.2, "gamma": 1.0, "trials": []},
         quality.variance_key("paper", 0, 0.2): {"study": "variance", "variant": "paper", "seed": 0, "sparsity": 0.2},
     }
-    shown = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": default, "flap": {}})
+    identities = {"nirvana": quality.identity(default), "flap": quality.identity()}
+    shown = quality.current_results({"settings": {}, "runs": runs}, identities)
     assert sorted(shown["runs"]) == sorted(
         ["dense", "nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1", "flap|seed=0|s=0.2|gamma=3.0",
          "select|s=0.2|seeds=5|protect_layers=1", "variance|paper|seed=0|s=0.2"]
     )  # fmt: skip
     assert quality.selections(shown)[0.2]["seed"] == 0 and len(runs) == 8  # the file keeps every run
-    published = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": {}})
+    published = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": quality.identity()})
     assert "nirvana|seed=0|s=0.2|gamma=3.0" in published["runs"] and "gamma-auto|s=0.2" in published["runs"]
     assert quality.selections(published)[0.2]["seed"] == 3
 
@@ -814,8 +837,8 @@ def test_quality_tables_show_only_the_runs_of_each_rows_current_window_length():
     import quality
 
     default = {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}
-    short = quality.pruned_key("nirvana", 0, 0.2, 3.0, default)  # made before rows had their own length
-    long = quality.pruned_key("nirvana", 0, 0.2, 3.0, default, 512)
+    short = quality.pruned_key("nirvana", 0, 0.2, 3.0, quality.identity(default))  # before rows had their own length
+    long = quality.pruned_key("nirvana", 0, 0.2, 3.0, quality.identity(default, 512))
     assert (short, long) == ("nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1", f"{short}|seq_len=512")
     runs = {
         short: _method_run("nirvana", 0, 0.2, 60.0, 60.0) | {"rules": default},
@@ -823,10 +846,63 @@ def test_quality_tables_show_only_the_runs_of_each_rows_current_window_length():
         "flap|seed=0|s=0.2|gamma=3.0": _method_run("flap", 0, 0.2, 50.0, 50.0) | {"seq_len": 128},
     }
     results = {"settings": {}, "runs": runs}
-    now = quality.current_results(results, {"nirvana": default, "flap": {}}, {"nirvana": 512, "flap": 128})
+    now = quality.current_results(results, {"nirvana": quality.identity(default, 512), "flap": quality.identity()})
     assert sorted(now["runs"]) == sorted([long, "flap|seed=0|s=0.2|gamma=3.0"])
-    before = quality.current_results(results, {"nirvana": default, "flap": {}})
+    before = quality.current_results(results, {"nirvana": quality.identity(default), "flap": quality.identity()})
     assert sorted(before["runs"]) == sorted([short, "flap|seed=0|s=0.2|gamma=3.0"])
+
+
+@pytest.mark.parametrize(
+    ("ident", "suffix"),
+    [
+        ({}, ""),
+        ({"draws": 1}, ""),
+        ({"draws": 4}, "|draws=4"),
+        ({"rules": {"protect_layers": 0, "min_kv_groups": 0, "normalize": "none"}, "seq_len": 128}, ""),
+        ({"seq_len": 512, "draws": 8}, "|seq_len=512|draws=8"),
+        (
+            {"rules": {"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}, "seq_len": 512, "draws": 4},
+            "|protect_layers=1|seq_len=512|draws=4",
+        ),
+    ],
+    ids=["published", "one-draw", "four-draws", "published-rules-spelt-out", "window-and-draws", "default-row"],
+)
+def test_quality_keys_name_only_what_differs_from_the_published_identity(ident, suffix):
+    import quality
+
+    # Every study's key takes the one suffix: a run of other draws never reads another's record.
+    ident = quality.identity(**ident)
+    assert quality._suffix(ident) == suffix
+    assert quality.pruned_key("nirvana", 2, 0.3, 3.0, ident) == "nirvana|seed=2|s=0.3|gamma=3.0" + suffix
+    assert quality.select_key(0.3, 5, ident) == "select|s=0.3|seeds=5" + suffix
+    assert quality.gamma_auto_key(0.3, ident) == "gamma-auto|s=0.3" + suffix
+    assert quality.recover_key("taylor", 1, 0.3, 50, ident) == "recover|taylor|seed=1|s=0.3|steps=50" + suffix
+
+
+def test_quality_a_record_without_draws_is_one_draw():
+    """Records made before they had ``draws`` scored one draw a candidate: they are the paper row's and the
+    older default's, never the 4-draw default's, whose tables then show only its own runs."""
+    import quality
+
+    from tests.test_allocation import TINY as geometry
+
+    default = _row_identity("nirvana", geometry)
+    assert default == quality.identity({"protect_layers": 1, "min_kv_groups": 0, "normalize": "none"}, 512, 4)
+    assert _row_identity("nirvana-paper", geometry) == quality.identity(quality.row_rules("nirvana-paper", geometry))
+    one = default | {"draws": 1}
+    old = _method_run("nirvana", 0, 0.2, 90.0, 90.0) | {"rules": default["rules"], "seq_len": 512}
+    new = _method_run("nirvana", 0, 0.2, 60.0, 60.0) | default
+    assert quality.record_identity(old) == one and quality.record_identity(new) == default
+    assert quality.same_identity(old, one) and not quality.same_identity(old, default)
+    assert quality.same_identity(new, default) and not quality.same_identity(new, one)
+    assert quality.record_identity({"method": "flap"}) == quality.identity()  # nothing recorded: the published
+    before, now = (quality.pruned_key("nirvana", 0, 0.2, 3.0, i) for i in (one, default))
+    assert (before, now) == ("nirvana|seed=0|s=0.2|gamma=3.0|protect_layers=1|seq_len=512", f"{before}|draws=4")
+    runs = {before: old, now: new}
+    shown = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": default})
+    assert [r["ppl_a"] for r in shown["runs"].values()] == [60.0]
+    shown = quality.current_results({"settings": {}, "runs": runs}, {"nirvana": one})
+    assert [r["ppl_a"] for r in shown["runs"].values()] == [90.0]
 
 
 def test_quality_variance_units_round_trip_and_jaccard():
@@ -932,9 +1008,223 @@ def test_quality_merge_adds_the_runs_it_lacks_and_refuses_a_clash(tmp_path):
     assert ours["runs"]["variance|adam|seed=0|s=0.2"] == {"ppl_a": 7.0} and ours["runs"]["dense"]["seconds"] == 3
     assert ours["merged_from"] == ["other.json"]
 
-    other.write_text(json.dumps({"settings": {"windows": 8}, "runs": {"dense": {"ppl_a": 2.0}}}))
-    with pytest.raises(ValueError, match="other figures for 'dense'"):
-        quality.merge_results(ours, other)
+    # Another thread count rounds differently (a relative 1e-5 here): the same run. Another run differs by more.
+    other.write_text(json.dumps({"settings": {"windows": 8}, "runs": {"dense": {"ppl_a": 1.00001, "kl_a": 3e-4}}}))
+    ours["runs"]["dense"]["kl_a"] = 2.97e-4
+    assert quality.merge_results(ours, other) == 0 and ours["runs"]["dense"]["ppl_a"] == 1.0
+    for clash in ({"ppl_a": 1.01}, {"ppl_a": 1.0, "kl_a": 0.1}):
+        other.write_text(json.dumps({"settings": {"windows": 8}, "runs": {"dense": clash}}))
+        with pytest.raises(ValueError, match="other figures for 'dense'"):
+            quality.merge_results(ours, other)
     other.write_text(json.dumps({"settings": {"windows": 24}, "runs": {}}))
     with pytest.raises(ValueError, match="has settings"):
         quality.merge_results(ours, other)
+
+
+# --------------------------------------------------------------------------------------------------
+# quality.py's --scores-cache and --first-seed on the tiny model: the methods rows as `nirvana prune` draws them
+# --------------------------------------------------------------------------------------------------
+
+CACHE_ROWS = ["nirvana", "taylor", "flap"]
+
+
+@contextlib.contextmanager
+def _quick():
+    """What these runs check is the bench's bookkeeping, not the kernels or the figure, so they run as on a
+    user's CPU: the kernels' PyTorch references (in Triton's interpreter, which tests/conftest.py turns on, one
+    NIRVANA draw of the tiny model takes seconds; tests/kernels holds the kernels to the references), on one
+    thread (a second one, spinning on a busy 2-core machine, makes each forward ~10x slower; tests/conftest.py
+    does the same when it is loaded), and without the methods figure (seconds to draw)."""
+    import quality
+
+    from nirvana_kernels import _dispatch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(_dispatch, "INTERPRET", False)
+        monkeypatch.setattr(quality, "plot", lambda results, methods, sparsities, texts, path: path)
+        torch.set_num_threads(1)
+        try:
+            yield monkeypatch
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quick():
+    with _quick() as monkeypatch:
+        yield monkeypatch
+
+
+def _four_draws(seed: int) -> list[int]:
+    """The draws of `nirvana prune --seed seed` by default: 4, each 2**20 seeds from the last."""
+    return [seed, seed + 2**20, seed + 2 * 2**20, seed + 3 * 2**20]
+
+
+@pytest.fixture(scope="module")
+def cached_methods(tiny_bench):
+    """A methods study of two seeds that keeps its draws in a scores cache: (its argv but --out, the cache
+    folder, the runs it recorded, the cache files' mtimes by name, taken right after it)."""
+    import json
+
+    import quality
+
+    root, argv = tiny_bench
+    i = argv.index("--studies")
+    args = [*argv[:i], *argv[i + 2 :], "--studies", "methods", "--methods", *CACHE_ROWS, "--seeds", "2"]
+    # 4 windows of 32 tokens a draw: the tiny model's 12 draws take seconds, not minutes.
+    args += ["--num-samples", "4", "--calib-seq-len", "32", "--scores-cache", str(root / "scores-cache")]
+    out = root / "cached-first"
+    with _quick():
+        assert quality.main([*args, "--out", str(out)]) == 0
+    runs = json.loads((out / "quality-tiny-t.json").read_text())["runs"]
+    files = {f.name: f.stat().st_mtime_ns for f in (root / "scores-cache").iterdir()}
+    return args, root / "scores-cache", runs, files
+
+
+def test_quality_scores_cache_keeps_each_draw_and_a_second_run_reads_them_back(
+    cached_methods, tiny_bench, tmp_path, quick
+):
+    import json
+
+    import quality
+
+    from nirvana.pruning import PruneSettings
+    from nirvana.scores import load_scores
+
+    root, _ = tiny_bench
+    args, cache, runs, files = cached_methods
+    # One file per draw, at the seeds `nirvana prune --seed s` draws; FLAP's draws are not kept (their
+    # activation statistics, which its compensation needs, are not in a scores file).
+    want = {}
+    for seed in (0, 1):
+        assert PruneSettings(method="nirvana", seed=seed).candidate_seeds() == [_four_draws(seed)]
+        want |= {f"nirvana-4x32-seed{d}.safetensors": ("nirvana", d) for d in _four_draws(seed)}
+        want[f"taylor-4x32-seed{seed}.safetensors"] = ("taylor", seed)
+    assert set(files) == set(want)
+    for name, (method, seed) in want.items():
+        meta = load_scores(cache / name).meta
+        bench = {"model": str(root / "tiny"), "calib": str(root / "calib.txt"), "method": method, "num_samples": 4,
+                 "seq_len": 32, "seed": seed}  # fmt: skip
+        assert meta["bench"] == bench and meta["seconds"] > 0, (name, meta)
+
+    # A second run, in a fresh folder, scores nothing the cache holds, writes nothing to it, and records the
+    # same figures; FLAP alone is scored again, and comes out the same.
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a cached draw was scored again")
+
+    quick.setattr(quality, "compute_scores", no_scoring)
+    quick.setattr(quality.baselines, "method_scores", no_scoring)
+    out = tmp_path / "again"
+    assert quality.main([*args, "--out", str(out)]) == 0
+    again = json.loads((out / "quality-tiny-t.json").read_text())["runs"]
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == files
+    assert set(again) == set(runs) and len(runs) == 1 + 2 * len(CACHE_ROWS)  # dense and every row at both seeds
+    for key, record in runs.items():
+        figures = {k: v for k, v in record.items() if k not in ("seconds", "scoring_seconds")}
+        assert {k: again[key].get(k) for k in figures} == figures, key
+        if record.get("method") in ("nirvana", "taylor"):  # the cache's own seconds, not a re-read's
+            assert again[key]["scoring_seconds"] == record["scoring_seconds"], key
+
+
+@pytest.mark.parametrize("setting", ["calib", "model"], ids=["other-calib", "other-model"])
+def test_quality_scores_cache_refuses_a_file_of_other_settings(
+    cached_methods, tiny_bench, tmp_path, quick, setting, monkeypatch, capsys
+):
+    import shutil
+
+    import quality
+
+    root, _ = tiny_bench
+    args, cache, _, files = cached_methods
+    mine = tmp_path / "cache"
+    shutil.copytree(cache, mine)
+    # Another calibration text, or another model folder (a copy: same name, same label), names its draws as
+    # the cached ones: reading those would prune with another text's or model's scores.
+    other = {"calib": root / "a.txt", "model": tmp_path / "tiny"}[setting]
+    if setting == "model":
+        shutil.copytree(root / "tiny", other)
+    i = args.index(f"--{setting}")
+    argv = [*args[: i + 1], str(other), *args[i + 2 :], "--scores-cache", str(mine), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(quality, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert quality.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quality.py: error: --scores-cache: ") and err.count("\n") == 1, err
+    message = err.strip()
+    assert "\n" not in message and f"{mine / 'nirvana-4x32-seed0.safetensors'} was made with " in message
+    assert f"'{setting}': {str(root / ('tiny' if setting == 'model' else 'calib.txt'))!r}" in message, message
+    assert f"'{setting}': {str(other)!r}" in message, message
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == {n: (cache / n).read_bytes() for n in files}
+
+
+def test_quality_first_seed_runs_only_the_later_seeds(cached_methods, tmp_path, quick):
+    import json
+
+    import quality
+
+    args, _, runs, _ = cached_methods
+    out = tmp_path / "later"
+    assert quality.main([*args, "--first-seed", "1", "--out", str(out)]) == 0
+    later = json.loads((out / "quality-tiny-t.json").read_text())["runs"]
+    assert not [k for k in later if "|seed=0|" in k]
+    seed1 = sorted(k for k in runs if "|seed=1|" in k)
+    assert len(seed1) == len(CACHE_ROWS) and sorted(k for k in later if k != "dense") == seed1
+    # The same figures as the whole study's seed 1: a study split over processes merges into that one.
+    assert all(later[k]["ppl_a"] == runs[k]["ppl_a"] and later[k]["kl_a"] == runs[k]["kl_a"] for k in seed1)
+
+
+@pytest.mark.parametrize("first", ["2", "-1"], ids=["past-the-seeds", "negative"])
+def test_quality_first_seed_out_of_range_is_a_usage_error(tiny_bench, first, capsys):
+    import quality
+
+    _, argv = tiny_bench
+    with pytest.raises(SystemExit) as err:
+        quality.main([*argv, "--seeds", "2", "--first-seed", first])
+    assert err.value.code == 2
+    assert f"--first-seed: must be in [0, --seeds), got {first}" in capsys.readouterr().err
+
+
+def test_quality_nirvana_row_is_the_clis_prune_of_its_four_draws(cached_methods, tiny_bench, tmp_path, quick):
+    """The methods table's NIRVANA row at seed s is `nirvana prune --seed s`: its scores are the mean of the
+    draws `PruneSettings.candidate_seeds` names, and its plan's perplexity is the CLI's."""
+    import quality
+
+    from nirvana import calibration
+    from nirvana.evaluation import text_windows
+    from nirvana.models import load_model
+    from nirvana.pruning import PruneSettings, prune
+    from nirvana.scores import mean_scores
+
+    root, _ = tiny_bench
+    args, _, runs, _ = cached_methods
+    benches = []
+
+    class Kept(quality.Bench):
+        def __init__(self, a):
+            super().__init__(a)
+            benches.append(self)
+
+    quick.setattr(quality, "Bench", Kept)
+    assert quality.main([*args, "--out", str(tmp_path), "--studies"]) == 0  # no study: only the Bench
+    bench = benches[0]
+    settings = PruneSettings(
+        model=str(root / "tiny"), calib=str(root / "calib.txt"), sparsity=0.3, seed=1, num_samples=4, seq_len=32
+    )
+    draws = settings.candidate_seeds()[0]
+    assert draws == _four_draws(1) and (bench.draws("nirvana"), bench.draws("taylor")) == (4, 1)
+    scores, stats, seconds = bench.scores("nirvana", 1)
+    each = [bench.draw_scores("nirvana", d) for d in draws]
+    assert not torch.equal(each[0][0].mlp, each[1][0].mlp)  # four draws, not one four times
+    mean = mean_scores([sc for sc, _, _ in each])
+    assert torch.equal(scores.attention, mean.attention) and torch.equal(scores.mlp, mean.mlp)
+    assert stats is None and seconds == pytest.approx(sum(t for _, _, t in each))
+
+    model, tokenizer = load_model(str(root / "tiny"), device="cpu")
+    result = prune(settings, model=model, tokenizer=tokenizer, progress=False)
+    torch.testing.assert_close(scores.attention, result.scores.attention, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scores.mlp, result.scores.mlp, rtol=1e-6, atol=0)
+    ident = bench.identity("nirvana")
+    key = quality.pruned_key("nirvana", 1, 0.3, 3.0, ident)
+    assert key.endswith("|protect_layers=1|seq_len=32|draws=4") and quality.record_identity(runs[key]) == ident
+    windows = text_windows(calibration.tokenize((root / "a.txt").read_text(), tokenizer), 16, 2)
+    assert quality.evaluate(result.model, windows)["ppl"] == pytest.approx(runs[key]["ppl_a"], rel=1e-9)

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     own_allocations = ", ".join(f"{m}: {get_method(m).allocation}" for m in METHODS)
     own_protection = ", ".join(f"{m}: {get_method(m).protect_layers}" for m in METHODS)
     own_seq_len = ", ".join(f"{m}: {get_method(m).seq_len}" for m in METHODS)
+    own_draws = ", ".join(f"{m}: {get_method(m).draws}" for m in METHODS)
     p = _Parser(prog="nirvana", description="Structured pruning of LLMs with NIRVANA.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="D",
-        help="calibration draws averaged into each candidate's scores (default 1; D times the scoring)",
+        help=f"calibration draws averaged into each candidate's scores, D times the scoring (default: the "
+        f"method's own, {own_draws}; 1 with --scores)",
     )
     pr.add_argument("--heldout-samples", type=int, default=16, help="held-out windows for the KL criterion")
     pr.add_argument("--saliency", choices=SALIENCIES, default=None, help="default taylor")

@@ -39,7 +39,7 @@ def _llama_cpp_generation(path: Path, max_new_tokens: int = 30) -> str | None:
     return PROMPT + completion["choices"][0]["text"]
 
 
-def run_demo(out: str | None = None, *, max_windows: int = 24, sparsity: float = 0.2, select_calib: int = 1) -> dict:
+def run_demo(out: str | None = None, *, max_windows: int = 24, sparsity: float = 0.2) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import corpus
@@ -64,21 +64,11 @@ def run_demo(out: str | None = None, *, max_windows: int = 24, sparsity: float =
     dense_ppl = perplexity(model, tokenizer, heldout, seq_len=512, max_windows=max_windows)
 
     # The demo owns its output folder, so a second `make demo` replaces the first one's result. It prunes with
-    # `nirvana prune`'s defaults: one calibration set of 32 windows of 512 tokens, layer 0 kept whole.
-    settings = PruneSettings(
-        model="smollm2",
-        sparsity=sparsity,
-        gamma=3.0,
-        calib="austen",
-        select_calib=select_calib,
-        device=device,
-        out=None,
-        overwrite=True,
-    )
-    sets = "1 calibration set" if select_calib == 1 else f"{select_calib} calibration sets picked by held-out KL"
+    # `nirvana prune`'s defaults: the mean of 4 calibration draws of 32 windows of 512 tokens, layer 0 whole.
+    settings = PruneSettings(model="smollm2", calib="austen", sparsity=sparsity, device=device, overwrite=True)
     print(
         f"[4/6] pruning {sparsity:.0%} with NIRVANA (maxlogit objective, |W*G| saliency, gamma 3, layer 0 whole, "
-        f"{sets} of 32 x {settings.resolved_seq_len} tokens)"
+        f"the mean of {settings.resolved_draws} calibration draws of 32 x {settings.resolved_seq_len} tokens)"
     )
     result = prune(settings, model=model, tokenizer=tokenizer)
     pruned_ppl = perplexity(result.model, tokenizer, heldout, seq_len=512, max_windows=max_windows)

@@ -63,6 +63,9 @@ PAPER_GAMMA = 3.0
 # so that NIRVANA's 512-token windows (2 a pass) hold no more activations than its 128-token ones did. The
 # gradient sums are the same for any micro-batch; only --saliency adam's V counts micro-batches.
 MICRO_BATCH_TOKENS = 1024
+# A candidate's further calibration draws lie this far apart in seed (PruneSettings.candidate_seeds), so that
+# runs with nearby seeds (0, 1, 2, ...) never share a draw; the 64 draws allowed span 2**26 seeds.
+DRAW_SEED_STRIDE = 2**20
 
 
 @dataclass
@@ -80,10 +83,11 @@ class PruneSettings:
     calib: str = "austen"
     num_samples: int = 32
     seq_len: int | None = None  # None: the method's default (Method.seq_len: nirvana 512, the baselines 128)
-    select_calib: int = 1  # K candidate calibration sets, seeds seed..seed+K-1 (with draws=1)
+    select_calib: int = 1  # K candidate calibration sets; candidate c's first draw has seed seed + c
     # Each candidate's scores are the mean of this many calibration draws' (nirvana.scores.mean_scores), its
-    # activation statistics their pooled windows'; candidate c draws seeds seed + c*D .. seed + c*D + D-1.
-    draws: int = 1
+    # activation statistics their pooled windows' (see candidate_seeds). None: the method's default
+    # (Method.draws: nirvana 4, the baselines 1), 1 with --scores.
+    draws: int | None = None
     heldout_samples: int = 16  # windows of seq_len tokens for the KL criterion
     saliency: str = "taylor"
     objective: str = "maxlogit"
@@ -140,7 +144,7 @@ class PruneSettings:
         for name, value in _recipe(self.recipe).items():
             # None is the method's own allocation, which is the recipe's when the method is.
             have = getattr(self, name)
-            if self.method in METHODS and name in ("allocation", "seq_len"):
+            if self.method in METHODS and name in ("allocation", "seq_len", "draws"):
                 have = getattr(self, f"resolved_{name}")
             if have != value:
                 raise ValueError(
@@ -191,7 +195,7 @@ class PruneSettings:
             "num_samples", "seq_len", "select_calib", "draws", "heldout_samples", "round_to", "micro_batch_size",
         ):  # fmt: skip
             value = getattr(self, name)
-            if name in ("seq_len", "micro_batch_size") and value is None:
+            if name in ("seq_len", "draws", "micro_batch_size") and value is None:
                 continue  # the method's default, resolved by for_geometry
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -253,24 +257,30 @@ class PruneSettings:
                     )
         if self.select_calib > MAX_SELECT_CALIB:
             raise ValueError(f"select_calib: at most {MAX_SELECT_CALIB} candidate sets, got {self.select_calib}")
-        if self.select_calib * self.draws > MAX_SELECT_CALIB:
+        draws = self.resolved_draws
+        if self.select_calib * draws > MAX_SELECT_CALIB:
+            default = f" ({self.method}'s default; pass --draws 1 for one)" if self.draws is None else ""
             raise ValueError(
-                f"draws: {self.draws} draws for each of {self.select_calib} candidate sets make "
-                f"{self.select_calib * self.draws} calibration draws, at most {MAX_SELECT_CALIB}"
+                f"draws: {draws} draws{default} for each of {self.select_calib} candidate sets make "
+                f"{self.select_calib * draws} calibration draws, at most {MAX_SELECT_CALIB}"
             )
         top = calibration.HELDOUT_SEED_BASE - 1
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= top:
             raise ValueError(f"seed: must be an integer in [0, 2**31), got {self.seed!r}")
         last = self.candidate_seeds()[-1][-1]
         if last > top:
-            flags = f"--select-calib {self.select_calib}" + (f" --draws {self.draws}" if self.draws > 1 else "")
+            flags = f"--select-calib {self.select_calib}" + (f" --draws {draws}" if draws > 1 else "")
             raise ValueError(
                 f"seed: {self.seed} with {flags} uses seeds up to {last}, past 2**31 - 1; pass a smaller --seed"
             )
 
     def candidate_seeds(self) -> list[list[int]]:
-        """Each candidate calibration set's draws: candidate ``c`` draws seeds ``seed + c * draws`` onwards."""
-        return [[self.seed + c * self.draws + k for k in range(self.draws)] for c in range(self.select_calib)]
+        """Each candidate calibration set's draws' seeds: candidate ``c`` draws ``seed + c + k * DRAW_SEED_STRIDE``
+        for ``k`` below ``draws``. One draw is the seed itself, as it always was; the further draws lie
+        :data:`DRAW_SEED_STRIDE` apart, so runs whose seeds differ by less share none of them."""
+        return [
+            [self.seed + c + k * DRAW_SEED_STRIDE for k in range(self.resolved_draws)] for c in range(self.select_calib)
+        ]
 
     def _check_placement(self) -> None:
         if self.device_map is not None:
@@ -344,13 +354,17 @@ class PruneSettings:
 
     def for_geometry(self, geometry: Geometry) -> PruneSettings:
         """These settings with the method's defaults filled in (``protect_layers`` for this model, ``seq_len``,
-        ``micro_batch_size``), the rules checked against it (:func:`nirvana.allocation.check_rules`); what
+        ``draws``, ``micro_batch_size``), the rules checked against it (:func:`nirvana.allocation.check_rules`); what
         report.json then records."""
         protect = get_method(self.method).resolve_protect_layers(
             self.protect_layers, geometry.num_layers, self.resolved_allocation
         )
         settings = replace(
-            self, protect_layers=protect, seq_len=self.resolved_seq_len, micro_batch_size=self.resolved_micro_batch_size
+            self,
+            protect_layers=protect,
+            seq_len=self.resolved_seq_len,
+            draws=self.resolved_draws,
+            micro_batch_size=self.resolved_micro_batch_size,
         )
         check_rules(geometry, **settings.rules)
         return settings
@@ -359,6 +373,14 @@ class PruneSettings:
     def resolved_seq_len(self) -> int:
         """The calibration window length this run uses: ``seq_len``, or the method's default when it is None."""
         return get_method(self.method).resolve_seq_len(self.seq_len)
+
+    @property
+    def resolved_draws(self) -> int:
+        """The calibration draws each candidate averages: ``draws``, or when it is None the method's default,
+        or 1 with ``scores`` (saved scores are one set, made already)."""
+        if self.draws is None and self.scores is not None:
+            return 1
+        return get_method(self.method).resolve_draws(self.draws)
 
     @property
     def resolved_micro_batch_size(self) -> int:

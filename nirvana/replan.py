@@ -73,7 +73,7 @@ def check_settings(settings) -> None:
             f"select_calib: {settings.select_calib} candidate calibration sets, but --scores holds one set of "
             "scores; drop --select-calib or --scores"
         )
-    if settings.draws != 1:
+    if settings.draws not in (None, 1):
         raise ValueError(
             f"draws: {settings.draws} calibration draws, but --scores holds scores already made; drop --draws "
             "or --scores"

@@ -27,7 +27,8 @@ from nirvana.pruning import PruneSettings, prune
 from nirvana.sources.fsdp import reduce_rows
 
 # The settings the test repeats on one process.
-SETTINGS = dict(sparsity=0.3, num_samples=5, seq_len=12, micro_batch_size=2, round_to=1, gamma=2.0)
+# One draw unless a case asks for more (flap-draws): each case compares with one process's single scoring pass.
+SETTINGS = dict(sparsity=0.3, num_samples=5, seq_len=12, micro_batch_size=2, round_to=1, gamma=2.0, draws=1)
 # Each case's settings on top of SETTINGS; "nirvana" also writes its checkpoint.
 CASES = {
     "nirvana": {},

@@ -86,8 +86,8 @@ def test_pruned_logits_equal_the_masked_dense_model_plus_the_hand_made_biases(me
     assert any(len(lp.kv_groups_kept) < dense.config.num_key_value_heads for lp in plan.layers), "nothing pruned"
     # With KL selection, the chosen candidate's own windows (its compensation was what the selection measured);
     # with draws, all of that candidate's draws' windows pooled.
-    first = plan.meta["calibration_seed"]
-    windows = torch.cat([s.calibration_windows(tok, seed) for seed in range(first, first + draws)])
+    group = next(g for g in s.candidate_seeds() if g[0] == plan.meta["calibration_seed"])
+    windows = torch.cat([s.calibration_windows(tok, seed) for seed in group])
     expected = logits(hand_reference(dense, plan, windows))
     assert_close(logits(result.model), expected, **TOL, name=f"{method} compensated")
     # The biases are not a no-op: the plainly masked model is far from it.
@@ -124,7 +124,8 @@ def test_cli_compensate_bias_saves_a_checkpoint_equal_to_the_reference(dense_dir
     assert plan.meta["compensate"] == "bias"
     dense = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
     s = PruneSettings(model=str(dense_dir), calib=str(calib), num_samples=4, seq_len=16)
-    windows = s.calibration_windows(tiny_tokenizer(), 0)
+    # NIRVANA's default draws: the biases come from all of their windows pooled.
+    windows = torch.cat([s.calibration_windows(tiny_tokenizer(), seed) for seed in s.candidate_seeds()[0]])
     pruned = load_pruned(out).eval()
     assert_close(logits(pruned), logits(hand_reference(dense, plan, windows)), **TOL, name="saved, compensated")
 

@@ -499,7 +499,8 @@ def test_real_smollm2_pruned_export_keeps_its_perplexity_in_llama_cpp(tmp_path):
     nirvana = nirvana_as_user  # as a CPU user runs it
 
     out = tmp_path / "pruned"
-    nirvana("prune", "smollm2", "--sparsity", "0.2", "--num-samples", "8", "--device", "cpu", "--quiet", "--out", out)
+    argv = ["--sparsity", "0.2", "--num-samples", "8", "--draws", "1", "--device", "cpu", "--quiet", "--out", out]
+    nirvana("prune", "smollm2", *argv)
     window = ["--text", "persuasion", "--seq-len", "512", "--max-windows", "2"]
 
     def ppl(model, *engine):

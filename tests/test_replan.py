@@ -35,6 +35,7 @@ def settings(dense_dir, calib, out, **kw):
         seq_len=16,
         heldout_samples=4,
         micro_batch_size=2,
+        draws=1,  # saved scores are one draw's: re-planning them matches a one-draw prune
         device="cpu",
         round_to=2,
         out=str(out),

@@ -42,6 +42,8 @@ class Method(abc.ABC):
             allocation (``--protect-layers`` overrides it); a baseline's is 0, as its paper prunes.
         seq_len: tokens per calibration window ``nirvana prune`` draws by default (``--seq-len`` overrides
             it); a baseline's is 128, the length it was measured with here.
+        draws: calibration draws whose scores ``nirvana prune`` averages by default (``--draws``
+            overrides it); a baseline's is 1, as its paper scores one set.
     """
 
     name: ClassVar[str]
@@ -54,6 +56,7 @@ class Method(abc.ABC):
     encoder_decoder_refusal: ClassVar[str | None] = None
     protect_layers: ClassVar[int] = 0
     seq_len: ClassVar[int] = 128
+    draws: ClassVar[int] = 1
 
     def check_model(self, model: nn.Module) -> None:
         """A one-line ValueError if this method cannot score ``model`` (an encoder-decoder, for some)."""
@@ -71,6 +74,10 @@ class Method(abc.ABC):
     def resolve_seq_len(self, seq_len: int | None) -> int:
         """``seq_len``, or this method's default when it is None."""
         return self.seq_len if seq_len is None else seq_len
+
+    def resolve_draws(self, draws: int | None) -> int:
+        """``draws``, or this method's default when it is None."""
+        return self.draws if draws is None else draws
 
     def resolve_allocation(self, allocation: str | None) -> str:
         """``allocation``, or this method's own when it is None (unchecked: ``allocate`` checks the name)."""
