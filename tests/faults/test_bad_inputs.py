@@ -85,7 +85,7 @@ PRUNE = {
     "seed-negative": (lambda t, d, c, p: prune_args(d, c, t / "out", "--seed", "-1"), "seed: must be an integer in"),
     "seed-past-2-31": (
         lambda t, d, c, p: prune_args(d, c, t / "out", "--seed", str(2**31 - 1), "--select-calib", "2"),
-        "uses seeds up to 2147483648",
+        "with --select-calib 2 --draws 4 uses seeds up to 2150629376",  # NIRVANA's 4 draws, 2**20 apart
     ),
     "select-calib-huge": (
         lambda t, d, c, p: prune_args(d, c, t / "out", "--select-calib", "100000000"),
