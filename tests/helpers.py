@@ -74,3 +74,17 @@ def nirvana_as_user(*args) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
+
+
+def prune_args(model, calib, out, *extra, round_to: int = 2, draws: int | None = 1) -> list:
+    """``nirvana prune`` argv for a tiny model: 4 windows of 16 tokens, 30% sparsity, on the CPU, quiet.
+
+    ``draws=1`` by default, since these runs test other things and each draw runs the kernels in Triton's
+    interpreter (NIRVANA's default 4 quadruples the suite's CLI time); None leaves the method's own default.
+    ``extra`` comes last, so a flag in it overrides the ones here.
+    """
+    argv = ["prune", model, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"]
+    argv += ["--round-to", str(round_to), "--device", "cpu", "--quiet", "--out", out]
+    if draws is not None:
+        argv += ["--draws", str(draws)]
+    return [*argv, *extra]

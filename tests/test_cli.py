@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from nirvana import cli, pruning
+from tests.helpers import prune_args
 from tests.test_pruning import WIDE, write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -36,29 +37,6 @@ def run(argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def prune_args(model, calib, out, *extra):
-    return [
-        "prune",
-        model,
-        "--sparsity",
-        "0.3",
-        "--calib",
-        calib,
-        "--num-samples",
-        "4",
-        "--seq-len",
-        "16",
-        "--round-to",
-        "2",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--out",
-        out,
-        *extra,
-    ]
 
 
 def test_prune_report_and_eval(tiny_dir, calib, tmp_path, capsys):

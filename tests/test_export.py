@@ -25,8 +25,8 @@ from nirvana.checkpoint import load_pruned, save_pruned
 from nirvana.compaction import compact_model
 from nirvana.export import LLAMA_CPP_REQUIREMENT, export_gguf, llama3_rope_factors, written_by_nirvana
 from nirvana.plan import LayerPlan, PruningPlan
-from tests.helpers import nirvana_as_user, one_line_error
-from tests.test_cli import prune_args, run
+from tests.helpers import nirvana_as_user, one_line_error, prune_args
+from tests.test_cli import run
 from tests.test_pruning import write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
 

@@ -11,6 +11,7 @@ from nirvana.cli import build_parser
 from nirvana.methods import DATA_FREE, METHODS, NEEDS, NEEDS_ACTIVATIONS, Method, get_method
 from nirvana.pruning import PruneSettings
 
+from .helpers import prune_args
 from .tiny_models import tiny_batch, tiny_model, tiny_tokenizer
 
 
@@ -199,13 +200,6 @@ def _geometry():
     return get_adapter(model).geometry(model.config)
 
 
-def prune_cli(folder, calib, out, *extra):
-    return [
-        *("prune", folder, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"),
-        *("--round-to", "2", "--device", "cpu", "--quiet", "--out", out, *extra),
-    ]
-
-
 @pytest.mark.parametrize(
     ("method", "extra", "used", "warns"),
     [
@@ -227,7 +221,7 @@ def test_cli_prunes_with_the_methods_allocation_unless_told(method, extra, used,
     from .test_pruning import write_text
 
     calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
-    code = cli.main([str(a) for a in prune_cli(dense_dir, calib, out, "--method", method, *extra)])
+    code = cli.main([str(a) for a in prune_args(dense_dir, calib, out, "--method", method, *extra)])
     _, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())

@@ -13,7 +13,8 @@ from nirvana.checkpoint import load_pruned
 from nirvana.plan import Geometry, PruningPlan
 from nirvana.pruning import PruneSettings, prune
 from nirvana.scores import SCORES_FILE, SCORES_FORMAT, Scores, load_scores, save_scores
-from tests.test_cli import prune_args, run
+from tests.helpers import prune_args
+from tests.test_cli import run
 from tests.test_pruning import write_text
 from tests.tiny_models import tiny_batch
 

@@ -24,7 +24,7 @@ from nirvana.saliency import compute_scores
 from nirvana.scores import load_scores, save_scores
 from tests.test_pruning import write_text
 
-from .helpers import assert_bitwise_equal, assert_close
+from .helpers import assert_bitwise_equal, assert_close, prune_args
 from .tiny_models import T5_FFNS, tiny_batch, tiny_t5, tiny_tokenizer
 
 KINDS = tuple(T5_FFNS)
@@ -225,17 +225,10 @@ def t5_dirs(tmp_path_factory):
     return folders
 
 
-def prune_argv(model, calib, out, *extra):
-    return [
-        *("prune", model, "--sparsity", "0.3", "--calib", calib, "--num-samples", "4", "--seq-len", "16"),
-        *("--round-to", "4", "--device", "cpu", "--quiet", "--out", out, *extra),
-    ]
-
-
 @pytest.mark.parametrize("kind", KINDS, ids=KINDS)
 def test_nirvana_prune_runs_end_to_end_on_a_t5_folder(kind, t5_dirs, tmp_path, capsys):
     calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
-    code = cli.main([str(a) for a in prune_argv(t5_dirs[kind], calib, out)])
+    code = cli.main([str(a) for a in prune_args(t5_dirs[kind], calib, out, round_to=4)])
     _, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -256,7 +249,7 @@ def test_nirvana_prune_runs_end_to_end_on_a_t5_folder(kind, t5_dirs, tmp_path, c
 
 def test_flap_on_a_t5_is_refused_in_one_line_before_any_scoring(t5_dirs, tmp_path, capsys):
     calib = write_text(tmp_path / "calib.txt")
-    argv = prune_argv(t5_dirs["t5-relu"], calib, tmp_path / "out", "--method", "flap")
+    argv = prune_args(t5_dirs["t5-relu"], calib, tmp_path / "out", "--method", "flap", round_to=4)
     code = cli.main([str(a) for a in argv])
     _, err = capsys.readouterr()
     assert code == 2 and "method: 'flap' does not score encoder-decoders" in err and "Traceback" not in err
@@ -270,7 +263,7 @@ def test_flap_on_a_t5_is_refused_in_one_line_before_any_scoring(t5_dirs, tmp_pat
 @pytest.mark.parametrize("method", ["magnitude", "random", "taylor", "wanda-sp"], ids=str)
 def test_every_baseline_but_flap_prunes_a_t5_end_to_end(method, kind, t5_dirs, tmp_path, capsys):
     calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
-    code = cli.main([str(a) for a in prune_argv(t5_dirs[kind], calib, out, "--method", method)])
+    code = cli.main([str(a) for a in prune_args(t5_dirs[kind], calib, out, "--method", method, round_to=4)])
     _, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -422,7 +415,7 @@ def test_kl_and_kl_selection_compare_decoder_logits_of_a_t5():
 def test_select_calib_and_gamma_auto_run_on_a_t5(kind, t5_dirs, tmp_path, capsys):
     calib, out = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
     extra = ("--select-calib", "2", "--gamma", "auto", "--heldout-samples", "3")
-    code = cli.main([str(a) for a in prune_argv(t5_dirs[kind], calib, out, *extra)])
+    code = cli.main([str(a) for a in prune_args(t5_dirs[kind], calib, out, *extra, round_to=4)])
     _, err = capsys.readouterr()
     assert code == 0, err
     selection = json.loads((out / "report.json").read_text())["selection"]
@@ -436,7 +429,7 @@ def test_eval_and_finetune_accept_a_pruned_t5(kind, t5_dirs, tmp_path, capsys):
     from nirvana.evaluation import perplexity
 
     calib, pruned = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
-    assert cli.main([str(a) for a in prune_argv(t5_dirs[kind], calib, pruned)]) == 0
+    assert cli.main([str(a) for a in prune_args(t5_dirs[kind], calib, pruned, round_to=4)]) == 0
     capsys.readouterr()
     code = cli.main(
         ["eval", str(pruned), "--text", str(calib), "--seq-len", "16", "--max-windows", "4", "--device", "cpu"]
@@ -467,7 +460,7 @@ def test_eval_and_finetune_accept_a_pruned_t5(kind, t5_dirs, tmp_path, capsys):
 
 def test_streaming_apply_refuses_a_t5_in_one_line(t5_dirs, tmp_path, capsys):
     calib, pruned = write_text(tmp_path / "calib.txt"), tmp_path / "pruned"
-    assert cli.main([str(a) for a in prune_argv(t5_dirs["t5-relu"], calib, pruned)]) == 0
+    assert cli.main([str(a) for a in prune_args(t5_dirs["t5-relu"], calib, pruned, round_to=4)]) == 0
     capsys.readouterr()
     code = cli.main(
         ["apply", str(pruned / "plan.json"), "--model", str(t5_dirs["t5-relu"]), "--out", str(tmp_path / "a")]

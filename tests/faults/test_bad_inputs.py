@@ -16,8 +16,8 @@ import torch
 import nirvana.finetune
 import nirvana.models
 from nirvana.pruning import PruneSettings, prune
-from tests.helpers import one_line_error
-from tests.test_cli import prune_args, run
+from tests.helpers import one_line_error, prune_args
+from tests.test_cli import run
 from tests.test_pruning import write_text
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -84,7 +84,7 @@ PRUNE = {
     ),
     "seed-negative": (lambda t, d, c, p: prune_args(d, c, t / "out", "--seed", "-1"), "seed: must be an integer in"),
     "seed-past-2-31": (
-        lambda t, d, c, p: prune_args(d, c, t / "out", "--seed", str(2**31 - 1), "--select-calib", "2"),
+        lambda t, d, c, p: prune_args(d, c, t / "out", "--seed", str(2**31 - 1), "--select-calib", "2", draws=None),
         "with --select-calib 2 --draws 4 uses seeds up to 2150629376",  # NIRVANA's 4 draws, 2**20 apart
     ),
     "select-calib-huge": (

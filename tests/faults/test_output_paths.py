@@ -17,9 +17,9 @@ import transformers
 
 from nirvana.output import MARKER_FILE, TEMP_INFIX
 from tests.conftest import tree_digest
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, prune_args
 from tests.test_apply import make_plan
-from tests.test_cli import prune_args, run
+from tests.test_cli import run
 from tests.test_pruning import write_text
 
 # Runs the CLI with one change: each save stops just before it publishes, says "ready" and waits

@@ -19,9 +19,9 @@ import transformers
 from nirvana.apply import apply_plan
 from nirvana.checkpoint import load_pruned
 from tests.conftest import tree_digest
-from tests.helpers import one_line_error
+from tests.helpers import one_line_error, prune_args
 from tests.test_apply import dense_folder, make_plan
-from tests.test_cli import prune_args, run
+from tests.test_cli import run
 from tests.test_pruning import write_text
 
 
