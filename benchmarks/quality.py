@@ -298,11 +298,18 @@ def check_scores_cache(args) -> None:
     folder = getattr(args, "scores_cache", None)
     if folder is None or not Path(folder).is_dir():
         return
-    want = cache_meta(args)
     for file in sorted(Path(folder).glob(f"*-{args.num_samples}x*-seed*.safetensors")):
-        made = load_scores(file).meta.get("bench") or {}
-        if {k: made.get(k) for k in want} != want:
-            raise ValueError(f"--scores-cache: {file} was made with {made!r}, not {want!r}")
+        read_cached(file, cache_meta(args))
+
+
+def read_cached(file: Path, want: dict):
+    """The Scores in a ``--scores-cache`` file, which must have been made with every setting in ``want``
+    (a one-line ValueError naming the file otherwise)."""
+    scores = load_scores(file)
+    made = scores.meta.get("bench") or {}
+    if {k: made.get(k) for k in want} != want:
+        raise ValueError(f"--scores-cache: {file} was made with {made!r}, not {want!r}")
+    return scores
 
 
 def identity(rules: dict | None = None, seq_len: int = BASE_SEQ_LEN, draws: int = 1) -> dict:
@@ -481,7 +488,8 @@ class Bench:
 
     def identity(self, method: str) -> dict:
         """The row's :func:`identity`: its rules, window length and draws, as ``nirvana prune`` resolves them."""
-        return identity(self.rules(method), self.seq_len(method), self.draws(method))
+        settings = self.prune_settings(method)
+        return identity(settings.rules, settings.seq_len, settings.draws)
 
     def calibration(self, method: str, seed: int) -> torch.Tensor:
         return calibration.calibration_windows(
@@ -543,10 +551,7 @@ class Bench:
         file = self._cache_file(base, seq_len, seed)
         if file is None or base == "flap" or not file.is_file():
             return None
-        scores = load_scores(file)
-        made, want = scores.meta.get("bench"), self._cache_meta(base, seq_len, seed)
-        if made != want:
-            raise ValueError(f"--scores-cache: {file} was made with {made!r}, not {want!r}")
+        scores = read_cached(file, self._cache_meta(base, seq_len, seed))
         return scores, None, float(scores.meta["seconds"])
 
     def _cache(self, base: str, seq_len: int, seed: int, scores, stats, seconds: float) -> None:
