@@ -1,6 +1,7 @@
 # An index of the project's commands. `make test` is what CI runs (.ci/run).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+READY := $(VENV)/.installed
 PIP_PKGS := torch==2.13.0 triton==3.7.1
 # llama-cpp-python is source-only on PyPI (20 minutes to build); this folder holds a wheel built from it.
 WHEELS ?= ../shared/wheels
@@ -8,7 +9,9 @@ LLAMA_CPP_WHEEL := $(WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
 .PHONY: demo test test-integrations bench quality quality-variance static lint setup clean
 
-$(PY):
+# A stamp, not the interpreter: a pip run that fails half-way is retried, and a new requirement in setup.py
+# (pytest-xdist, say) reaches a venv made before it.
+$(READY): setup.py
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# One pip command, so the CPU torch wheel on disk satisfies every requirement at once.
@@ -21,21 +24,24 @@ $(PY):
 	else \
 		echo "no $(LLAMA_CPP_WHEEL): the llama.cpp tests will skip (pip install llama-cpp-python==0.3.36 runs them)"; \
 	fi
+	touch $@
 
-setup: $(PY)
+setup: $(READY)
 
-demo: $(PY)
+demo: $(READY)
 	$(PY) -m nirvana.cli demo
 
-test: $(PY)
-	$(PY) -m pytest -q tests benchmarks/test_bench_logic.py
+# One worker per core (tests run on one thread each, see tests/conftest.py), whole files per worker so that a
+# file's module fixtures (the real SmolLM2, the ahead-of-time compiles) are built once.
+test: $(READY)
+	$(PY) -m pytest -q -n auto --dist loadfile tests benchmarks/test_bench_logic.py
 
 # llmcompressor 0.14 pins transformers<=5.17,>=5.15 and compressed-tensors==0.19.0, which the main venv's
 # transformers cannot meet: its integration test gets a venv of its own. One pip command again, torch in it.
 VENV_INT ?= .venv-integrations
 INT_PKGS := $(PIP_PKGS) llmcompressor==0.14.0.1 'pytest>=8'
 
-# A stamp, not the interpreter: a pip run that fails half-way is retried, not taken for done.
+# A stamp, as for the main venv.
 $(VENV_INT)/.installed: setup.py
 	python3 -m venv $(VENV_INT)
 	$(VENV_INT)/bin/pip install --quiet --upgrade pip
@@ -45,26 +51,26 @@ $(VENV_INT)/.installed: setup.py
 test-integrations: $(VENV_INT)/.installed
 	$(VENV_INT)/bin/python -m pytest -q tests/test_integrations_llmcompressor.py
 
-bench: $(PY)
+bench: $(READY)
 	$(PY) -m pytest -q benchmarks --benchmark-only
 
 # Hours on a 2-core CPU, minutes on a GPU: every method x sparsity x seed on SmolLM2, two held-out texts,
 # KL selection, and LoRA recovery of nirvana/flap/taylor over 3 seeds (the README's Results section). Each
 # calibration draw's scores are kept in .cache/, so an interrupted run resumes without scoring them again.
-quality: $(PY)
+quality: $(READY)
 	$(PY) benchmarks/quality.py --windows 8 --methods nirvana nirvana-paper flap taylor wanda-sp magnitude random \
 		--studies methods select --recover 50 --scores-cache .cache/quality-scores
 
 # Hours: NIRVANA's variants over 5 calibration seeds (the README's "The defaults, measured"); resumable.
-quality-variance: $(PY)
+quality-variance: $(READY)
 	$(PY) benchmarks/quality.py --studies variance --tag variance --windows 8 --sparsities 0.2 0.3 0.4
 
 # Seconds, no GPU: every launch compiled for sm_90a and sm_80, read from the cubin; before figures beside.
-static: $(PY)
+static: $(READY)
 	env -u TRITON_INTERPRET $(PY) benchmarks/static_check.py --out benchmarks/results/static-sm90.md \
 		--json benchmarks/results/static-sm90.json --before benchmarks/results/static-sm90-before.json
 
-lint: $(PY)
+lint: $(READY)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

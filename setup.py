@@ -31,11 +31,11 @@ setup(
     package_data={"nirvana": ["py.typed"], "nirvana_kernels": ["py.typed"]},
     entry_points={"console_scripts": ["nirvana = nirvana.cli:main"]},
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "peft"],
         # Optional calibration and evaluation sources, used when installed.
         "data": ["datasets", "lm-eval"],
         "finetune": ["peft"],  # LoRA recovery; --full needs nothing extra
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "hypothesis>=6", "peft", "ruff>=0.6"],
         # nirvana.integrations.torch_pruning; needs only torch>=2.0 and numpy.
         "torch-pruning": ["torch-pruning==1.6.1"],
         # nirvana export --quantize and eval --engine llama.cpp: llama.cpp's Python binding (builds from source).

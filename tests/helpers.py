@@ -59,17 +59,31 @@ def one_line_error(code, err: str, *needles: str, stdout: str | None = None) -> 
     return lines[0]
 
 
+def cores_per_worker() -> int:
+    """This test process's share of the cores: all of them, or one worker's share under pytest-xdist.
+
+    ``make test`` runs one worker per core; a real-model test that took every core for its threads would
+    spin against the other workers' tests and run several times slower.
+    """
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def nirvana_as_user(*args) -> str:
     """Run ``python -m nirvana.cli ARGS`` as a CPU user does and return its stdout; assert it exits 0.
 
     A fresh process without TRITON_INTERPRET (or the test suite's output poisoning), so the kernels take
-    their PyTorch reference path: the interpreter would take hours on a real model.
+    their PyTorch reference path: the interpreter would take hours on a real model. Its torch threads are
+    this process's share of the cores (:func:`cores_per_worker`).
     """
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NIRVANA_POISON_OUTPUTS")}
+    env["OMP_NUM_THREADS"] = str(cores_per_worker())
     cmd = [sys.executable, "-m", "nirvana.cli", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
