@@ -227,7 +227,7 @@ def test_real_smollm2_keeps_perplexity_below_three_times_dense_at_20_percent(tmp
         "--calib",
         "austen",
         # One draw of 8 x 512 tokens (the paper's 32 x 128 in tokens), not the default's 4 x 32 x 512, which
-        # take 16x the scoring (over half an hour of one CPU core); the quality benchmark measures those.
+        # take 16x the scoring (577 s of the demo on two cores); the quality benchmark measures those.
         "--num-samples",
         "8",
         "--draws",
